@@ -1,0 +1,478 @@
+"""overlay.fs: the pyfuse3 adapter over overlay_core.
+
+A protocol adapter only: FUSE inode numbers and file handles in, calls into
+the Cython core (overlay_core.Overlay), EntryAttributes out. OSError from the
+core becomes FUSEError(errno) here and nowhere else; any other exception is
+logged and answered with EIO, so one bad request never takes the mount down.
+
+Inode numbers: a Node's `ino` (the st_ino the kernel overlay would report)
+is its FUSE inode number, except the root, which is pyfuse3.ROOT_INODE.
+Lookup counts go up with every entry handed to the kernel (lookup, create,
+readdirplus) and down in forget; a Node is dropped at zero.
+
+Long work leaves the trio thread: copy-up of regular files bigger than
+COPY_UP_INLINE and fsync run in a worker thread, holding `self.lock`, which
+every mutating request also takes, so the tree never changes under a copy-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat as S
+from typing import Callable
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from overlay_core import Overlay
+
+log = logging.getLogger(__name__)
+
+# Regular files up to this size are copied up on the trio thread: a thread
+# hop costs more than copying them.
+COPY_UP_INLINE = 256 * 1024
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+class _Handle:
+    __slots__ = ("fd", "node")
+
+    def __init__(self, fd, node):
+        self.fd = fd
+        self.node = node
+
+
+class _DirHandle:
+    __slots__ = ("node", "entries")
+
+    def __init__(self, node):
+        self.node = node
+        self.entries = None
+
+
+class OverlayOperations(pyfuse3.Operations):
+    """pyfuse3 request handlers for one overlay mount."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, core: Overlay, *, entry_timeout: float = 1.0, attr_timeout: float = 1.0):
+        super().__init__()
+        self.core = core
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.inodes = {ROOT: core.root}      # FUSE inode -> Node
+        self.nlookup = {ROOT: 1}              # FUSE inode -> kernel lookup count
+        self.handles = {}                     # fh -> _Handle
+        self.dirs = {}                        # fh -> _DirHandle
+        self._next_dirfh = 1
+        self.lock = trio.Lock()
+
+    # ------------------------------------------------------------ helpers
+
+    def _key(self, node) -> int:
+        return ROOT if node is self.core.root else node.ino
+
+    def _node(self, inode):
+        try:
+            return self.inodes[inode]
+        except KeyError:
+            raise FUSEError(errno.ESTALE) from None
+
+    def _attrs(self, node, st=None) -> pyfuse3.EntryAttributes:
+        if st is None:
+            st = self.core.getattr(node)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = self._key(node)
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = 1 if node.merged else st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        if node.upper < 0 and S.S_ISREG(st.st_mode):
+            # remember what the kernel now believes of a lower file, so an
+            # edit made to it directly is noticed at the next open
+            node.cached = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return e
+
+    def _ref(self, node, count: int = 1) -> int:
+        key = self._key(node)
+        known = self.inodes.get(key)
+        if known is not node:
+            self.inodes[key] = node
+            self.core.remember(node)
+            if known is None:
+                self.nlookup[key] = 0
+        self.nlookup[key] = self.nlookup.get(key, 0) + count
+        return key
+
+    def _entry(self, node) -> pyfuse3.EntryAttributes:
+        attrs = self._attrs(node)
+        self._ref(node)
+        return attrs
+
+    async def _copy_up(self, node, data: bool = True) -> None:
+        """Copy node up, off the trio thread when it is a big file."""
+        if node.upper >= 0:
+            return
+        if not node.is_dir and data:
+            st = self.core.getattr(node)
+            if S.S_ISREG(st.st_mode) and st.st_size > COPY_UP_INLINE:
+                await trio.to_thread.run_sync(self.core.copy_up, node, data)
+                return
+        self.core.copy_up(node, data)
+
+    # ------------------------------------------------------------ lookup & attrs
+
+    async def lookup(self, parent_inode, name, ctx):
+        with _errors():
+            node = self.core.lookup(self._node(parent_inode), name)
+            return self._entry(node)
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            if inode == ROOT:
+                continue
+            left = self.nlookup.get(inode, 0) - count
+            if left > 0:
+                self.nlookup[inode] = left
+                continue
+            self.nlookup.pop(inode, None)
+            node = self.inodes.pop(inode, None)
+            if node is not None:
+                self.core.forget(node)
+
+    async def getattr(self, inode, ctx):
+        with _errors():
+            return self._attrs(self._node(inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        with _errors():
+            node = self._node(inode)
+            kw = {}
+            if fields.update_mode:
+                kw["mode"] = attr.st_mode
+            if fields.update_uid:
+                kw["uid"] = attr.st_uid
+            if fields.update_gid:
+                kw["gid"] = attr.st_gid
+            if fields.update_size:
+                kw["size"] = attr.st_size
+                if fh is not None and fh in self.handles:
+                    kw["fh"] = self.handles[fh].fd
+            if fields.update_atime:
+                kw["atime_ns"] = attr.st_atime_ns
+            if fields.update_mtime:
+                kw["mtime_ns"] = attr.st_mtime_ns
+            async with self.lock:
+                if kw:
+                    self.core._need_upper()
+                    await self._copy_up(node, data=kw.get("size", 1) != 0)
+                    self.core.setattr(node, **kw)
+            return self._attrs(node)
+
+    async def readlink(self, inode, ctx):
+        with _errors():
+            return self.core.readlink(self._node(inode))
+
+    async def access(self, inode, mode, ctx):
+        with _errors():
+            st = self.core.getattr(self._node(inode))
+        if mode & os.W_OK and self.core.upper_root < 0:
+            raise FUSEError(errno.EROFS)
+        if ctx.uid == 0:
+            if mode & os.X_OK and not S.S_ISDIR(st.st_mode):
+                return bool(st.st_mode & 0o111)
+            return True
+        if ctx.uid == st.st_uid:
+            bits = (st.st_mode >> 6) & 7
+        elif ctx.gid == st.st_gid:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return (bits & mode) == mode
+
+    # ------------------------------------------------------------ namespace
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        with _errors():
+            async with self.lock:
+                node = self.core.mknod(self._node(parent_inode), name,
+                                       mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
+            return self._entry(node)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        with _errors():
+            async with self.lock:
+                node = self.core.mkdir(self._node(parent_inode), name,
+                                       S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+            return self._entry(node)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        with _errors():
+            async with self.lock:
+                node = self.core.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
+            return self._entry(node)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        with _errors():
+            async with self.lock:
+                src = self._node(inode)
+                await self._copy_up(src)
+                node = self.core.link(src, self._node(new_parent_inode), new_name)
+            return self._entry(node)
+
+    async def unlink(self, parent_inode, name, ctx):
+        with _errors():
+            async with self.lock:
+                self.core.unlink(self._node(parent_inode), name)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        with _errors():
+            async with self.lock:
+                self.core.rmdir(self._node(parent_inode), name)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        with _errors():
+            async with self.lock:
+                op = self._node(parent_inode_old)
+                node = self.core.lookup(op, name_old)
+                await self._copy_up(node)
+                self.core.rename(op, name_old, self._node(parent_inode_new), name_new, flags)
+
+    # ------------------------------------------------------------ files
+
+    def _open_info(self, fd, node) -> pyfuse3.FileInfo:
+        self.handles[fd] = _Handle(fd, node)
+        keep = True
+        if node.upper < 0:
+            st = os.fstat(fd)
+            now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if node.cached is not None and node.cached != now:
+                # the lower file was changed behind the mount: drop what the
+                # kernel cached of it (attributes and pages)
+                keep = False
+                try:
+                    pyfuse3.invalidate_inode(self._key(node), attr_only=True)
+                except OSError as exc:
+                    log.debug("invalidate_inode(%d): %s", self._key(node), exc)
+            node.cached = now
+        return pyfuse3.FileInfo(fh=fd, keep_cache=keep, direct_io=False)
+
+    async def open(self, inode, flags, ctx):
+        with _errors():
+            node = self._node(inode)
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                async with self.lock:
+                    self.core._need_upper()
+                    await self._copy_up(node, data=not flags & os.O_TRUNC)
+                    fd = self.core.open(node, flags)
+            else:
+                fd = self.core.open(node, flags)
+            return self._open_info(fd, node)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        with _errors():
+            async with self.lock:
+                fd, node = self.core.create(self._node(parent_inode), name, flags,
+                                            S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+            attrs = self._entry(node)
+            return self._open_info(fd, node), attrs
+
+    async def read(self, fh, off, size):
+        with _errors():
+            return os.pread(self.handles[fh].fd, size, off)
+
+    async def write(self, fh, off, buf):
+        with _errors():
+            return os.pwrite(self.handles[fh].fd, buf, off)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+
+    async def fsync(self, fh, datasync):
+        with _errors():
+            await trio.to_thread.run_sync(self.core.fsync, self.handles[fh].fd, bool(datasync))
+
+    # ------------------------------------------------------------ directories
+
+    async def opendir(self, inode, ctx):
+        with _errors():
+            node = self._node(inode)
+            if not node.is_dir:
+                raise FUSEError(errno.ENOTDIR)
+            fh = self._next_dirfh
+            self._next_dirfh += 1
+            self.dirs[fh] = _DirHandle(node)
+            return fh
+
+    async def readdir(self, fh, start_id, token):
+        with _errors():
+            h = self.dirs[fh]
+            if h.entries is None or start_id == 0:
+                node = h.node
+                parent = node.parent if node.parent is not None else node
+                entries = [(b".", node, self._attrs(node)),
+                           (b"..", parent, self._attrs(parent))]
+                for name, child in self.core.readdir(node):
+                    try:
+                        entries.append((name, child, self._attrs(child)))
+                    except FileNotFoundError:
+                        continue
+                h.entries = entries
+            entries = h.entries
+            for i in range(start_id, len(entries)):
+                name, child, attrs = entries[i]
+                if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                    break
+                if name != b"." and name != b"..":
+                    self._ref(child)
+
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        with _errors():
+            node = self.dirs[fh].node
+            if node.upper >= 0:
+                fd = os.open(f"/proc/self/fd/{node.upper}", os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    await trio.to_thread.run_sync(self.core.fsync, fd, bool(datasync))
+                finally:
+                    os.close(fd)
+
+    async def statfs(self, ctx):
+        with _errors():
+            v = self.core.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = v.f_bsize
+        s.f_frsize = v.f_frsize
+        s.f_blocks = v.f_blocks
+        s.f_bfree = v.f_bfree
+        s.f_bavail = v.f_bavail
+        s.f_files = v.f_files
+        s.f_ffree = v.f_ffree
+        s.f_favail = v.f_favail
+        s.f_namemax = v.f_namemax
+        return s
+
+    # ------------------------------------------------------------ xattrs
+
+    async def getxattr(self, inode, name, ctx):
+        with _errors():
+            return self.core.getxattr(self._node(inode), name)
+
+    async def listxattr(self, inode, ctx):
+        with _errors():
+            return self.core.listxattr(self._node(inode))
+
+    async def setxattr(self, inode, name, value, ctx):
+        with _errors():
+            async with self.lock:
+                node = self._node(inode)
+                if not self.core._own(name):
+                    self.core._need_upper()
+                    await self._copy_up(node)
+                self.core.setxattr(node, name, value)
+
+    async def removexattr(self, inode, name, ctx):
+        with _errors():
+            async with self.lock:
+                self.core.removexattr(self._node(inode), name)
+
+
+class _errors:
+    """Context manager: OSError -> FUSEError(errno); anything else -> EIO, logged."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, etype, exc, tb):
+        if exc is None or isinstance(exc, FUSEError):
+            return False
+        if isinstance(exc, OSError) and exc.errno:
+            raise FUSEError(exc.errno) from None
+        if isinstance(exc, (KeyError, trio.Cancelled, KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, KeyError):
+                raise FUSEError(errno.EBADF) from None
+            return False
+        log.error("unexpected error in request handler", exc_info=(etype, exc, tb))
+        raise FUSEError(errno.EIO) from None
+
+
+def build_core(config) -> Overlay:
+    """The Overlay core for a MountConfig."""
+    return Overlay(
+        config.lowers,
+        config.upper,
+        config.work,
+        userxattr=config.userxattr,
+        redirect_dir=config.redirect_dir,
+        no_sync=config.volatile,
+    )
+
+
+def fuse_options(config) -> set:
+    opts = {"default_permissions", f"fsname={config.fsname}", "subtype=overlay"}
+    if config.allow_other:
+        opts.add("allow_other")
+    if config.upper is None:
+        opts.add("ro")
+    if config.debug:
+        opts.add("debug")
+    return opts
+
+
+def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
+    """Mount config on mountpoint and serve until it is unmounted (or the
+    process gets SIGTERM/SIGINT, which unmounts). Calls on_ready() once the
+    mount is live."""
+    core = build_core(config)
+    ops = OverlayOperations(core)
+    pyfuse3.init(ops, mountpoint, fuse_options(config))
+    unmount = False
+    try:
+        on_ready()
+
+        async def serve():
+            nonlocal unmount
+            async with trio.open_nursery() as nursery:
+                async def on_signal():
+                    nonlocal unmount
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                        async for sig in sigs:
+                            log.info("signal %d: unmounting", sig)
+                            unmount = True
+                            pyfuse3.terminate()
+                            return
+
+                nursery.start_soon(on_signal)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+
+        trio.run(serve)
+    finally:
+        pyfuse3.close(unmount=unmount)
+        core.close()

@@ -1,0 +1,1047 @@
+# cython: language_level=3
+"""overlay_core._core: the layer stack, path resolution, merge and copy-up.
+
+This is the whole overlay logic, with no knowledge of FUSE: the adapter in
+src/overlay/fs.py calls these methods with Node objects and turns the
+OSError they raise into FUSEError.
+
+Model
+-----
+A Node is one object of the merged tree. It holds O_PATH file descriptors
+on the real objects behind it: `upper` (or -1) and, for directories, the
+stack of lower directories merged below it (`lowers`, top first, cut at an
+opaque dir); for a non-directory only in a lower layer, `lowers` holds that
+one object. Every access to a layer is an *at() call relative to such a
+descriptor with a single name component and no-follow flags, or a reopen
+of the descriptor through /proc/self/fd, so no symlink or `..` inside a
+layer can lead outside it.
+
+On-disk format: the kernel's (whiteouts are 0/0 character devices,
+`<prefix>opaque` = "y", `<prefix>redirect` for moved directories, as with
+redirect_dir=on). We also write `<prefix>fuse.ino`, holding the inode number
+a copied-up object had in its lower layer, so st_ino survives copy-up and
+remounts; the kernel ignores that name.
+
+Caveats:
+- A lower file with several hard links is one Node; copying it up through
+  one name copies the object reachable by the name last looked up.
+"""
+
+import errno
+import logging
+import os
+import stat as S
+import threading
+
+include "_sys.pxi"
+
+log = logging.getLogger(__name__)
+
+cdef int O_PATH = os.O_PATH
+cdef int O_NOFOLLOW = os.O_NOFOLLOW
+cdef int O_DIRECTORY = os.O_DIRECTORY
+cdef int O_CLOEXEC = os.O_CLOEXEC
+
+# redirect xattrs longer than this are refused (kernel: redirect_max)
+REDIRECT_MAX = 256
+NAME_MAX = 255
+
+
+
+cdef inline bytes _proc(int fd):
+    return b"/proc/self/fd/%d" % fd
+
+
+cdef inline bint _is_whiteout_st(st):
+    return S.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _err(int code, name=None):
+    if name is None:
+        return OSError(code, os.strerror(code))
+    return OSError(code, os.strerror(code), name)
+
+
+cdef class Node:
+    """One object of the merged tree (see the module docstring)."""
+    cdef public object parent      # Node, None for the root
+    cdef public bytes name         # name under parent (last known alias)
+    cdef public bint is_dir
+    cdef public int upper          # O_PATH fd in the upper layer, or -1
+    cdef public list lowers        # [(layer index, O_PATH fd)], top first
+    cdef public bint opaque        # upper dir has <prefix>opaque=y
+    cdef public bytes redirect     # upper dir's <prefix>redirect, or None
+    cdef public object ino         # st_ino reported for this object
+    cdef public object cached      # (size, mtime_ns, ctime_ns) last reported
+
+    def __cinit__(self):
+        self.upper = -1
+        self.lowers = []
+        self.redirect = None
+        self.cached = None
+
+    def __dealloc__(self):
+        if self.upper >= 0:
+            try:
+                os.close(self.upper)
+            except OSError:
+                pass
+        for _, fd in self.lowers:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @property
+    def fd(self):
+        """O_PATH fd of the topmost real object."""
+        return self.upper if self.upper >= 0 else self.lowers[0][1]
+
+    @property
+    def layer(self):
+        """0 for the upper layer, 1 + index for a lower layer."""
+        return 0 if self.upper >= 0 else self.lowers[0][0] + 1
+
+    @property
+    def merged(self):
+        """A directory made of more than one real directory."""
+        return self.is_dir and (len(self.lowers) + (self.upper >= 0)) > 1
+
+    def __repr__(self):
+        return "<Node %r ino=%s layer=%d>" % (self.name, self.ino, self.layer)
+
+
+cdef class Overlay:
+    """The layer stack and every operation on the merged tree."""
+    cdef readonly list lower_paths
+    cdef readonly object upper_path
+    cdef readonly object work_path
+    cdef readonly list lower_roots     # O_PATH fds of lower layer roots
+    cdef readonly int upper_root       # O_PATH fd of upper root or -1
+    cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
+    cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."
+    cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
+    cdef readonly bint redirect_dir
+    cdef readonly bint no_sync
+    cdef readonly Node root
+    cdef public dict nodes             # ino -> Node (owned by the adapter's lookups)
+    cdef object _dev_index             # st_dev -> small int, when layers span filesystems
+    cdef bint _samefs
+    cdef object _tmp_counter
+    cdef object _lock
+
+    def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
+                 redirect_dir=True, no_sync=False):
+        if not lowers:
+            raise ValueError("at least one lower layer is needed")
+        if (upper is None) != (work is None):
+            raise ValueError("upperdir and workdir go together")
+        self.lower_paths = [os.fsencode(p) for p in lowers]
+        self.upper_path = os.fsencode(upper) if upper is not None else None
+        self.work_path = os.fsencode(work) if work is not None else None
+        self.prefix = b"user.overlay." if userxattr else b"trusted.overlay."
+        self.x_opaque = self.prefix + b"opaque"
+        self.x_redirect = self.prefix + b"redirect"
+        self.x_whiteout = self.prefix + b"whiteout"
+        self.x_ino = self.prefix + b"fuse.ino"
+        self.redirect_dir = redirect_dir
+        self.no_sync = no_sync
+        self.nodes = {}
+        self._tmp_counter = 0
+        self._lock = threading.Lock()
+        os.umask(0)
+        self.lower_roots = []
+        devs = []
+        for p in self.lower_paths:
+            fd = os.open(p, O_PATH | O_DIRECTORY | O_CLOEXEC)
+            self.lower_roots.append(fd)
+            devs.append(os.stat(fd).st_dev)
+        self.upper_root = -1
+        self.work_fd = -1
+        if self.upper_path is not None:
+            self.upper_root = os.open(self.upper_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+            devs.append(os.stat(self.upper_root).st_dev)
+            self._setup_work()
+        self._dev_index = {}
+        for d in devs:
+            self._dev_index.setdefault(d, len(self._dev_index))
+        self._samefs = len(self._dev_index) == 1
+        self.root = self._make_root()
+
+    # ------------------------------------------------------------ setup
+
+    def _setup_work(self):
+        """Prepare <work>/work (as the kernel names it) and empty it of
+        leftovers from an earlier run: half-made copy-ups are never visible
+        because they are only renamed into the upper dir when complete."""
+        wroot = os.open(self.work_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+        try:
+            try:
+                os.mkdir(b"work", 0o700, dir_fd=wroot)
+            except FileExistsError:
+                pass
+            fd = os.open(b"work", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=wroot)
+        finally:
+            os.close(wroot)
+        self.work_fd = fd
+        self._clean_dir(fd, remove_self=False)
+
+    def _clean_dir(self, int dirfd, remove_self=False):
+        """Remove everything below dirfd (never following symlinks)."""
+        rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=dirfd)
+        try:
+            names = os.listdir(rfd)
+        finally:
+            os.close(rfd)
+        for name in names:
+            bname = os.fsencode(name)
+            st = os.stat(bname, dir_fd=dirfd, follow_symlinks=False)
+            if S.S_ISDIR(st.st_mode):
+                sub = os.open(bname, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    self._clean_dir(sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(bname, dir_fd=dirfd)
+            else:
+                os.unlink(bname, dir_fd=dirfd)
+
+    def _make_root(self):
+        cdef Node n = Node()
+        n.parent = None
+        n.name = b""
+        n.is_dir = True
+        if self.upper_root >= 0:
+            n.upper = os.dup(self.upper_root)
+        for i, fd in enumerate(self.lower_roots):
+            n.lowers.append((i, os.dup(fd)))
+        n.ino = os.stat(n.fd).st_ino
+        return n
+
+    def close(self):
+        for fd in self.lower_roots:
+            os.close(fd)
+        self.lower_roots = []
+        if self.upper_root >= 0:
+            os.close(self.upper_root)
+            self.upper_root = -1
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
+            self.work_fd = -1
+
+    # ------------------------------------------------------------ xattr helpers
+
+    cdef object _getx(self, int fd, bytes name):
+        """Value of xattr *name* on the object behind O_PATH fd, or None."""
+        try:
+            return os.getxattr(_proc(fd), name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                return None
+            raise
+
+    cdef int _opath(self, int dirfd, bytes name, bint directory) except -1:
+        cdef int flags = O_PATH | O_NOFOLLOW | O_CLOEXEC
+        if directory:
+            flags |= O_DIRECTORY
+        return os.open(name, flags, dir_fd=dirfd)
+
+    cdef bint _lower_whiteout(self, int dirfd, bytes name, st) except -1:
+        """Is this lower entry a whiteout? 0/0 char devices always; empty
+        regular files with <prefix>whiteout in a dir with opaque=x too."""
+        if S.S_ISCHR(st.st_mode):
+            return st.st_rdev == 0
+        if S.S_ISREG(st.st_mode) and st.st_size == 0:
+            if self._getx(dirfd, self.x_opaque) != b"x":
+                return False
+            fd = self._opath(dirfd, name, False)
+            try:
+                return self._getx(fd, self.x_whiteout) is not None
+            finally:
+                os.close(fd)
+        return False
+
+    # ------------------------------------------------------------ resolution
+
+    def map_ino(self, st):
+        if self._samefs:
+            return st.st_ino
+        return st.st_ino ^ (self._dev_index.get(st.st_dev, 0) << 56)
+
+    cdef _walk_lower(self, int base, list comps):
+        """Resolve comps below base in one lower layer.
+        Returns (kind, fd, st): kind 0 missing, 1 stop (whiteout or a
+        non-directory on the way), 2 non-directory, 3 directory."""
+        cdef int fd = base
+        cdef int nfd
+        cdef Py_ssize_t j, n = len(comps)
+        owned = False
+        try:
+            for j in range(n):
+                comp = comps[j]
+                last = j == n - 1
+                try:
+                    st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    return 0, -1, None
+                except OSError as e:
+                    if e.errno == errno.ENAMETOOLONG:
+                        return 0, -1, None
+                    raise
+                if self._lower_whiteout(fd, comp, st):
+                    return 1, -1, None
+                if not S.S_ISDIR(st.st_mode):
+                    if last:
+                        return 2, self._opath(fd, comp, False), st
+                    return 1, -1, None
+                nfd = self._opath(fd, comp, True)
+                if owned:
+                    os.close(fd)
+                fd = nfd
+                owned = True
+            owned = False
+            return 3, fd, st
+        finally:
+            if owned:
+                os.close(fd)
+
+    cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir):
+        """Search the lower layers for name below parent, following redirects.
+        Returns (nondir, dirs): nondir is (layer, fd, st) or None; dirs a list
+        of (layer, fd) of directories to merge, top first."""
+        pmap = {i: fd for i, fd in parent.lowers}
+        path = redirect if redirect is not None else name
+        dirs = []
+        cdef int idx
+        for idx in range(len(self.lower_roots)):
+            if path.startswith(b"/"):
+                base = self.lower_roots[idx]
+                comps = [c for c in path.split(b"/") if c]
+                if not comps:
+                    break
+            else:
+                base = pmap.get(idx)
+                if base is None:
+                    continue
+                comps = path.split(b"/")
+            if any(c in (b"", b".", b"..") for c in comps):
+                log.warning("ignoring invalid redirect %r", path)
+                break
+            kind, fd, st = self._walk_lower(base, comps)
+            if kind == 0:
+                continue
+            if kind == 1:
+                break
+            if kind == 2:
+                if not dirs and not have_upper_dir:
+                    return (idx, fd, st), dirs
+                os.close(fd)
+                break
+            dirs.append((idx, fd))
+            if idx == len(self.lower_roots) - 1:
+                break
+            op = self._getx(fd, self.x_opaque)
+            if op == b"y":
+                break
+            rd = self._getx(fd, self.x_redirect)
+            if rd:
+                if rd.startswith(b"/"):
+                    path = rd
+                else:
+                    head, sep, _ = path.rpartition(b"/")
+                    path = head + sep + rd
+        return None, dirs
+
+    def lookup(self, Node parent, bytes name):
+        """Resolve name in the merged directory parent; returns the Node
+        (the same object for the same inode while it is known) or raises."""
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, name)
+        cdef Node n = Node()
+        n.parent = parent
+        n.name = name
+        redirect = None
+        have_upper_dir = False
+        ust = None
+        if parent.upper >= 0:
+            try:
+                ust = os.stat(name, dir_fd=parent.upper, follow_symlinks=False)
+            except FileNotFoundError:
+                ust = None
+            if ust is not None:
+                if _is_whiteout_st(ust):
+                    raise _err(errno.ENOENT, name)
+                if S.S_ISDIR(ust.st_mode):
+                    n.is_dir = True
+                    n.upper = self._opath(parent.upper, name, True)
+                    have_upper_dir = True
+                    n.opaque = self._getx(n.upper, self.x_opaque) == b"y"
+                    redirect = self._getx(n.upper, self.x_redirect)
+                    if redirect is not None and (len(redirect) == 0 or len(redirect) > 4096):
+                        redirect = None
+                    n.redirect = redirect
+                else:
+                    n.upper = self._opath(parent.upper, name, False)
+        if ust is None or (have_upper_dir and not n.opaque):
+            nondir, dirs = self._lookup_lowers(parent, name, redirect, have_upper_dir)
+            if nondir is not None:
+                n.is_dir = False
+                n.lowers = [(nondir[0], nondir[1])]
+            elif dirs:
+                n.is_dir = True
+                n.lowers = dirs
+            elif ust is None:
+                raise _err(errno.ENOENT, name)
+        # inode number
+        if n.upper >= 0:
+            x = self._getx(n.upper, self.x_ino)
+            if x is not None and x.isdigit():
+                n.ino = int(x)
+            else:
+                n.ino = self.map_ino(ust)
+        else:
+            n.ino = self.map_ino(os.stat(n.lowers[0][1]))
+        return self._intern(n)
+
+    cdef Node _intern(self, Node n):
+        """Return the known Node with n's inode number, refreshed from n, or n."""
+        cdef Node old = self.nodes.get(n.ino)
+        if old is None or old is n:
+            return n
+        if old.is_dir != n.is_dir:
+            return n
+        # Same object seen again (maybe under another name): keep the
+        # known Node, which may carry state (copy-up done elsewhere).
+        old.parent = n.parent
+        old.name = n.name
+        if old.upper < 0 and n.upper >= 0:
+            old.upper = n.upper
+            n.upper = -1
+            if n.is_dir:
+                old.opaque = n.opaque
+                old.redirect = n.redirect
+        if n.is_dir and old.upper >= 0 and n.upper >= 0:
+            old.opaque = n.opaque
+            old.redirect = n.redirect
+        return old
+
+    def remember(self, Node n):
+        self.nodes[n.ino] = n
+
+    def forget(self, Node n):
+        if self.nodes.get(n.ino) is n:
+            del self.nodes[n.ino]
+
+    # ------------------------------------------------------------ attributes
+
+    def getattr(self, Node n):
+        """stat of the real object, with the overlay's st_ino and nlink."""
+        st = os.stat(n.fd)
+        return st
+
+    def lower_positive(self, Node parent, bytes name):
+        """Would a lower entry show at name if the upper had nothing there?"""
+        for idx, fd in parent.lowers:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                return True
+            return not self._lower_whiteout(fd, name, st)
+        return False
+
+    cdef object _upper_entry(self, Node parent, bytes name):
+        """stat of name in parent's upper dir, or None."""
+        if parent.upper < 0:
+            return None
+        try:
+            return os.stat(name, dir_fd=parent.upper, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------ readdir
+
+    def list_names(self, Node n):
+        """Names visible in merged directory n, upper first then each lower."""
+        if not n.is_dir:
+            raise _err(errno.ENOTDIR)
+        names = []
+        seen = set()
+        srcs = []
+        if n.upper >= 0:
+            srcs.append((True, n.upper))
+        for _, fd in n.lowers:
+            srcs.append((False, fd))
+        for is_upper, fd in srcs:
+            xwh = (not is_upper) and self._getx(fd, self.x_opaque) == b"x"
+            rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
+            try:
+                with os.scandir(rfd) as it:
+                    for e in it:
+                        name = os.fsencode(e.name)
+                        if name in seen:
+                            continue
+                        seen.add(name)
+                        if e.is_dir(follow_symlinks=False) or e.is_symlink():
+                            names.append(name)
+                            continue
+                        isreg = e.is_file(follow_symlinks=False)
+                        if not isreg or xwh:
+                            try:
+                                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                            except FileNotFoundError:
+                                continue
+                            if is_upper:
+                                if _is_whiteout_st(st):
+                                    continue
+                            elif self._lower_whiteout(fd, name, st):
+                                continue
+                        names.append(name)
+            finally:
+                os.close(rfd)
+        return names
+
+    def readdir(self, Node n):
+        """[(name, Node)] of merged directory n (without . and ..)."""
+        out = []
+        for name in self.list_names(n):
+            try:
+                out.append((name, self.lookup(n, name)))
+            except FileNotFoundError:
+                continue
+        return out
+
+    def _upper_only_whiteouts(self, Node n):
+        """Names of whiteouts in n's upper dir (for clearing before removal)."""
+        if n.upper < 0:
+            return []
+        rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=n.upper)
+        try:
+            names = os.listdir(rfd)
+        finally:
+            os.close(rfd)
+        out = []
+        for nm in names:
+            b = os.fsencode(nm)
+            st = os.stat(b, dir_fd=n.upper, follow_symlinks=False)
+            if _is_whiteout_st(st):
+                out.append(b)
+        return out
+
+    def readlink(self, Node n):
+        # readlinkat(fd, "") reads the symlink an O_PATH fd refers to
+        return os.readlink(b"", dir_fd=n.fd)
+
+    # ------------------------------------------------------------ work dir
+
+    cdef bytes _tmpname(self):
+        with self._lock:
+            self._tmp_counter += 1
+            return b"#%x-%x" % (os.getpid(), self._tmp_counter)
+
+    def _need_upper(self):
+        if self.upper_root < 0:
+            raise _err(errno.EROFS)
+
+    def _make_whiteout(self):
+        """Create a whiteout in the work dir; returns its temporary name."""
+        t = self._tmpname()
+        os.mknod(t, S.S_IFCHR | 0, os.makedev(0, 0), dir_fd=self.work_fd)
+        return t
+
+    def _copy_xattrs(self, int src_fd, bytes dst_path, bint nofollow=False):
+        """Copy every xattr except our own from the object behind src_fd."""
+        try:
+            names = os.listxattr(_proc(src_fd))
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise
+        for nm in names:
+            b = os.fsencode(nm)
+            if b.startswith(self.prefix) or b.startswith(b"trusted.overlay.") and self.prefix == b"trusted.overlay.":
+                continue
+            try:
+                v = os.getxattr(_proc(src_fd), b)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    continue
+                raise
+            try:
+                os.setxattr(dst_path, b, v, follow_symlinks=not nofollow)
+            except OSError as e:
+                # security.* may be refused by the upper fs; the kernel
+                # skips such names too when the fs does not support them
+                if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) or b.startswith(b"security."):
+                    log.debug("copy-up: xattr %r not copied: %s", b, e)
+                    continue
+                raise
+
+    # ------------------------------------------------------------ copy-up
+
+    def needs_copy_up(self, Node n):
+        return n.upper < 0
+
+    def copy_up(self, Node n, bint data=True):
+        """Make n exist in the upper layer (parents first), preparing it in
+        the work dir and renaming it into place."""
+        cdef Node p
+        if n.upper >= 0:
+            return
+        self._need_upper()
+        p = n.parent
+        if p is None:
+            raise _err(errno.EROFS)
+        self.copy_up(p)
+        # Someone (another Node of the same dir) may have done it already.
+        ust = self._upper_entry(p, n.name)
+        if ust is not None and not _is_whiteout_st(ust):
+            src_st = os.stat(n.fd)
+            if S.S_IFMT(ust.st_mode) == S.S_IFMT(src_st.st_mode):
+                n.upper = self._opath(p.upper, n.name, n.is_dir)
+                return
+            raise _err(errno.EEXIST, n.name)
+        src = n.lowers[0][1]
+        st = os.stat(src)
+        wd = self.work_fd
+        t = self._tmpname()
+        tpath = b"/proc/self/fd/%d/%s" % (wd, t)
+        fmt = S.S_IFMT(st.st_mode)
+        created = False
+        try:
+            if fmt == S.S_IFDIR:
+                os.mkdir(t, 0o700, dir_fd=wd)
+                created = True
+                tfd = self._opath(wd, t, True)
+            elif fmt == S.S_IFREG:
+                wfd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600, dir_fd=wd)
+                created = True
+                try:
+                    if data and st.st_size:
+                        rfd = os.open(_proc(src), os.O_RDONLY | O_CLOEXEC)
+                        try:
+                            sys_copy_data(rfd, wfd, st.st_size, True)
+                        finally:
+                            os.close(rfd)
+                    if not self.no_sync:
+                        sys_fsync(wfd)
+                finally:
+                    os.close(wfd)
+                tfd = self._opath(wd, t, False)
+            elif fmt == S.S_IFLNK:
+                target = os.readlink(b"", dir_fd=src)
+                os.symlink(target, t, dir_fd=wd)
+                created = True
+                tfd = self._opath(wd, t, False)
+            else:
+                os.mknod(t, fmt | 0o600, st.st_rdev, dir_fd=wd)
+                created = True
+                tfd = self._opath(wd, t, False)
+            try:
+                self._copy_xattrs(src, _proc(tfd))
+                if n.ino is not None and (fmt == S.S_IFDIR or st.st_nlink == 1):
+                    try:
+                        os.setxattr(_proc(tfd), self.x_ino, b"%d" % n.ino)
+                    except OSError as e:
+                        # user.* xattrs are refused on symlinks (userxattr)
+                        if fmt != S.S_IFLNK:
+                            raise
+                        log.debug("copy-up: no inode xattr on symlink %r: %s", n.name, e)
+                os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
+                if fmt != S.S_IFLNK:
+                    os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
+                sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
+                sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
+            except BaseException:
+                os.close(tfd)
+                raise
+        except BaseException:
+            if created:
+                try:
+                    if fmt == S.S_IFDIR:
+                        os.rmdir(t, dir_fd=wd)
+                    else:
+                        os.unlink(t, dir_fd=wd)
+                except OSError:
+                    pass
+            raise
+        if n.upper >= 0:
+            os.close(tfd)     # a concurrent lookup already found the copy
+        else:
+            n.upper = tfd
+        if not n.is_dir:
+            # the lower object is no longer needed once the copy is in place
+            for _, fd in n.lowers:
+                os.close(fd)
+            n.lowers = []
+        log.debug("copied up %r (ino %s)", n.name, n.ino)
+
+    # ------------------------------------------------------------ create
+
+    cdef object _parent_owner(self, Node parent, int uid, int gid):
+        pst = os.stat(parent.fd)
+        if pst.st_mode & S.S_ISGID:
+            return uid, pst.st_gid, True
+        return uid, gid, False
+
+    def _check_new(self, Node parent, bytes name):
+        """EEXIST if name shows in parent; returns whether the upper holds a whiteout."""
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, name)
+        try:
+            self.lookup(parent, name)
+        except FileNotFoundError:
+            pass
+        else:
+            raise _err(errno.EEXIST, name)
+        ust = self._upper_entry(parent, name)
+        return ust is not None and _is_whiteout_st(ust)
+
+    def _create(self, Node parent, bytes name, int kind, int mode, int rdev, bytes target,
+                int uid, int gid, Node link_src=None, int open_flags=-1):
+        """Create an object in the upper dir of parent: directly when no
+        whiteout is in the way, else prepared in the work dir and exchanged
+        with the whiteout (dirs made there are opaque)."""
+        self._need_upper()
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        self.copy_up(parent)
+        over_whiteout = self._check_new(parent, name)
+        uid, gid, sgid = self._parent_owner(parent, uid, gid)
+        if kind == S.S_IFDIR and sgid:
+            mode |= S.S_ISGID
+        if over_whiteout:
+            dfd, dname = self.work_fd, self._tmpname()
+        else:
+            dfd, dname = parent.upper, name
+        ofd = -1
+        if link_src is not None:
+            self.copy_up(link_src)
+            os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
+        elif kind == S.S_IFDIR:
+            os.mkdir(dname, mode & 0o7777, dir_fd=dfd)
+        elif kind == S.S_IFREG and open_flags >= 0:
+            ofd = os.open(dname, (open_flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | O_CLOEXEC,
+                          mode & 0o7777, dir_fd=dfd)
+        elif kind == S.S_IFLNK:
+            os.symlink(target, dname, dir_fd=dfd)
+        else:
+            os.mknod(dname, kind | (mode & 0o7777), rdev, dir_fd=dfd)
+        try:
+            if link_src is None:
+                os.chown(dname, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                if kind != S.S_IFLNK:
+                    # chown may clear set-id bits: apply the mode after it
+                    os.chmod(b"/proc/self/fd/%d/%s" % (dfd, dname), mode & 0o7777)
+            if over_whiteout:
+                if kind == S.S_IFDIR:
+                    os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), self.x_opaque, b"y")
+                sys_renameat2(dfd, dname, parent.upper, name, RENAME_EXCHANGE)
+                os.unlink(dname, dir_fd=dfd)   # the whiteout, now in work
+        except BaseException:
+            if ofd >= 0:
+                os.close(ofd)
+            try:
+                if kind == S.S_IFDIR:
+                    os.rmdir(dname, dir_fd=dfd)
+                else:
+                    os.unlink(dname, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        node = self.lookup(parent, name)
+        return ofd, node
+
+    def mkdir(self, Node parent, bytes name, int mode, int uid, int gid):
+        return self._create(parent, name, S.S_IFDIR, mode, 0, None, uid, gid)[1]
+
+    def mknod(self, Node parent, bytes name, int mode, int rdev, int uid, int gid):
+        return self._create(parent, name, S.S_IFMT(mode), S.S_IMODE(mode), rdev, None, uid, gid)[1]
+
+    def symlink(self, Node parent, bytes name, bytes target, int uid, int gid):
+        return self._create(parent, name, S.S_IFLNK, 0o777, 0, target, uid, gid)[1]
+
+    def create(self, Node parent, bytes name, int flags, int mode, int uid, int gid):
+        """Create and open a regular file: (fd, Node)."""
+        return self._create(parent, name, S.S_IFREG, S.S_IMODE(mode), 0, None, uid, gid,
+                            open_flags=flags & ~(os.O_CREAT | os.O_EXCL))
+
+    def link(self, Node src, Node parent, bytes name):
+        if src.is_dir:
+            raise _err(errno.EPERM, name)
+        return self._create(parent, name, 0, 0, 0, None, 0, 0, link_src=src)[1]
+
+    # ------------------------------------------------------------ open / setattr
+
+    def open(self, Node n, int flags):
+        """Open the real object; write access copies it up first."""
+        acc = flags & os.O_ACCMODE
+        if acc != os.O_RDONLY or flags & os.O_TRUNC:
+            self._need_upper()
+            self.copy_up(n, data=not (flags & os.O_TRUNC))
+        f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | O_NOFOLLOW) | O_CLOEXEC
+        return os.open(_proc(n.fd), f)
+
+    def setattr(self, Node n, mode=None, uid=None, gid=None, size=None,
+                atime_ns=None, mtime_ns=None, fh=None):
+        self._need_upper()
+        if size is not None and n.upper < 0:
+            self.copy_up(n, data=size != 0)
+        else:
+            self.copy_up(n)
+        path = _proc(n.upper)
+        if size is not None:
+            if fh is not None:
+                os.ftruncate(fh, size)
+            else:
+                os.truncate(path, size)
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.chmod(path, S.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            sys_utimens(path, atime_ns, mtime_ns, False)
+
+    # ------------------------------------------------------------ xattrs
+
+    def _own(self, bytes name):
+        return name.startswith(self.prefix) or name.startswith(b"trusted.overlay.")
+
+    def getxattr(self, Node n, bytes name):
+        if self._own(name):
+            raise _err(errno.EOPNOTSUPP, name)
+        return os.getxattr(_proc(n.fd), name)
+
+    def listxattr(self, Node n):
+        out = []
+        for nm in os.listxattr(_proc(n.fd)):
+            b = os.fsencode(nm)
+            if not self._own(b):
+                out.append(b)
+        return out
+
+    def setxattr(self, Node n, bytes name, bytes value, int flags=0):
+        if self._own(name):
+            raise _err(errno.EOPNOTSUPP, name)
+        self._need_upper()
+        self.copy_up(n)
+        os.setxattr(_proc(n.upper), name, value, flags)
+
+    def removexattr(self, Node n, bytes name):
+        if self._own(name):
+            raise _err(errno.EOPNOTSUPP, name)
+        self._need_upper()
+        if n.upper < 0:
+            os.getxattr(_proc(n.fd), name)      # ENODATA without copy-up
+            self.copy_up(n)
+        os.removexattr(_proc(n.upper), name)
+
+    # ------------------------------------------------------------ remove
+
+    def _clear_in_work(self, bytes tname):
+        """Remove a directory that was moved into the work dir."""
+        fd = self._opath(self.work_fd, tname, True)
+        try:
+            self._clean_dir(fd)
+        finally:
+            os.close(fd)
+        os.rmdir(tname, dir_fd=self.work_fd)
+
+    def _whiteout_over(self, Node parent, bytes name, bint exists_in_upper, bint is_dir):
+        """Replace name in parent's upper dir by a whiteout, atomically."""
+        t = self._make_whiteout()
+        try:
+            if exists_in_upper:
+                sys_renameat2(self.work_fd, t, parent.upper, name, RENAME_EXCHANGE)
+            else:
+                sys_renameat2(self.work_fd, t, parent.upper, name, RENAME_NOREPLACE)
+        except BaseException:
+            os.unlink(t, dir_fd=self.work_fd)
+            raise
+        if exists_in_upper:
+            if is_dir:
+                self._clear_in_work(t)
+            else:
+                os.unlink(t, dir_fd=self.work_fd)
+
+    def unlink(self, Node parent, bytes name):
+        self._need_upper()
+        n = self.lookup(parent, name)
+        if n.is_dir:
+            raise _err(errno.EISDIR, name)
+        self._remove(parent, name, n)
+        return n
+
+    def rmdir(self, Node parent, bytes name):
+        self._need_upper()
+        n = self.lookup(parent, name)
+        if not n.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        if n.lowers and self.list_names(n):
+            raise _err(errno.ENOTEMPTY, name)
+        self._remove(parent, name, n)
+        return n
+
+    def _remove(self, Node parent, bytes name, Node n):
+        if n.upper >= 0:
+            lp = self.lower_positive(parent, name)
+        else:
+            lp = True
+        self.copy_up(parent)
+        if not lp:
+            if n.is_dir and n.lowers:
+                # a merged dir under a new name: move it out, then clean it
+                t = self._tmpname()
+                sys_renameat2(parent.upper, name, self.work_fd, t, RENAME_NOREPLACE)
+                self._clear_in_work(t)
+            elif n.is_dir:
+                os.rmdir(name, dir_fd=parent.upper)
+            else:
+                os.unlink(name, dir_fd=parent.upper)
+        else:
+            self._whiteout_over(parent, name, n.upper >= 0, n.is_dir)
+
+    # ------------------------------------------------------------ rename
+
+    cdef bint _merge_or_lower(self, Node n):
+        return n.is_dir and (n.upper < 0 or len(n.lowers) > 0)
+
+    cdef bint _can_move(self, Node n):
+        return self.redirect_dir or not n.is_dir or not self._merge_or_lower(n)
+
+    cdef bytes _abs_redirect(self, Node n):
+        parts = []
+        cdef Node d = n
+        while d.parent is not None:
+            nm = d.redirect if d.redirect else d.name
+            parts.append(nm)
+            if nm.startswith(b"/"):
+                break
+            d = d.parent
+        else:
+            parts.append(b"")
+        s = b"/".join(reversed(parts))
+        if not s.startswith(b"/"):
+            s = b"/" + s
+        return s
+
+    cdef _set_redirect(self, Node n, bint samedir):
+        absolute = not samedir
+        if n.redirect and (not absolute or n.redirect.startswith(b"/")):
+            return
+        rd = self._abs_redirect(n) if absolute else n.name
+        if len(rd) > REDIRECT_MAX:
+            raise _err(errno.EXDEV, n.name)
+        try:
+            os.setxattr(_proc(n.upper), self.x_redirect, rd)
+        except OSError as e:
+            log.warning("failed to set redirect on %r: %s", n.name, e)
+            raise _err(errno.EXDEV, n.name)
+        n.redirect = rd
+
+    def rename(self, Node op, bytes oname, Node np, bytes nname, unsigned int flags=0):
+        """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE, as the kernel does it."""
+        cdef Node old, new
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        if (flags & RENAME_NOREPLACE) and (flags & RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        self._need_upper()
+        if len(nname) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, nname)
+        old = self.lookup(op, oname)
+        try:
+            new = self.lookup(np, nname)
+        except FileNotFoundError:
+            new = None
+        exchange = bool(flags & RENAME_EXCHANGE)
+        overwrite = not exchange
+        if new is not None and flags & RENAME_NOREPLACE:
+            raise _err(errno.EEXIST, nname)
+        if exchange and new is None:
+            raise _err(errno.ENOENT, nname)
+        if new is old:
+            return
+        if overwrite and new is not None:
+            if old.is_dir and not new.is_dir:
+                raise _err(errno.ENOTDIR, nname)
+            if not old.is_dir and new.is_dir:
+                raise _err(errno.EISDIR, nname)
+        if not self._can_move(old):
+            raise _err(errno.EXDEV, oname)
+        if not overwrite and not self._can_move(new):
+            raise _err(errno.EXDEV, nname)
+        need_clear = False
+        if overwrite and new is not None and new.is_dir and new.lowers:
+            if self.list_names(new):
+                raise _err(errno.ENOTEMPTY, nname)
+            need_clear = new.upper >= 0
+        samedir = op is np
+        new_is_whiteout = False
+        if new is None:
+            ust = self._upper_entry(np, nname)
+            new_is_whiteout = ust is not None and _is_whiteout_st(ust)
+        rflags = RENAME_EXCHANGE if exchange else 0
+        cleanup_whiteout = False
+        if overwrite:
+            old_lp = self.lower_positive(op, oname) if old.upper >= 0 else True
+            if old_lp:
+                if not new_is_whiteout:
+                    rflags |= RENAME_WHITEOUT
+                else:
+                    rflags |= RENAME_EXCHANGE
+            elif old.is_dir and new_is_whiteout:
+                rflags |= RENAME_EXCHANGE
+                cleanup_whiteout = True
+        self.copy_up(old)
+        self.copy_up(np)
+        if not overwrite:
+            self.copy_up(new)
+        if need_clear:
+            # make the target an empty opaque dir first, as the kernel does
+            t = self._tmpname()
+            os.mkdir(t, 0o700, dir_fd=self.work_fd)
+            os.setxattr(b"/proc/self/fd/%d/%s" % (self.work_fd, t), self.x_opaque, b"y")
+            sys_renameat2(self.work_fd, t, np.upper, nname, RENAME_EXCHANGE)
+            self._clear_in_work(t)
+        if self._merge_or_lower(old):
+            self._set_redirect(old, samedir)
+        elif old.is_dir and not old.opaque and np.merged:
+            os.setxattr(_proc(old.upper), self.x_opaque, b"y")
+            old.opaque = True
+        if not overwrite:
+            if self._merge_or_lower(new):
+                self._set_redirect(new, samedir)
+            elif new.is_dir and not new.opaque and op.merged:
+                os.setxattr(_proc(new.upper), self.x_opaque, b"y")
+                new.opaque = True
+        if rflags & RENAME_WHITEOUT:
+            try:
+                sys_renameat2(op.upper, oname, np.upper, nname, rflags)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                # no RENAME_WHITEOUT on this fs: rename, then whiteout the source
+                sys_renameat2(op.upper, oname, np.upper, nname, rflags & ~RENAME_WHITEOUT)
+                self._whiteout_over(op, oname, False, False)
+        else:
+            sys_renameat2(op.upper, oname, np.upper, nname, rflags)
+        if cleanup_whiteout:
+            os.unlink(oname, dir_fd=op.upper)
+        old.parent = np
+        old.name = nname
+        if exchange:
+            new.parent = op
+            new.name = oname
+
+    # ------------------------------------------------------------ misc
+
+    def statfs(self):
+        fd = self.upper_root if self.upper_root >= 0 else self.lower_roots[0]
+        return os.statvfs(_proc(fd))
+
+    def fsync(self, int fd, bint datasync):
+        sys_fsync(fd, datasync)

@@ -1,0 +1,230 @@
+"""System-call layer of overlay_core, included by _core.pyx.
+
+Thin `nogil` wrappers around the Linux calls the os module does not offer
+(renameat2, utimensat with UTIME_OMIT on /proc paths, FICLONE, copy_file_range
+loops with holes kept). Each wrapper raises OSError(c_errno, strerror, name)
+on failure; the data copy loop runs without the GIL.
+"""
+
+from libc.errno cimport errno as c_errno, EINVAL, EXDEV, ENOSYS, EOPNOTSUPP, ENXIO, EINTR, EBADF, ENOTTY, EPERM
+from libc.string cimport strerror
+from posix.types cimport off_t, mode_t
+from posix.unistd cimport lseek, ftruncate, read, write, pread, pwrite
+from libc.stdlib cimport malloc, free
+
+cdef extern from "<stdio.h>" nogil:
+    int renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags)
+
+cdef extern from "<fcntl.h>" nogil:
+    int AT_FDCWD
+    int AT_SYMLINK_NOFOLLOW
+    int AT_EMPTY_PATH
+    int SEEK_DATA
+    int SEEK_HOLE
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<linux/fs.h>" nogil:
+    unsigned long FICLONE
+    unsigned int RENAME_NOREPLACE
+    unsigned int RENAME_EXCHANGE
+    unsigned int RENAME_WHITEOUT
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t copy_file_range(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t len, unsigned int flags)
+    int fdatasync(int fd)
+    int fsync(int fd)
+
+cdef extern from "<sys/sendfile.h>" nogil:
+    ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+
+cdef extern from "<sys/stat.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int utimensat(int dirfd, const char *pathname, const timespec *times, int flags)
+    long UTIME_OMIT
+    long UTIME_NOW
+
+PY_RENAME_NOREPLACE = RENAME_NOREPLACE
+PY_RENAME_EXCHANGE = RENAME_EXCHANGE
+PY_RENAME_WHITEOUT = RENAME_WHITEOUT
+
+# Copy chunk: large enough to amortise the syscall, small enough that a
+# crash or an error loses little work.
+DEF CHUNK = 8 * 1024 * 1024
+
+
+cdef inline object _oserror(int err, object name=None):
+    msg = strerror(err).decode("utf-8", "replace")
+    if name is None:
+        return OSError(err, msg)
+    return OSError(err, msg, name)
+
+
+def sys_renameat2(int olddirfd, bytes oldname, int newdirfd, bytes newname, unsigned int flags=0):
+    """renameat2(2); raises OSError on failure."""
+    cdef const char *o = oldname
+    cdef const char *n = newname
+    cdef int ret
+    with nogil:
+        ret = renameat2(olddirfd, o, newdirfd, n, flags)
+    if ret != 0:
+        raise _oserror(c_errno, oldname)
+
+
+def sys_utimens(bytes path, object atime_ns, object mtime_ns, bint nofollow=False):
+    """utimensat(2) on *path*; None leaves that time unchanged (UTIME_OMIT)."""
+    cdef timespec ts[2]
+    cdef const char *p = path
+    cdef int ret
+    if atime_ns is None:
+        ts[0].tv_sec = 0
+        ts[0].tv_nsec = UTIME_OMIT
+    else:
+        ts[0].tv_sec = atime_ns // 1000000000
+        ts[0].tv_nsec = atime_ns % 1000000000
+    if mtime_ns is None:
+        ts[1].tv_sec = 0
+        ts[1].tv_nsec = UTIME_OMIT
+    else:
+        ts[1].tv_sec = mtime_ns // 1000000000
+        ts[1].tv_nsec = mtime_ns % 1000000000
+    with nogil:
+        ret = utimensat(AT_FDCWD, p, ts, AT_SYMLINK_NOFOLLOW if nofollow else 0)
+    if ret != 0:
+        raise _oserror(c_errno, path)
+
+
+# Capability probes, remembered once answered (per process; layers are on
+# the same few filesystems for the life of a mount).
+cdef bint _reflink_broken = False
+cdef bint _cfr_broken = False
+cdef bint _sendfile_broken = False
+
+
+cdef int _copy_range(int src, int dst, off_t start, off_t end) noexcept nogil:
+    """Copy [start, end) from src to dst at the same offsets; returns 0 or c_errno."""
+    global _cfr_broken, _sendfile_broken
+    cdef off_t pin, pout, pos
+    cdef ssize_t n
+    cdef size_t want
+    cdef char *buf
+    cdef ssize_t got, done, w
+    cdef int err
+    pos = start
+    while pos < end and not _cfr_broken:
+        want = <size_t>(end - pos) if end - pos < CHUNK else CHUNK
+        pin = pos
+        pout = pos
+        n = copy_file_range(src, &pin, dst, &pout, want, 0)
+        if n < 0:
+            if c_errno == EINTR:
+                continue
+            if c_errno in (EXDEV, EINVAL, ENOSYS, EOPNOTSUPP, EBADF):
+                _cfr_broken = True
+                break
+            return c_errno
+        if n == 0:
+            return 0      # source shrank under us: stop at its end
+        pos += n
+    while pos < end and not _sendfile_broken:
+        if lseek(dst, pos, 0) < 0:
+            return c_errno
+        want = <size_t>(end - pos) if end - pos < CHUNK else CHUNK
+        pin = pos
+        n = sendfile(dst, src, &pin, want)
+        if n < 0:
+            if c_errno == EINTR:
+                continue
+            if c_errno in (EINVAL, ENOSYS, EOPNOTSUPP):
+                _sendfile_broken = True
+                break
+            return c_errno
+        if n == 0:
+            return 0
+        pos += n
+    if pos >= end:
+        return 0
+    buf = <char*>malloc(1024 * 1024)
+    if buf == NULL:
+        return 12  # ENOMEM
+    err = 0
+    while pos < end:
+        want = <size_t>(end - pos) if end - pos < 1024 * 1024 else 1024 * 1024
+        got = pread(src, buf, want, pos)
+        if got < 0:
+            if c_errno == EINTR:
+                continue
+            err = c_errno
+            break
+        if got == 0:
+            break
+        done = 0
+        while done < got:
+            w = pwrite(dst, buf + done, got - done, pos + done)
+            if w < 0:
+                if c_errno == EINTR:
+                    continue
+                err = c_errno
+                break
+            done += w
+        if err:
+            break
+        pos += got
+    free(buf)
+    return err
+
+
+cdef int _copy_data(int src, int dst, off_t size, bint try_reflink) noexcept nogil:
+    """Copy file data keeping holes: reflink, else each data extent in turn."""
+    global _reflink_broken
+    cdef off_t data, hole, off
+    cdef int err
+    if try_reflink and not _reflink_broken:
+        if ioctl(dst, FICLONE, src) == 0:
+            return 0
+        if c_errno in (EOPNOTSUPP, EINVAL, EXDEV, ENOTTY, ENOSYS, EPERM):
+            if c_errno != EXDEV:
+                _reflink_broken = True
+        else:
+            return c_errno
+    off = 0
+    while off < size:
+        data = lseek(src, off, SEEK_DATA)
+        if data < 0:
+            if c_errno == ENXIO:
+                break          # only a hole remains
+            data = off         # no SEEK_DATA support: copy everything
+            hole = size
+        else:
+            hole = lseek(src, data, SEEK_HOLE)
+            if hole < 0 or hole > size:
+                hole = size
+        if data >= size:
+            break
+        err = _copy_range(src, dst, data, hole)
+        if err:
+            return err
+        off = hole
+    if ftruncate(dst, size) != 0:
+        return c_errno
+    return 0
+
+
+def sys_copy_data(int src, int dst, off_t size, bint try_reflink=True):
+    """Copy *size* bytes of data from fd *src* to fd *dst*, GIL released."""
+    cdef int err
+    with nogil:
+        err = _copy_data(src, dst, size, try_reflink)
+    if err:
+        raise _oserror(err)
+
+
+def sys_fsync(int fd, bint datasync=False):
+    cdef int ret
+    with nogil:
+        ret = fdatasync(fd) if datasync else fsync(fd)
+    if ret != 0:
+        raise _oserror(c_errno)
