@@ -1,0 +1,648 @@
+"""Command line front end (src/overlay/cli.py).
+
+Two console scripts live here (see ``[project.scripts]`` in pyproject.toml):
+
+``overlay`` -> :func:`main`
+    ``overlay mount -o OPTS [-f] MOUNTPOINT``   mount (in the background unless -f)
+    ``overlay umount MOUNTPOINT``               unmount
+    ``overlay demo``                            the guided walkthrough (overlay.demo)
+
+``overlay-mount`` -> :func:`mount_helper_main`
+    The helper behind ``mount -t fuse.overlay-mount SOURCE MOUNTPOINT -o OPTS``:
+    mount.fuse3 runs ``overlay-mount SOURCE MOUNTPOINT -o OPTS`` through
+    ``/bin/sh -c``, so the script must be on the PATH that mount(8) sees.
+
+The filesystem itself (``overlay.fs.run_fs``, which pulls in pyfuse3, trio and
+the Cython core) is imported only once a mount is really about to happen, so
+``--help`` and option errors are fast.  Bad input gives one line on stderr and
+exit code 1 (2 for command-line usage errors), and nothing gets mounted.
+
+Background mounts fork: the child starts a new session, detaches its stdio
+(to ``/dev/null`` or the ``--log`` file), runs ``run_fs`` and tells the parent
+through a pipe either ``ready`` or the one-line error; the parent exits 0 once
+the mount is live, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from overlay.options import (
+    MountConfig,
+    OptionError,
+    parse_options,
+    split_options,
+    validate_mountpoint,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+# How long a background mount waits for the filesystem to come up.
+DEFAULT_READY_TIMEOUT = 60.0
+
+LOG_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"
+
+RunFs = Callable[[MountConfig, str, Callable[[], None]], None]
+
+
+# --------------------------------------------------------------------------
+# small helpers
+
+
+def _say_error(prog: str, message: str) -> int:
+    """Print ``prog: message`` as one line on stderr and return EXIT_ERROR."""
+    text = " ".join(str(message).split())
+    print(f"{prog}: {text}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+def setup_logging(level: int, log_file: str | None = None) -> None:
+    """Send log records to stderr, or append them to ``log_file``."""
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line for an exception, unwrapping (single-member) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename:
+            text = f"{text}: '{exc.filename}'"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _load_run_fs() -> RunFs:
+    """Import the filesystem lazily (pyfuse3, trio and the Cython core)."""
+    from overlay.fs import run_fs  # noqa: PLC0415 - deliberately lazy
+
+    return run_fs
+
+
+def _unescape_mountinfo(field: str) -> str:
+    r"""Undo the octal escapes (``\040`` for a space, ...) of /proc mount tables."""
+    out: list[str] = []
+    i = 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    mount_id: int = -1
+
+
+def iter_mounts(mountinfo: str = "/proc/self/mountinfo") -> Iterator[MountEntry]:
+    """Yield the entries of a mountinfo file (see proc(5))."""
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            fields = line.split()
+            try:
+                sep = fields.index("-", 6)
+            except ValueError:
+                continue
+            yield MountEntry(
+                mountpoint=_unescape_mountinfo(fields[4]),
+                fstype=fields[sep + 1],
+                source=_unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "",
+                mount_id=int(fields[0]),
+            )
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The topmost mount on ``mountpoint`` (an absolute path), if any."""
+    found = None
+    for entry in iter_mounts():
+        if entry.mountpoint == mountpoint:
+            found = entry  # later lines are mounted on top of earlier ones
+    return found
+
+
+def _mountpoint_path(path: str) -> str:
+    """Absolute, symlink-free path of a mount point without touching the fs below.
+
+    ``realpath`` on a dead FUSE mount would fail, so only the parent is resolved.
+    """
+    absolute = os.path.abspath(path)
+    parent, name = os.path.split(absolute)
+    if not name:
+        return absolute
+    return os.path.join(os.path.realpath(parent), name)
+
+
+# --------------------------------------------------------------------------
+# running the filesystem
+
+
+def run_foreground(config: MountConfig, mountpoint: str, prog: str) -> int:
+    """Run the filesystem in this process until it is unmounted."""
+    try:
+        run_fs = _load_run_fs()
+    except ImportError as exc:
+        log.debug("import of overlay.fs failed", exc_info=True)
+        return _say_error(prog, f"cannot load the filesystem: {describe_exception(exc)}")
+
+    def on_ready() -> None:
+        log.info("mounted %s on %s", config.fsname, mountpoint)
+
+    try:
+        run_fs(config, mountpoint, on_ready)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+    except Exception as exc:  # one line for the user, the trace in the log
+        log.debug("run_fs failed", exc_info=True)
+        return _say_error(prog, f"cannot mount on '{mountpoint}': {describe_exception(exc)}")
+    log.info("%s unmounted", mountpoint)
+    return EXIT_OK
+
+
+def _redirect_stdio(log_file: str | None) -> None:
+    """Point fds 0, 1, 2 away from the caller's terminal or pipes."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    target = devnull
+    if log_file:
+        try:
+            target = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            target = devnull
+    os.dup2(devnull, 0)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    for fd in {devnull, target}:
+        if fd > 2:
+            os.close(fd)
+
+
+def _daemon_child(
+    config: MountConfig,
+    mountpoint: str,
+    report_fd: int,
+    log_file: str | None,
+    loader: Callable[[], RunFs],
+) -> int:
+    """Body of the forked background process; returns its exit status."""
+    os.setsid()
+    os.chdir("/")
+    _redirect_stdio(log_file)
+    # fds 1/2 now go to the log (or nowhere); the logging handler writes to fd 2
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
+    setup_logging(logging.DEBUG if config.debug else logging.INFO)
+
+    reported = False
+
+    def report(message: str) -> None:
+        nonlocal reported
+        if reported:
+            return
+        reported = True
+        try:
+            os.write(report_fd, (message + "\n").encode("utf-8", "replace"))
+        except OSError:
+            log.warning("could not report %r to the parent process", message)
+        finally:
+            os.close(report_fd)
+
+    def on_ready() -> None:
+        log.info("mounted %s on %s", config.fsname, mountpoint)
+        report("ready")
+
+    try:
+        run_fs = loader()
+        run_fs(config, mountpoint, on_ready)
+    except BaseException as exc:  # noqa: BLE001 - the child must always report
+        message = describe_exception(exc)
+        if isinstance(exc, ImportError):
+            message = f"cannot load the filesystem: {message}"
+        elif not reported:
+            message = f"cannot mount on '{mountpoint}': {message}"
+        log.error("filesystem on %s failed: %s", mountpoint, message, exc_info=True)
+        report("error " + message)
+        return EXIT_ERROR
+    if not reported:
+        report("error filesystem stopped before the mount was ready")
+        return EXIT_ERROR
+    log.info("%s unmounted", mountpoint)
+    return EXIT_OK
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _reap(pid: int, wait: float) -> int | None:
+    """waitpid ``pid`` for up to ``wait`` seconds; its status or None."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+def _read_report(fd: int, timeout: float) -> str | None:
+    """First line the child writes to ``fd``; '' on EOF, None on time-out."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode("utf-8", "replace")
+
+
+def run_background(
+    config: MountConfig,
+    mountpoint: str,
+    prog: str,
+    *,
+    log_file: str | None = None,
+    timeout: float = DEFAULT_READY_TIMEOUT,
+    loader: Callable[[], RunFs] = _load_run_fs,
+) -> int:
+    """Fork a detached filesystem process; return once the mount is live."""
+    mounted_before = find_mount(mountpoint)
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = EXIT_ERROR
+        try:
+            os.close(read_fd)
+            code = _daemon_child(config, mountpoint, write_fd, log_file, loader)
+        finally:
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+
+    os.close(write_fd)
+    try:
+        line = _read_report(read_fd, timeout)
+    finally:
+        os.close(read_fd)
+
+    if line == "ready":
+        log.debug("filesystem process %d is serving %s", pid, mountpoint)
+        return EXIT_OK
+    if line is None:
+        log.debug("killing filesystem process %d after time-out", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        _reap(pid, 5.0)
+        mounted_now = find_mount(mountpoint)
+        if mounted_now is not None and mounted_now != mounted_before:
+            _unmount(mountpoint, lazy=True)  # the half-started mount is ours
+        return _say_error(
+            prog, f"the filesystem did not come up on '{mountpoint}' within {timeout:g} seconds"
+        )
+    status = _reap(pid, 10.0)
+    if line.startswith("error "):
+        return _say_error(prog, line[len("error ") :])
+    how = _describe_status(status) if status is not None else "no report"
+    return _say_error(prog, f"the filesystem process ended ({how}) before '{mountpoint}' was mounted")
+
+
+def start_mount(
+    optstrings: Sequence[str],
+    mountpoint: str,
+    *,
+    prog: str,
+    foreground: bool,
+    log_file: str | None,
+    timeout: float,
+    debug: bool = False,
+    as_helper: bool = False,
+    source: str | None = None,
+) -> int:
+    """Validate everything, then mount in the foreground or the background."""
+    optstring = ",".join(o for o in optstrings if o)
+    cwd = os.getcwd()
+    try:
+        config = parse_options(optstring, cwd)
+        if as_helper:
+            _apply_helper_defaults(config, optstring, source)
+        if debug:
+            config.debug = True
+        mountpoint = validate_mountpoint(mountpoint, cwd)
+    except OptionError as exc:
+        return _say_error(prog, str(exc))
+    if log_file:
+        log_file = os.path.abspath(log_file)
+    log.debug("mounting %r on %s (foreground=%s)", config, mountpoint, foreground)
+    if foreground:
+        return run_foreground(config, mountpoint, prog)
+    return run_background(config, mountpoint, prog, log_file=log_file, timeout=timeout)
+
+
+# --------------------------------------------------------------------------
+# unmounting
+
+
+def _unmount(mountpoint: str, lazy: bool = False) -> tuple[bool, str]:
+    """Try fusermount3/fusermount, then (as root) umount(8). (ok, error text)."""
+    attempts: list[list[str]] = []
+    for tool in ("fusermount3", "fusermount"):
+        path = shutil.which(tool)
+        if path:
+            attempts.append([path, "-u", *(["-z"] if lazy else []), "--", mountpoint])
+            break
+    if os.geteuid() == 0 and shutil.which("umount"):
+        attempts.append(["umount", *(["-l"] if lazy else []), "--", mountpoint])
+    error = "no fusermount3 or umount found"
+    for cmd in attempts:
+        log.debug("running %s", cmd)
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode == 0:
+            return True, ""
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        error = lines[0] if lines else f"{os.path.basename(cmd[0])} failed ({proc.returncode})"
+    return False, error
+
+
+def umount_command(mountpoint: str, *, lazy: bool, prog: str) -> int:
+    path = _mountpoint_path(mountpoint)
+    if find_mount(path) is None:
+        return _say_error(prog, f"'{path}' is not mounted")
+    ok, error = _unmount(path, lazy=lazy)
+    if not ok:
+        return _say_error(prog, f"cannot unmount '{path}': {error}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# overlay (main)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("overlay-fuse")
+    except Exception:  # noqa: BLE001 - not installed, running from a checkout
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="overlay",
+        description="A kernel-exact overlay (union, copy-on-write) filesystem on FUSE.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    mount = sub.add_parser(
+        "mount",
+        help="mount an overlay",
+        description="Mount an overlay on MOUNTPOINT (in the background unless -f).",
+        epilog="example: overlay mount -o lowerdir=image2:image1,upperdir=up,workdir=work merged",
+    )
+    mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="comma-separated mount options (lowerdir=, upperdir=, workdir=, ...); may repeat",
+    )
+    mount.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
+    )
+    mount.add_argument(
+        "-d", "--debug", action="store_true", help="debug logging (same as -o debug)"
+    )
+    mount.add_argument("--log", metavar="FILE", help="background mode: append the log to FILE")
+    mount.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_READY_TIMEOUT,
+        metavar="SECONDS",
+        help="background mode: how long to wait for the mount (default %(default)g)",
+    )
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    umount = sub.add_parser("umount", help="unmount an overlay", description="Unmount MOUNTPOINT.")
+    umount.add_argument("-l", "-z", "--lazy", action="store_true", help="lazy unmount")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    demo = sub.add_parser(
+        "demo",
+        help="walk through whiteouts and copy-up on a scratch overlay",
+        description="Build a scratch overlay in a temporary directory and show, step by step, "
+        "how whiteouts and copy-up behave. Exits non-zero if any step misbehaves.",
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.add_argument("--dir", metavar="DIR", help="create the scratch directory under DIR")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``overlay`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(f"overlay {_version()}")
+        return EXIT_OK
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("overlay: error: a command is required (mount, umount or demo)", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.command == "mount":
+        level = logging.DEBUG if args.debug else (logging.INFO if args.foreground else logging.WARNING)
+        setup_logging(level, args.log if args.foreground else None)
+        if args.timeout <= 0:
+            parser.error("--timeout must be positive")
+        return start_mount(
+            args.options,
+            args.mountpoint,
+            prog="overlay",
+            foreground=args.foreground,
+            log_file=args.log,
+            timeout=args.timeout,
+            debug=args.debug,
+        )
+
+    setup_logging(logging.WARNING)
+    if args.command == "umount":
+        return umount_command(args.mountpoint, lazy=args.lazy, prog="overlay")
+    if args.command == "demo":
+        from overlay.demo import run_demo  # noqa: PLC0415 - lazy
+
+        return run_demo(keep=args.keep, base_dir=args.dir)
+    parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
+    return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------
+# overlay-mount (mount.fuse3 helper)
+
+HELPER_USAGE = (
+    "usage: overlay-mount [SOURCE] MOUNTPOINT -o OPTS [-o OPTS ...] [-f] [--log FILE]\n"
+    "       (mount -t fuse.overlay-mount SOURCE MOUNTPOINT -o lowerdir=...,upperdir=...,workdir=...)"
+)
+
+
+class HelperUsageError(Exception):
+    """Bad command line for overlay-mount."""
+
+
+@dataclass
+class HelperArgs:
+    source: str | None
+    mountpoint: str
+    options: list[str]
+    foreground: bool = False
+    log_file: str | None = None
+    help: bool = False
+
+
+def parse_helper_args(argv: Sequence[str]) -> HelperArgs:
+    """Parse ``[SOURCE] MOUNTPOINT`` with ``-o OPTS`` anywhere (repeatable).
+
+    Understands what mount.fuse3 passes (``SOURCE MOUNTPOINT -o OPTS``) as well
+    as ``-o OPTS MOUNTPOINT``; ``-oOPTS`` is accepted too.  The ``-n``, ``-s``,
+    ``-v`` flags mount(8) hands to some helpers are ignored.
+    """
+    options: list[str] = []
+    positionals: list[str] = []
+    foreground = False
+    log_file = None
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            positionals.extend(args[i:])
+            break
+        if arg == "-o":
+            if i >= len(args):
+                raise HelperUsageError("option -o needs an argument")
+            options.append(args[i])
+            i += 1
+        elif arg.startswith("-o") and len(arg) > 2:
+            options.append(arg[2:])
+        elif arg in ("-f", "--foreground"):
+            foreground = True
+        elif arg == "--log":
+            if i >= len(args):
+                raise HelperUsageError("option --log needs an argument")
+            log_file = args[i]
+            i += 1
+        elif arg.startswith("--log="):
+            log_file = arg[len("--log=") :]
+        elif arg in ("-h", "--help"):
+            return HelperArgs(None, "", [], help=True)
+        elif arg in ("-n", "-s", "-v"):
+            continue
+        elif arg.startswith("-") and arg != "-":
+            raise HelperUsageError(f"unknown argument '{arg}'")
+        else:
+            positionals.append(arg)
+    if len(positionals) == 1:
+        return HelperArgs(None, positionals[0], options, foreground, log_file)
+    if len(positionals) == 2:
+        return HelperArgs(positionals[0], positionals[1], options, foreground, log_file)
+    if not positionals:
+        raise HelperUsageError("missing MOUNTPOINT")
+    raise HelperUsageError(f"too many arguments: {' '.join(positionals)}")
+
+
+def _apply_helper_defaults(config: MountConfig, optstring: str, source: str | None) -> None:
+    """What overlay-mount adds on top of the user's options."""
+    if os.geteuid() == 0:
+        # A root mount made by mount(8) is meant to be used by everybody, with
+        # the kernel checking permissions like on any other filesystem.
+        config.allow_other = True
+        config.default_permissions = True
+    if source and not any(o.strip().startswith("fsname=") for o in split_options(optstring)):
+        config.fsname = source
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``overlay-mount`` console script (mount.fuse3 helper)."""
+    prog = "overlay-mount"
+    try:
+        args = parse_helper_args(sys.argv[1:] if argv is None else argv)
+    except HelperUsageError as exc:
+        print(HELPER_USAGE, file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.help:
+        print(HELPER_USAGE)
+        return EXIT_OK
+    if args.mountpoint.startswith("/dev/fd/"):
+        return _say_error(prog, "mounting on a /dev/fd/N file descriptor (drop_privileges) is not supported")
+    setup_logging(logging.INFO if args.foreground else logging.WARNING, None)
+    return start_mount(
+        args.options,
+        args.mountpoint,
+        prog=prog,
+        foreground=args.foreground,
+        log_file=args.log_file,
+        timeout=DEFAULT_READY_TIMEOUT,
+        as_helper=True,
+        source=args.source,
+    )

@@ -1,0 +1,340 @@
+"""Mount option parsing and validation (src/overlay/options.py).
+
+Turns an overlayfs-style option string such as
+``lowerdir=image2:image1,upperdir=container,workdir=work`` into a
+:class:`MountConfig`, checking the layers the same way the kernel's overlayfs
+does at mount time.  Every problem is reported as an :class:`OptionError`
+whose message is a single line meant to be shown to the user as is.
+
+Syntax notes:
+
+* options are separated by ``,``; empty options (``a,,b``, a trailing comma)
+  are ignored;
+* a backslash escapes the next character, so ``\\,`` is a comma inside a
+  value and ``\\:`` is a colon inside one ``lowerdir`` entry;
+* ``lowerdir`` lists the layers top first: ``lowerdir=A:B`` -> ``[A, B]``;
+* relative paths are resolved against the ``cwd`` given to
+  :func:`parse_options`; stored paths are absolute and canonical
+  (symlinks resolved, like the kernel's path lookup).
+
+This module imports nothing heavy so the command line stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MountConfig",
+    "OptionError",
+    "GENERIC_OPTIONS",
+    "parse_options",
+    "split_options",
+    "split_lowerdir",
+    "validate_mountpoint",
+]
+
+
+class OptionError(ValueError):
+    """A bad mount option, layer or mount point; ``str(err)`` is one line."""
+
+    def __init__(self, message: str) -> None:
+        # Keep the message to one line whatever the caller passed in.
+        super().__init__(" ".join(str(message).split("\n")))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+@dataclass
+class MountConfig:
+    """Everything the filesystem needs to know about one mount."""
+
+    lowers: list[str]  # absolute paths, top first (lowerdir=A:B -> [A, B])
+    upper: str | None
+    work: str | None
+    userxattr: bool = False  # user.overlay.* instead of trusted.overlay.*
+    redirect_dir: bool = True  # False -> EXDEV on renaming a merged/lower dir
+    volatile: bool = False
+    allow_other: bool = False
+    default_permissions: bool = False
+    debug: bool = False
+    fsname: str = "overlay"
+    # Options that were given but change nothing (kept for logging/debugging).
+    ignored: list[str] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def read_only(self) -> bool:
+        """A mount without an upper layer cannot be written to."""
+        return self.upper is None
+
+
+# Generic VFS / mount(8) / fstab options.  They are accepted and ignored: the
+# FUSE mount is made by libfuse with its own defaults, and mount.fuse3 adds
+# ``dev``/``suid`` on its own.
+GENERIC_OPTIONS = frozenset(
+    {
+        "rw",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "noexec",
+        "atime",
+        "noatime",
+        "diratime",
+        "nodiratime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "lazytime",
+        "nolazytime",
+        "async",
+        "sync",
+        "dirsync",
+        "mand",
+        "nomand",
+        "iversion",
+        "noiversion",
+        "silent",
+        "loud",
+        # userspace options of mount(8)/fstab that may reach a helper
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "owner",
+        "group",
+        "nofail",
+        "_netdev",
+    }
+)
+
+# Prefixes of userspace-only options (fstab ``x-systemd.*``, ``comment=``).
+_GENERIC_PREFIXES = ("x-", "comment=")
+
+_FLAG_OPTIONS = frozenset(
+    {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro"}
+)
+_VALUE_OPTIONS = frozenset(
+    {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname"}
+)
+# Options only accepted with one of these values (no-ops for us).
+_NOOP_VALUES = {
+    "index": ("off",),
+    "metacopy": ("off",),
+    "xino": ("off", "auto"),
+}
+_REDIRECT_DIR = {"on": True, "off": False, "follow": False, "nofollow": False}
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """Split ``text`` on ``sep`` except where ``sep`` is backslash-escaped.
+
+    Escapes are kept in the pieces (they are removed by :func:`_unescape`),
+    so the result can be split again on another separator.
+    """
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            cur.append(text[i : i + 2])
+            i += 2
+            continue
+        if ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    """Drop the backslash of each ``\\x`` pair (``\\\\`` -> ``\\``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append(text[i + 1])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def split_options(optstring: str) -> list[str]:
+    """Split an option string on unescaped commas, dropping empty options."""
+    return [opt for opt in _split_unescaped(optstring, ",") if opt.strip()]
+
+
+def split_lowerdir(value: str) -> list[str]:
+    """Split a ``lowerdir`` value on unescaped ``:`` and unescape each entry."""
+    return [_unescape(part) for part in _split_unescaped(value, ":")]
+
+
+def _resolve(path: str, cwd: str) -> str:
+    return os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+
+
+def _check_dir(path: str, what: str) -> os.stat_result:
+    """stat ``path`` and make sure it is a directory, else raise OptionError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise OptionError(f"{what} '{path}' does not exist") from None
+    except NotADirectoryError:
+        raise OptionError(f"{what} '{path}' does not exist") from None
+    except OSError as exc:
+        raise OptionError(f"cannot access {what} '{path}': {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OptionError(f"{what} '{path}' is not a directory")
+    return st
+
+
+def _is_same_or_inside(path: str, other: str) -> bool:
+    """True if ``path`` equals ``other`` or lies below it (both canonical)."""
+    if path == other:
+        return True
+    prefix = other if other.endswith(os.sep) else other + os.sep
+    return path.startswith(prefix)
+
+
+def parse_options(optstring: str, cwd: str) -> MountConfig:
+    """Parse and validate an overlay option string; see the module docstring.
+
+    Raises :class:`OptionError` with a one-line message on the first problem.
+    """
+    lowerdir: str | None = None
+    upperdir: str | None = None
+    workdir: str | None = None
+    read_only = False
+    flags: dict[str, bool] = {}
+    redirect_dir = True
+    fsname = "overlay"
+    ignored: list[str] = []
+
+    for raw in split_options(optstring):
+        opt = raw.strip()
+        name, has_value, value = opt.partition("=")
+        if opt in GENERIC_OPTIONS or opt.startswith(_GENERIC_PREFIXES):
+            ignored.append(opt)
+            continue
+        if name in _FLAG_OPTIONS:
+            if has_value:
+                raise OptionError(f"mount option '{name}' takes no value")
+            if name == "ro":
+                read_only = True
+            else:
+                flags[name] = True
+            continue
+        if name not in _VALUE_OPTIONS:
+            raise OptionError(f"unknown mount option '{name}'")
+        if not has_value or (value == "" and name not in ("lowerdir", "upperdir", "workdir")):
+            raise OptionError(f"mount option '{name}' needs a value ({name}=...)")
+        if name == "lowerdir":
+            lowerdir = value
+        elif name == "upperdir":
+            upperdir = value
+        elif name == "workdir":
+            workdir = value
+        elif name == "fsname":
+            fsname = _unescape(value)
+        elif name == "redirect_dir":
+            if value not in _REDIRECT_DIR:
+                raise OptionError(
+                    f"bad value '{value}' for redirect_dir (expected on, off, follow or nofollow)"
+                )
+            redirect_dir = _REDIRECT_DIR[value]
+        else:  # index / metacopy / xino: only the values we behave like
+            allowed = _NOOP_VALUES[name]
+            if value not in allowed:
+                raise OptionError(
+                    f"unsupported value '{value}' for {name} (only {' or '.join(allowed)})"
+                )
+            ignored.append(opt)
+
+    if lowerdir is None:
+        raise OptionError("missing required option 'lowerdir='")
+    entries = split_lowerdir(lowerdir)
+    if any(entry == "" for entry in entries):
+        raise OptionError("empty layer path in lowerdir=")
+    lowers: list[str] = []
+    for entry in entries:
+        path = _resolve(entry, cwd)
+        _check_dir(path, "lower layer")
+        lowers.append(path)
+
+    if read_only and (upperdir is not None or workdir is not None):
+        # 'ro' wins: mount the lower layers only, read-only.
+        log.info("'ro' given: ignoring upperdir/workdir, mounting read-only")
+        upperdir = workdir = None
+
+    upper = work = None
+    if upperdir is not None or workdir is not None:
+        if upperdir is None:
+            raise OptionError("workdir= given without upperdir=")
+        if workdir is None:
+            raise OptionError("upperdir= given without workdir=")
+        if upperdir == "":
+            raise OptionError("empty path in upperdir=")
+        if workdir == "":
+            raise OptionError("empty path in workdir=")
+        upper = _resolve(_unescape(upperdir), cwd)
+        work = _resolve(_unescape(workdir), cwd)
+        st_upper = _check_dir(upper, "upperdir")
+        st_work = _check_dir(work, "workdir")
+        if st_upper.st_dev != st_work.st_dev:
+            raise OptionError(
+                f"workdir '{work}' is not on the same filesystem as upperdir '{upper}'"
+            )
+        if _is_same_or_inside(upper, work) or _is_same_or_inside(work, upper):
+            raise OptionError(
+                f"upperdir '{upper}' and workdir '{work}' must be different, non-nested directories"
+            )
+
+    config = MountConfig(
+        lowers=lowers,
+        upper=upper,
+        work=work,
+        userxattr=flags.get("userxattr", False),
+        redirect_dir=redirect_dir,
+        volatile=flags.get("volatile", False),
+        allow_other=flags.get("allow_other", False),
+        default_permissions=flags.get("default_permissions", False),
+        debug=flags.get("debug", False),
+        fsname=fsname,
+        ignored=ignored,
+    )
+    log.debug("parsed mount options %r -> %r", optstring, config)
+    return config
+
+
+def validate_mountpoint(path: str, cwd: str | None = None) -> str:
+    """Return the absolute mount point, or raise OptionError if unusable."""
+    if not path:
+        raise OptionError("empty mountpoint")
+    absolute = os.path.realpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(path)))
+    try:
+        st = os.stat(absolute)
+    except (FileNotFoundError, NotADirectoryError):
+        raise OptionError(f"mountpoint '{absolute}' does not exist") from None
+    except OSError as exc:
+        raise OptionError(f"cannot access mountpoint '{absolute}': {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OptionError(f"mountpoint '{absolute}' is not a directory")
+    return absolute
