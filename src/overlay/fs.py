@@ -40,11 +40,15 @@ ROOT = pyfuse3.ROOT_INODE
 
 
 class _Handle:
-    __slots__ = ("fd", "node")
+    __slots__ = ("fd", "node", "flags", "lower", "key", "split")
 
-    def __init__(self, fd, node):
+    def __init__(self, fd, node, flags, key, split):
         self.fd = fd
         self.node = node
+        self.flags = flags
+        self.lower = node.upper < 0      # opened before any copy-up
+        self.key = key                   # FUSE inode it was opened on
+        self.split = split               # node is a copy split off that inode
 
 
 class _DirHandle:
@@ -70,8 +74,13 @@ class OverlayOperations(pyfuse3.Operations):
         self.inodes = {ROOT: core.root}      # FUSE inode -> Node
         self.nlookup = {ROOT: 1}              # FUSE inode -> kernel lookup count
         self.handles = {}                     # fh -> _Handle
+        # FUSE inode of a hard-linked lower file -> [copy Node, open handles]:
+        # while a handle opened through the inode writes to the copy that
+        # split off it, the inode's attributes are the copy's
+        self.split = {}
         self.dirs = {}                        # fh -> _DirHandle
         self._next_dirfh = 1
+        self._next_fh = 1
         self.lock = trio.Lock()
 
     # ------------------------------------------------------------ helpers
@@ -85,14 +94,21 @@ class OverlayOperations(pyfuse3.Operations):
         except KeyError:
             raise FUSEError(errno.ESTALE) from None
 
-    def _attrs(self, node, st=None) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node, st=None, uncached=False, key=None) -> pyfuse3.EntryAttributes:
         if st is None:
             st = self.core.getattr(node)
         e = pyfuse3.EntryAttributes()
-        e.st_ino = self._key(node)
+        e.st_ino = self._key(node) if key is None else key
         e.generation = 0
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        if uncached or (node.upper < 0 and not node.is_dir and st.st_nlink > 1):
+            # several names share this lower inode until one is copied up
+            # (and splits off): let the kernel look each name up every time,
+            # so requests on the inode carry the name last used
+            e.entry_timeout = 0
+            e.attr_timeout = 0
+        else:
+            e.entry_timeout = self.entry_timeout
+            e.attr_timeout = self.attr_timeout
         e.st_mode = st.st_mode
         e.st_nlink = 1 if node.merged else st.st_nlink
         e.st_uid = st.st_uid
@@ -126,16 +142,16 @@ class OverlayOperations(pyfuse3.Operations):
         self._ref(node)
         return attrs
 
-    async def _copy_up(self, node, data: bool = True) -> None:
-        """Copy node up, off the trio thread when it is a big file."""
+    async def _copy_up(self, node, data: bool = True):
+        """Copy node up, off the trio thread when it is a big file; returns
+        the node to use from now on (see Overlay.copy_up)."""
         if node.upper >= 0:
-            return
+            return node
         if not node.is_dir and data:
             st = self.core.getattr(node)
             if S.S_ISREG(st.st_mode) and st.st_size > COPY_UP_INLINE:
-                await trio.to_thread.run_sync(self.core.copy_up, node, data)
-                return
-        self.core.copy_up(node, data)
+                return await trio.to_thread.run_sync(self.core.copy_up, node, data)
+        return self.core.copy_up(node, data)
 
     # ------------------------------------------------------------ lookup & attrs
 
@@ -159,6 +175,9 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def getattr(self, inode, ctx):
         with _errors():
+            entry = self.split.get(inode)
+            if entry is not None:
+                return self._attrs(entry[0], uncached=True, key=inode)
             return self._attrs(self._node(inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -182,8 +201,12 @@ class OverlayOperations(pyfuse3.Operations):
             async with self.lock:
                 if kw:
                     self.core._need_upper()
-                    await self._copy_up(node, data=kw.get("size", 1) != 0)
-                    self.core.setattr(node, **kw)
+                    copy = await self._copy_up(node, data=kw.get("size", 1) != 0)
+                    self.core.setattr(copy, **kw)
+                    if copy is not node:
+                        # a hard-linked lower file split off: answer with the
+                        # new object's attributes, uncached
+                        return self._attrs(copy, uncached=True, key=inode)
             return self._attrs(node)
 
     async def readlink(self, inode, ctx):
@@ -232,8 +255,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         with _errors():
             async with self.lock:
-                src = self._node(inode)
-                await self._copy_up(src)
+                src = await self._copy_up(self._node(inode))
                 node = self.core.link(src, self._node(new_parent_inode), new_name)
             return self._entry(node)
 
@@ -250,15 +272,22 @@ class OverlayOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         with _errors():
             async with self.lock:
-                op = self._node(parent_inode_old)
-                node = self.core.lookup(op, name_old)
-                await self._copy_up(node)
-                self.core.rename(op, name_old, self._node(parent_inode_new), name_new, flags)
+                self.core.rename(self._node(parent_inode_old), name_old,
+                                 self._node(parent_inode_new), name_new, flags)
 
     # ------------------------------------------------------------ files
 
-    def _open_info(self, fd, node) -> pyfuse3.FileInfo:
-        self.handles[fd] = _Handle(fd, node)
+    def _open_info(self, fd, node, flags, key=None) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        if key is None:
+            key = self._key(node)
+        split = key != self._key(node)
+        if split:
+            entry = self.split.setdefault(key, [node, 0])
+            entry[0] = node
+            entry[1] += 1
+        self.handles[fh] = _Handle(fd, node, flags, key, split)
         keep = True
         if node.upper < 0:
             st = os.fstat(fd)
@@ -272,7 +301,7 @@ class OverlayOperations(pyfuse3.Operations):
                 except OSError as exc:
                     log.debug("invalidate_inode(%d): %s", self._key(node), exc)
             node.cached = now
-        return pyfuse3.FileInfo(fh=fd, keep_cache=keep, direct_io=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     async def open(self, inode, flags, ctx):
         with _errors():
@@ -280,11 +309,11 @@ class OverlayOperations(pyfuse3.Operations):
             if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
                 async with self.lock:
                     self.core._need_upper()
-                    await self._copy_up(node, data=not flags & os.O_TRUNC)
-                    fd = self.core.open(node, flags)
+                    node = await self._copy_up(node, data=not flags & os.O_TRUNC)
+                    fd, node = self.core.open(node, flags)
             else:
-                fd = self.core.open(node, flags)
-            return self._open_info(fd, node)
+                fd, node = self.core.open(node, flags)
+            return self._open_info(fd, node, flags, inode)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         with _errors():
@@ -292,15 +321,32 @@ class OverlayOperations(pyfuse3.Operations):
                 fd, node = self.core.create(self._node(parent_inode), name, flags,
                                             S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
             attrs = self._entry(node)
-            return self._open_info(fd, node), attrs
+            return self._open_info(fd, node, flags), attrs
+
+    def _fd(self, fh) -> int:
+        """The fd behind a handle. A handle opened on a lower file before it
+        was copied up follows the copy, as the kernel overlay's files do."""
+        h = self.handles[fh]
+        if h.lower:
+            target = h.node
+            if target.upper < 0 and h.key in self.split:
+                target = self.split[h.key][0]
+            if target.upper < 0:
+                return h.fd
+            fd = os.open(f"/proc/self/fd/{target.upper}",
+                         h.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY) | os.O_CLOEXEC)
+            os.close(h.fd)
+            h.fd = fd
+            h.lower = False
+        return h.fd
 
     async def read(self, fh, off, size):
         with _errors():
-            return os.pread(self.handles[fh].fd, size, off)
+            return os.pread(self._fd(fh), size, off)
 
     async def write(self, fh, off, buf):
         with _errors():
-            return os.pwrite(self.handles[fh].fd, buf, off)
+            return os.pwrite(self._fd(fh), buf, off)
 
     async def flush(self, fh):
         pass
@@ -309,10 +355,16 @@ class OverlayOperations(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is not None:
             os.close(h.fd)
+            if h.split:
+                entry = self.split.get(h.key)
+                if entry is not None:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del self.split[h.key]
 
     async def fsync(self, fh, datasync):
         with _errors():
-            await trio.to_thread.run_sync(self.core.fsync, self.handles[fh].fd, bool(datasync))
+            await trio.to_thread.run_sync(self.core.fsync, self._fd(fh), bool(datasync))
 
     # ------------------------------------------------------------ directories
 
@@ -392,7 +444,7 @@ class OverlayOperations(pyfuse3.Operations):
                 node = self._node(inode)
                 if not self.core._own(name):
                     self.core._need_upper()
-                    await self._copy_up(node)
+                    node = await self._copy_up(node)
                 self.core.setxattr(node, name, value)
 
     async def removexattr(self, inode, name, ctx):

@@ -587,10 +587,13 @@ cdef class Overlay:
 
     def copy_up(self, Node n, bint data=True):
         """Make n exist in the upper layer (parents first), preparing it in
-        the work dir and renaming it into place."""
+        the work dir and renaming it into place. Returns the Node to use from
+        now on: n itself, except for a lower file with several hard links,
+        where the copy is a new object (new inode number, as in the kernel
+        without index=on) and n stays the lower file for its other names."""
         cdef Node p
         if n.upper >= 0:
-            return
+            return n
         self._need_upper()
         p = n.parent
         if p is None:
@@ -601,11 +604,15 @@ cdef class Overlay:
         if ust is not None and not _is_whiteout_st(ust):
             src_st = os.stat(n.fd)
             if S.S_IFMT(ust.st_mode) == S.S_IFMT(src_st.st_mode):
+                if not n.is_dir and src_st.st_nlink > 1:
+                    return self.lookup(p, n.name)
                 n.upper = self._opath(p.upper, n.name, n.is_dir)
-                return
+                return n
             raise _err(errno.EEXIST, n.name)
         src = n.lowers[0][1]
         st = os.stat(src)
+        # the kernel keeps the parent's times across a copy-up into it
+        pst = os.stat(p.upper)
         wd = self.work_fd
         t = self._tmpname()
         tpath = b"/proc/self/fd/%d/%s" % (wd, t)
@@ -658,6 +665,10 @@ cdef class Overlay:
             except BaseException:
                 os.close(tfd)
                 raise
+            try:
+                sys_utimens(_proc(p.upper), pst.st_atime_ns, pst.st_mtime_ns, False)
+            except OSError as e:
+                log.debug("copy-up: parent times not restored: %s", e)
         except BaseException:
             if created:
                 try:
@@ -668,6 +679,10 @@ cdef class Overlay:
                 except OSError:
                     pass
             raise
+        if not n.is_dir and st.st_nlink > 1:
+            os.close(tfd)
+            log.debug("copied up hard-linked %r", n.name)
+            return self.lookup(p, n.name)
         if n.upper >= 0:
             os.close(tfd)     # a concurrent lookup already found the copy
         else:
@@ -678,6 +693,7 @@ cdef class Overlay:
                 os.close(fd)
             n.lowers = []
         log.debug("copied up %r (ino %s)", n.name, n.ino)
+        return n
 
     # ------------------------------------------------------------ create
 
@@ -708,8 +724,8 @@ cdef class Overlay:
         self._need_upper()
         if not parent.is_dir:
             raise _err(errno.ENOTDIR, name)
-        self.copy_up(parent)
         over_whiteout = self._check_new(parent, name)
+        self.copy_up(parent)
         uid, gid, sgid = self._parent_owner(parent, uid, gid)
         if kind == S.S_IFDIR and sgid:
             mode |= S.S_ISGID
@@ -719,7 +735,7 @@ cdef class Overlay:
             dfd, dname = parent.upper, name
         ofd = -1
         if link_src is not None:
-            self.copy_up(link_src)
+            link_src = self.copy_up(link_src)
             os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
         elif kind == S.S_IFDIR:
             os.mkdir(dname, mode & 0o7777, dir_fd=dfd)
@@ -736,9 +752,11 @@ cdef class Overlay:
                 if kind != S.S_IFLNK:
                     # chown may clear set-id bits: apply the mode after it
                     os.chmod(b"/proc/self/fd/%d/%s" % (dfd, dname), mode & 0o7777)
+            if kind == S.S_IFDIR and (over_whiteout or parent.lowers):
+                # over a whiteout it must be opaque; in a merged parent the
+                # kernel marks it too, so lookups skip the lower layers
+                os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), self.x_opaque, b"y")
             if over_whiteout:
-                if kind == S.S_IFDIR:
-                    os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), self.x_opaque, b"y")
                 sys_renameat2(dfd, dname, parent.upper, name, RENAME_EXCHANGE)
                 os.unlink(dname, dir_fd=dfd)   # the whiteout, now in work
         except BaseException:
@@ -777,21 +795,20 @@ cdef class Overlay:
     # ------------------------------------------------------------ open / setattr
 
     def open(self, Node n, int flags):
-        """Open the real object; write access copies it up first."""
+        """Open the real object; write access copies it up first.
+        Returns (fd, node): node differs from n after the copy-up of a
+        hard-linked lower file."""
         acc = flags & os.O_ACCMODE
         if acc != os.O_RDONLY or flags & os.O_TRUNC:
             self._need_upper()
-            self.copy_up(n, data=not (flags & os.O_TRUNC))
+            n = self.copy_up(n, data=not (flags & os.O_TRUNC))
         f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | O_NOFOLLOW) | O_CLOEXEC
-        return os.open(_proc(n.fd), f)
+        return os.open(_proc(n.fd), f), n
 
     def setattr(self, Node n, mode=None, uid=None, gid=None, size=None,
                 atime_ns=None, mtime_ns=None, fh=None):
         self._need_upper()
-        if size is not None and n.upper < 0:
-            self.copy_up(n, data=size != 0)
-        else:
-            self.copy_up(n)
+        n = self.copy_up(n, data=size is None or size != 0)
         path = _proc(n.upper)
         if size is not None:
             if fh is not None:
@@ -804,6 +821,7 @@ cdef class Overlay:
             os.chmod(path, S.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
             sys_utimens(path, atime_ns, mtime_ns, False)
+        return n
 
     # ------------------------------------------------------------ xattrs
 
@@ -827,8 +845,9 @@ cdef class Overlay:
         if self._own(name):
             raise _err(errno.EOPNOTSUPP, name)
         self._need_upper()
-        self.copy_up(n)
+        n = self.copy_up(n)
         os.setxattr(_proc(n.upper), name, value, flags)
+        return n
 
     def removexattr(self, Node n, bytes name):
         if self._own(name):
@@ -836,8 +855,9 @@ cdef class Overlay:
         self._need_upper()
         if n.upper < 0:
             os.getxattr(_proc(n.fd), name)      # ENODATA without copy-up
-            self.copy_up(n)
+            n = self.copy_up(n)
         os.removexattr(_proc(n.upper), name)
+        return n
 
     # ------------------------------------------------------------ remove
 
@@ -996,10 +1016,10 @@ cdef class Overlay:
             elif old.is_dir and new_is_whiteout:
                 rflags |= RENAME_EXCHANGE
                 cleanup_whiteout = True
-        self.copy_up(old)
+        old = self.copy_up(old)
         self.copy_up(np)
         if not overwrite:
-            self.copy_up(new)
+            new = self.copy_up(new)
         if need_clear:
             # make the target an empty opaque dir first, as the kernel does
             t = self._tmpname()
