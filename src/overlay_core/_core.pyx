@@ -149,7 +149,6 @@ cdef class Overlay:
         self.nodes = {}
         self._tmp_counter = 0
         self._lock = threading.Lock()
-        os.umask(0)
         self.lower_roots = []
         devs = []
         for p in self.lower_paths:
