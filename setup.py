@@ -15,6 +15,11 @@ extensions = [
         ["src/overlay_core/_core.pyx"],
         extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
     ),
+    Extension(
+        "overlay._fuseattr",
+        ["src/overlay/_fuseattr.pyx"],
+        extra_compile_args=["-O2", "-Wno-unused-function"],
+    ),
 ]
 
 setup(

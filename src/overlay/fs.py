@@ -5,8 +5,10 @@ the Cython core (overlay_core.Overlay), EntryAttributes out. OSError from the
 core becomes FUSEError(errno) here and nowhere else; any other exception is
 logged and answered with EIO, so one bad request never takes the mount down.
 
-Inode numbers: a Node's `ino` (the st_ino the kernel overlay would report)
-is its FUSE inode number, except the root, which is pyfuse3.ROOT_INODE.
+Inode numbers: the FUSE inode number of a Node is its `fuse_id`, given out
+here from a counter (the root is pyfuse3.ROOT_INODE); the st_ino reported is
+the Node's `ino`, the kernel overlay's number, which several distinct inodes
+can share (see overlay._fuseattr).
 Lookup counts go up with every entry handed to the kernel (lookup, create,
 readdirplus) and down in forget; a Node is dropped at zero.
 
@@ -17,6 +19,7 @@ every mutating request also takes, so the tree never changes under a copy-up.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -30,6 +33,8 @@ from pyfuse3 import FUSEError
 
 from overlay_core import Overlay
 
+from . import _fuseattr
+
 log = logging.getLogger(__name__)
 
 # Regular files up to this size are copied up on the trio thread: a thread
@@ -40,15 +45,13 @@ ROOT = pyfuse3.ROOT_INODE
 
 
 class _Handle:
-    __slots__ = ("fd", "node", "flags", "lower", "key", "split")
+    __slots__ = ("fd", "node", "flags", "lower")
 
-    def __init__(self, fd, node, flags, key, split):
+    def __init__(self, fd, node, flags):
         self.fd = fd
         self.node = node
         self.flags = flags
         self.lower = node.upper < 0      # opened before any copy-up
-        self.key = key                   # FUSE inode it was opened on
-        self.split = split               # node is a copy split off that inode
 
 
 class _DirHandle:
@@ -74,10 +77,8 @@ class OverlayOperations(pyfuse3.Operations):
         self.inodes = {ROOT: core.root}      # FUSE inode -> Node
         self.nlookup = {ROOT: 1}              # FUSE inode -> kernel lookup count
         self.handles = {}                     # fh -> _Handle
-        # FUSE inode of a hard-linked lower file -> [copy Node, open handles]:
-        # while a handle opened through the inode writes to the copy that
-        # split off it, the inode's attributes are the copy's
-        self.split = {}
+        core.root.fuse_id = ROOT
+        self._next_id = ROOT + 1
         self.dirs = {}                        # fh -> _DirHandle
         self._next_dirfh = 1
         self._next_fh = 1
@@ -86,7 +87,15 @@ class OverlayOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ helpers
 
     def _key(self, node) -> int:
-        return ROOT if node is self.core.root else node.ino
+        fid = node.fuse_id
+        if not fid:
+            if _fuseattr.supported:
+                fid = self._next_id
+                self._next_id += 1
+            else:
+                fid = node.ino
+            node.fuse_id = fid
+        return fid
 
     def _node(self, inode):
         try:
@@ -94,21 +103,18 @@ class OverlayOperations(pyfuse3.Operations):
         except KeyError:
             raise FUSEError(errno.ESTALE) from None
 
-    def _attrs(self, node, st=None, uncached=False, key=None) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node, st=None) -> pyfuse3.EntryAttributes:
         if st is None:
             st = self.core.getattr(node)
         e = pyfuse3.EntryAttributes()
-        e.st_ino = self._key(node) if key is None else key
-        e.generation = 0
-        if uncached or (node.upper < 0 and not node.is_dir and st.st_nlink > 1):
-            # several names share this lower inode until one is copied up
-            # (and splits off): let the kernel look each name up every time,
-            # so requests on the inode carry the name last used
-            e.entry_timeout = 0
-            e.attr_timeout = 0
+        e.st_ino = node.ino
+        if _fuseattr.supported:
+            _fuseattr.set_nodeid(e, self._key(node))
         else:
-            e.entry_timeout = self.entry_timeout
-            e.attr_timeout = self.attr_timeout
+            e.st_ino = self._key(node)
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
         e.st_mode = st.st_mode
         e.st_nlink = 1 if node.merged else st.st_nlink
         e.st_uid = st.st_uid
@@ -175,9 +181,6 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def getattr(self, inode, ctx):
         with _errors():
-            entry = self.split.get(inode)
-            if entry is not None:
-                return self._attrs(entry[0], uncached=True, key=inode)
             return self._attrs(self._node(inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -198,15 +201,11 @@ class OverlayOperations(pyfuse3.Operations):
                 kw["atime_ns"] = attr.st_atime_ns
             if fields.update_mtime:
                 kw["mtime_ns"] = attr.st_mtime_ns
-            async with self.lock:
+            async with self._mutating():
                 if kw:
                     self.core._need_upper()
-                    copy = await self._copy_up(node, data=kw.get("size", 1) != 0)
-                    self.core.setattr(copy, **kw)
-                    if copy is not node:
-                        # a hard-linked lower file split off: answer with the
-                        # new object's attributes, uncached
-                        return self._attrs(copy, uncached=True, key=inode)
+                    await self._copy_up(node, data=kw.get("size", 1) != 0)
+                    self.core.setattr(node, **kw)
             return self._attrs(node)
 
     async def readlink(self, inode, ctx):
@@ -234,60 +233,80 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 node = self.core.mknod(self._node(parent_inode), name,
                                        mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
             return self._entry(node)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 node = self.core.mkdir(self._node(parent_inode), name,
                                        S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
             return self._entry(node)
 
     async def symlink(self, parent_inode, name, target, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 node = self.core.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
             return self._entry(node)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 src = await self._copy_up(self._node(inode))
                 node = self.core.link(src, self._node(new_parent_inode), new_name)
             return self._entry(node)
 
     async def unlink(self, parent_inode, name, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 self.core.unlink(self._node(parent_inode), name)
 
     async def rmdir(self, parent_inode, name, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 self.core.rmdir(self._node(parent_inode), name)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 self.core.rename(self._node(parent_inode_old), name_old,
                                  self._node(parent_inode_new), name_new, flags)
 
     # ------------------------------------------------------------ files
 
-    def _open_info(self, fd, node, flags, key=None) -> pyfuse3.FileInfo:
+    async def _invalidate(self, key: int, attr_only: bool) -> None:
+        """Drop what the kernel caches of an inode. In a worker thread: the
+        kernel may wait for a page lock held by a read we must still answer."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, key, attr_only)
+        except OSError as exc:
+            log.debug("invalidate_inode(%d): %s", key, exc)
+
+    @contextlib.asynccontextmanager
+    async def _mutating(self):
+        """Hold the lock for a request that changes the tree; afterwards tell
+        the kernel of inode numbers the change renumbered."""
+        async with self.lock:
+            try:
+                yield
+            finally:
+                if self.core.renumbered:
+                    await self._renumbered()
+
+    async def _renumbered(self) -> None:
+        """Tell the kernel about st_ino changes made by a copy-up (hard-linked
+        lower files get a new number, as in the kernel overlay)."""
+        while self.core.renumbered:
+            node = self.core.renumbered.pop()
+            if node.fuse_id and node.fuse_id in self.inodes:
+                await self._invalidate(node.fuse_id, True)
+
+    async def _open_info(self, fd, node, flags) -> pyfuse3.FileInfo:
         fh = self._next_fh
         self._next_fh += 1
-        if key is None:
-            key = self._key(node)
-        split = key != self._key(node)
-        if split:
-            entry = self.split.setdefault(key, [node, 0])
-            entry[0] = node
-            entry[1] += 1
-        self.handles[fh] = _Handle(fd, node, flags, key, split)
+        self.handles[fh] = _Handle(fd, node, flags)
         keep = True
         if node.upper < 0:
             st = os.fstat(fd)
@@ -296,10 +315,7 @@ class OverlayOperations(pyfuse3.Operations):
                 # the lower file was changed behind the mount: drop what the
                 # kernel cached of it (attributes and pages)
                 keep = False
-                try:
-                    pyfuse3.invalidate_inode(self._key(node), attr_only=True)
-                except OSError as exc:
-                    log.debug("invalidate_inode(%d): %s", self._key(node), exc)
+                await self._invalidate(self._key(node), True)
             node.cached = now
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
@@ -307,33 +323,28 @@ class OverlayOperations(pyfuse3.Operations):
         with _errors():
             node = self._node(inode)
             if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-                async with self.lock:
+                async with self._mutating():
                     self.core._need_upper()
                     node = await self._copy_up(node, data=not flags & os.O_TRUNC)
                     fd, node = self.core.open(node, flags)
             else:
                 fd, node = self.core.open(node, flags)
-            return self._open_info(fd, node, flags, inode)
+            return await self._open_info(fd, node, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 fd, node = self.core.create(self._node(parent_inode), name, flags,
                                             S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
             attrs = self._entry(node)
-            return self._open_info(fd, node, flags), attrs
+            return await self._open_info(fd, node, flags), attrs
 
     def _fd(self, fh) -> int:
         """The fd behind a handle. A handle opened on a lower file before it
         was copied up follows the copy, as the kernel overlay's files do."""
         h = self.handles[fh]
-        if h.lower:
-            target = h.node
-            if target.upper < 0 and h.key in self.split:
-                target = self.split[h.key][0]
-            if target.upper < 0:
-                return h.fd
-            fd = os.open(f"/proc/self/fd/{target.upper}",
+        if h.lower and h.node.upper >= 0:
+            fd = os.open(f"/proc/self/fd/{h.node.upper}",
                          h.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY) | os.O_CLOEXEC)
             os.close(h.fd)
             h.fd = fd
@@ -355,12 +366,6 @@ class OverlayOperations(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is not None:
             os.close(h.fd)
-            if h.split:
-                entry = self.split.get(h.key)
-                if entry is not None:
-                    entry[1] -= 1
-                    if entry[1] <= 0:
-                        del self.split[h.key]
 
     async def fsync(self, fh, datasync):
         with _errors():
@@ -440,7 +445,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def setxattr(self, inode, name, value, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 node = self._node(inode)
                 if not self.core._own(name):
                     self.core._need_upper()
@@ -449,7 +454,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def removexattr(self, inode, name, ctx):
         with _errors():
-            async with self.lock:
+            async with self._mutating():
                 self.core.removexattr(self._node(inode), name)
 
 

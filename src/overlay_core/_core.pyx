@@ -22,9 +22,13 @@ redirect_dir=on). We also write `<prefix>fuse.ino`, holding the inode number
 a copied-up object had in its lower layer, so st_ino survives copy-up and
 remounts; the kernel ignores that name.
 
-Caveats:
-- A lower file with several hard links is one Node; copying it up through
-  one name copies the object reachable by the name last looked up.
+Identity: a Node stands for one real object: its `key` is the (st_dev,
+st_ino) of the upper object, else of the top lower one, except for a lower
+non-directory with several hard links, where each name is an object of its
+own (the kernel without index=on treats them so: the one copied up gets a
+new inode number, the others stay). The reported st_ino (`ino`) is the
+kernel's: the lower inode number, kept through copy-up where the kernel
+keeps it.
 """
 
 import errno
@@ -73,8 +77,11 @@ cdef class Node:
     cdef public bytes redirect     # upper dir's <prefix>redirect, or None
     cdef public object ino         # st_ino reported for this object
     cdef public object cached      # (size, mtime_ns, ctime_ns) last reported
+    cdef public object key         # identity of the real object (see Overlay._intern)
+    cdef public object fuse_id     # the adapter's inode number for it, 0 if none
 
     def __cinit__(self):
+        self.fuse_id = 0
         self.upper = -1
         self.lowers = []
         self.redirect = None
@@ -124,7 +131,8 @@ cdef class Overlay:
     cdef readonly bint redirect_dir
     cdef readonly bint no_sync
     cdef readonly Node root
-    cdef public dict nodes             # ino -> Node (owned by the adapter's lookups)
+    cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
+    cdef public list renumbered        # Nodes whose st_ino changed (adapter drains it)
     cdef object _dev_index             # st_dev -> small int, when layers span filesystems
     cdef bint _samefs
     cdef object _tmp_counter
@@ -147,6 +155,7 @@ cdef class Overlay:
         self.redirect_dir = redirect_dir
         self.no_sync = no_sync
         self.nodes = {}
+        self.renumbered = []
         self._tmp_counter = 0
         self._lock = threading.Lock()
         self.lower_roots = []
@@ -388,25 +397,33 @@ cdef class Overlay:
             if nondir is not None:
                 n.is_dir = False
                 n.lowers = [(nondir[0], nondir[1])]
+                lst = nondir[2]
             elif dirs:
                 n.is_dir = True
                 n.lowers = dirs
             elif ust is None:
                 raise _err(errno.ENOENT, name)
-        # inode number
+        # identity and inode number
         if n.upper >= 0:
+            n.key = (ust.st_dev, ust.st_ino)
             x = self._getx(n.upper, self.x_ino)
             if x is not None and x.isdigit():
                 n.ino = int(x)
             else:
                 n.ino = self.map_ino(ust)
         else:
-            n.ino = self.map_ino(os.stat(n.lowers[0][1]))
+            if n.is_dir:
+                lst = os.stat(n.lowers[0][1])
+            n.ino = self.map_ino(lst)
+            if not n.is_dir and lst.st_nlink > 1:
+                n.key = ("alias", parent.ino, name)
+            else:
+                n.key = (lst.st_dev, lst.st_ino)
         return self._intern(n)
 
     cdef Node _intern(self, Node n):
-        """Return the known Node with n's inode number, refreshed from n, or n."""
-        cdef Node old = self.nodes.get(n.ino)
+        """Return the known Node for n's object, refreshed from n, or n."""
+        cdef Node old = self.nodes.get(n.key)
         if old is None or old is n:
             return n
         if old.is_dir != n.is_dir:
@@ -427,11 +444,24 @@ cdef class Overlay:
         return old
 
     def remember(self, Node n):
-        self.nodes[n.ino] = n
+        self.nodes[n.key] = n
 
     def forget(self, Node n):
-        if self.nodes.get(n.ino) is n:
-            del self.nodes[n.ino]
+        if self.nodes.get(n.key) is n:
+            del self.nodes[n.key]
+
+    cdef _adopt_upper(self, Node n, int fd, bint keep_ino):
+        """n now lives in the upper layer at O_PATH fd: re-key it."""
+        st = os.stat(fd)
+        n.upper = fd
+        if not keep_ino and n.ino != self.map_ino(st):
+            n.ino = self.map_ino(st)
+            self.renumbered.append(n)
+        key = (st.st_dev, st.st_ino)
+        if self.nodes.get(n.key) is n:
+            del self.nodes[n.key]
+            self.nodes[key] = n
+        n.key = key
 
     # ------------------------------------------------------------ attributes
 
@@ -588,8 +618,8 @@ cdef class Overlay:
         """Make n exist in the upper layer (parents first), preparing it in
         the work dir and renaming it into place. Returns the Node to use from
         now on: n itself, except for a lower file with several hard links,
-        where the copy is a new object (new inode number, as in the kernel
-        without index=on) and n stays the lower file for its other names."""
+        where the copy gets a new inode number, as in the kernel without
+        index=on (each name of such a file is a Node of its own)."""
         cdef Node p
         if n.upper >= 0:
             return n
@@ -603,9 +633,8 @@ cdef class Overlay:
         if ust is not None and not _is_whiteout_st(ust):
             src_st = os.stat(n.fd)
             if S.S_IFMT(ust.st_mode) == S.S_IFMT(src_st.st_mode):
-                if not n.is_dir and src_st.st_nlink > 1:
-                    return self.lookup(p, n.name)
-                n.upper = self._opath(p.upper, n.name, n.is_dir)
+                self._adopt_upper(n, self._opath(p.upper, n.name, n.is_dir),
+                                  n.is_dir or src_st.st_nlink == 1)
                 return n
             raise _err(errno.EEXIST, n.name)
         src = n.lowers[0][1]
@@ -678,14 +707,10 @@ cdef class Overlay:
                 except OSError:
                     pass
             raise
-        if not n.is_dir and st.st_nlink > 1:
-            os.close(tfd)
-            log.debug("copied up hard-linked %r", n.name)
-            return self.lookup(p, n.name)
         if n.upper >= 0:
             os.close(tfd)     # a concurrent lookup already found the copy
         else:
-            n.upper = tfd
+            self._adopt_upper(n, tfd, fmt == S.S_IFDIR or st.st_nlink == 1)
         if not n.is_dir:
             # the lower object is no longer needed once the copy is in place
             for _, fd in n.lowers:
