@@ -1029,3 +1029,23 @@ def test_mkdir_opaque_marks_like_kernel(mkstack):
         results[impl] = {p: _opaque(s.U(p)) for p in ("m/new", "pure/new", "top")}
     assert results["ours"] == results["kernel"]
     assert results["ours"]["m/new"] == b"y"
+
+
+def test_rmdir_of_upper_dir_over_lower_file_keeps_its_entries(mkstack):
+    """A non-empty upper dir that hides a lower *file* is not merged; rmdir
+    must still fail with ENOTEMPTY and lose nothing (it once swapped in a
+    whiteout and cleared the dir)."""
+    s = mkstack(1)
+    mkfile(s.L(0, "a"), b"lower file")
+    os.mkdir(s.U("a"))
+    mkfile(s.U("a", "keep"), b"precious")
+    o = s.overlay()
+    assert errno_of(o.rmdir, o.root, b"a") == errno.ENOTEMPTY
+    with open(s.U("a", "keep"), "rb") as f:
+        assert f.read() == b"precious"
+    assert names(o, "a") == [b"keep"]
+    # once emptied, rmdir leaves a whiteout over the lower file
+    o.unlink(resolve(o, "a"), b"keep")
+    o.rmdir(o.root, b"a")
+    assert is_whiteout(s.U("a"))
+    assert s.work_entries() == []

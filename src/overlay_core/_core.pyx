@@ -885,6 +885,24 @@ cdef class Overlay:
 
     # ------------------------------------------------------------ remove
 
+    cdef _only_whiteouts(self, int dirfd, bytes name):
+        """EIO unless the dir holds nothing but whiteouts: it is about to be
+        cleared, and a visible entry there would be lost."""
+        fd = self._opath(dirfd, name, True)
+        try:
+            rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
+            try:
+                names = os.listdir(rfd)
+            finally:
+                os.close(rfd)
+            for nm in names:
+                st = os.stat(os.fsencode(nm), dir_fd=fd, follow_symlinks=False)
+                if not _is_whiteout_st(st):
+                    log.error("refusing to clear %r: it holds %r", name, nm)
+                    raise _err(errno.ENOTEMPTY, name)
+        finally:
+            os.close(fd)
+
     def _clear_in_work(self, bytes tname):
         """Remove a directory that was moved into the work dir."""
         fd = self._opath(self.work_fd, tname, True)
@@ -896,6 +914,8 @@ cdef class Overlay:
 
     def _whiteout_over(self, Node parent, bytes name, bint exists_in_upper, bint is_dir):
         """Replace name in parent's upper dir by a whiteout, atomically."""
+        if exists_in_upper and is_dir:
+            self._only_whiteouts(parent.upper, name)
         t = self._make_whiteout()
         try:
             if exists_in_upper:
@@ -924,7 +944,7 @@ cdef class Overlay:
         n = self.lookup(parent, name)
         if not n.is_dir:
             raise _err(errno.ENOTDIR, name)
-        if n.lowers and self.list_names(n):
+        if self.list_names(n):
             raise _err(errno.ENOTEMPTY, name)
         self._remove(parent, name, n)
         return n
@@ -938,6 +958,7 @@ cdef class Overlay:
         if not lp:
             if n.is_dir and n.lowers:
                 # a merged dir under a new name: move it out, then clean it
+                self._only_whiteouts(parent.upper, name)
                 t = self._tmpname()
                 sys_renameat2(parent.upper, name, self.work_fd, t, RENAME_NOREPLACE)
                 self._clear_in_work(t)
@@ -1023,6 +1044,8 @@ cdef class Overlay:
             if self.list_names(new):
                 raise _err(errno.ENOTEMPTY, nname)
             need_clear = new.upper >= 0
+            if need_clear:
+                self._only_whiteouts(np.upper, nname)
         samedir = op is np
         new_is_whiteout = False
         if new is None:
