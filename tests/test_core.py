@@ -1049,3 +1049,23 @@ def test_rmdir_of_upper_dir_over_lower_file_keeps_its_entries(mkstack):
     o.rmdir(o.root, b"a")
     assert is_whiteout(s.U("a"))
     assert s.work_entries() == []
+
+
+@pytest.mark.parametrize("redirect,expected", [
+    (b"../../etc", errno.EINVAL), (b"a/../../..", errno.EINVAL), (b"a/b", errno.EINVAL),
+    (b"/", errno.EINVAL), (b"//", errno.EINVAL), (b"/a//b", errno.EINVAL),
+    (b"/../..", errno.EACCES), (b"/../../etc", errno.EACCES), (b"..", errno.EACCES),
+    (b"/a/../..", errno.EACCES), (b"/etc", 0),
+])
+def test_invalid_redirect_errno_as_kernel(mkstack, redirect, expected):
+    """Values observed on the kernel overlay (redirect_dir=on) of this
+    machine: a malformed redirect fails the lookup with EINVAL, `.`/`..`
+    components with EACCES; a well-formed one to nowhere just finds nothing."""
+    s = mkstack(1)
+    os.mkdir(s.L(0, "a"))
+    mkdirp(s.U("r"), redirect=redirect)
+    o = s.overlay()
+    if expected:
+        assert errno_of(o.lookup, o.root, b"r") == expected
+    else:
+        assert names(o, "r") == []

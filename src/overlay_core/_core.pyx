@@ -313,6 +313,20 @@ cdef class Overlay:
             if owned:
                 os.close(fd)
 
+    cdef _check_redirect(self, bytes rd, bytes name):
+        """The kernel's checks on a redirect xattr: an absolute one is
+        /-separated non-empty names, a relative one a single name; `.` and
+        `..` are refused at lookup (EACCES)."""
+        if rd.startswith(b"/"):
+            comps = rd[1:].split(b"/")
+        else:
+            comps = [rd]
+        if not rd or any(not c for c in comps) or (not rd.startswith(b"/") and b"/" in rd):
+            log.warning("invalid redirect %r on %r", rd, name)
+            raise _err(errno.EINVAL, name)
+        if any(c in (b".", b"..") for c in comps):
+            raise _err(errno.EACCES, name)
+
     cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir):
         """Search the lower layers for name below parent, following redirects.
         Returns (nondir, dirs): nondir is (layer, fd, st) or None; dirs a list
@@ -352,7 +366,8 @@ cdef class Overlay:
             if op == b"y":
                 break
             rd = self._getx(fd, self.x_redirect)
-            if rd:
+            if rd is not None:
+                self._check_redirect(rd, name)
                 if rd.startswith(b"/"):
                     path = rd
                 else:
@@ -387,8 +402,8 @@ cdef class Overlay:
                     have_upper_dir = True
                     n.opaque = self._getx(n.upper, self.x_opaque) == b"y"
                     redirect = self._getx(n.upper, self.x_redirect)
-                    if redirect is not None and (len(redirect) == 0 or len(redirect) > 4096):
-                        redirect = None
+                    if redirect is not None:
+                        self._check_redirect(redirect, name)
                     n.redirect = redirect
                 else:
                     n.upper = self._opath(parent.upper, name, False)
