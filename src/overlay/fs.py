@@ -113,8 +113,14 @@ class OverlayOperations(pyfuse3.Operations):
         else:
             e.st_ino = self._key(node)
         e.generation = 0
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        if node.ghost:
+            # a whiteout that readdir lists: never cache it, so the next use
+            # of the name looks it up and gets ENOENT, as on the kernel
+            e.entry_timeout = 0
+            e.attr_timeout = 0
+        else:
+            e.entry_timeout = self.entry_timeout
+            e.attr_timeout = self.attr_timeout
         e.st_mode = st.st_mode
         e.st_nlink = 1 if node.merged else st.st_nlink
         e.st_uid = st.st_uid
@@ -447,9 +453,8 @@ class OverlayOperations(pyfuse3.Operations):
         with _errors():
             async with self._mutating():
                 node = self._node(inode)
-                if not self.core._own(name):
-                    self.core._need_upper()
-                    node = await self._copy_up(node)
+                self.core._need_upper()
+                node = await self._copy_up(node)
                 self.core.setxattr(node, name, value)
 
     async def removexattr(self, inode, name, ctx):

@@ -224,7 +224,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     workdir: str | None = None
     read_only = False
     flags: dict[str, bool] = {}
-    redirect_dir = True
+    redirect_dir = None
     fsname = "overlay"
     ignored: list[str] = []
 
@@ -307,11 +307,19 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 f"upperdir '{upper}' and workdir '{work}' must be different, non-nested directories"
             )
 
+    userxattr = flags.get("userxattr", False)
+    if redirect_dir is None:
+        # like the kernel, which refuses redirect_dir=on with userxattr
+        # (unprivileged mounts): renaming merged dirs then gives EXDEV
+        redirect_dir = not userxattr
+    elif redirect_dir and userxattr:
+        raise OptionError("redirect_dir=on cannot be used with userxattr (as in the kernel)")
+
     config = MountConfig(
         lowers=lowers,
         upper=upper,
         work=work,
-        userxattr=flags.get("userxattr", False),
+        userxattr=userxattr,
         redirect_dir=redirect_dir,
         volatile=flags.get("volatile", False),
         allow_other=flags.get("allow_other", False),

@@ -79,6 +79,7 @@ cdef class Node:
     cdef public object cached      # (size, mtime_ns, ctime_ns) last reported
     cdef public object key         # identity of the real object (see Overlay._intern)
     cdef public object fuse_id     # the adapter's inode number for it, 0 if none
+    cdef public bint ghost         # a whiteout that readdir lists (see Overlay.readdir)
 
     def __cinit__(self):
         self.fuse_id = 0
@@ -132,11 +133,13 @@ cdef class Overlay:
     cdef readonly bint no_sync
     cdef readonly Node root
     cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
-    cdef public list renumbered        # Nodes whose st_ino changed (adapter drains it)
+    cdef public list renumbered        # Nodes whose st_ino or nlink changed behind
+                                       # the kernel's back (the adapter drains it)
     cdef object _dev_index             # st_dev -> small int, when layers span filesystems
     cdef bint _samefs
     cdef object _tmp_counter
     cdef object _lock
+    cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False):
@@ -255,13 +258,13 @@ cdef class Overlay:
         return os.open(name, flags, dir_fd=dirfd)
 
     cdef bint _lower_whiteout(self, int dirfd, bytes name, st) except -1:
-        """Is this lower entry a whiteout? 0/0 char devices always; empty
-        regular files with <prefix>whiteout in a dir with opaque=x too."""
+        """Is this lower entry a whiteout? 0/0 char devices, and empty
+        regular files with <prefix>whiteout. (The parent's opaque=x mark only
+        tells readdir to look for the latter; lookup always does, as the
+        kernel's.)"""
         if S.S_ISCHR(st.st_mode):
             return st.st_rdev == 0
         if S.S_ISREG(st.st_mode) and st.st_size == 0:
-            if self._getx(dirfd, self.x_opaque) != b"x":
-                return False
             fd = self._opath(dirfd, name, False)
             try:
                 return self._getx(fd, self.x_whiteout) is not None
@@ -284,6 +287,7 @@ cdef class Overlay:
         cdef int nfd
         cdef Py_ssize_t j, n = len(comps)
         owned = False
+        self._walk_stop = False
         try:
             for j in range(n):
                 comp = comps[j]
@@ -307,6 +311,10 @@ cdef class Overlay:
                     os.close(fd)
                 fd = nfd
                 owned = True
+                if not last and self._getx(fd, self.x_opaque) == b"y":
+                    # an opaque dir on the way: the layers below do not
+                    # count for this path (the kernel stops there too)
+                    self._walk_stop = True
             owned = False
             return 3, fd, st
         finally:
@@ -360,7 +368,7 @@ cdef class Overlay:
                 os.close(fd)
                 break
             dirs.append((idx, fd))
-            if idx == len(self.lower_roots) - 1:
+            if idx == len(self.lower_roots) - 1 or self._walk_stop:
                 break
             op = self._getx(fd, self.x_opaque)
             if op == b"y":
@@ -472,6 +480,8 @@ cdef class Overlay:
         if not keep_ino and n.ino != self.map_ino(st):
             n.ino = self.map_ino(st)
             self.renumbered.append(n)
+        elif n.is_dir:
+            self.renumbered.append(n)       # now merged: nlink reads 1
         key = (st.st_dev, st.st_ino)
         if self.nodes.get(n.key) is n:
             del self.nodes[n.key]
@@ -509,7 +519,18 @@ cdef class Overlay:
     # ------------------------------------------------------------ readdir
 
     def list_names(self, Node n):
-        """Names visible in merged directory n, upper first then each lower."""
+        """Names visible in merged directory n (whiteouts left out)."""
+        return [name for name, _ in self._list(n, True)]
+
+    def nonempty_names(self, Node n):
+        """Names that make directory n non-empty, for rmdir and rename: like
+        the kernel's emptiness check, this counts xattr whiteouts of lower
+        layers, which readdir hides."""
+        return [name for name, _ in self._list(n, False)]
+
+    cdef list _list(self, Node n, bint xwhiteouts=True):
+        """[(name, fd of the real dir it comes from)] of merged directory n;
+        xwhiteouts: hide xattr whiteouts in lower dirs marked opaque=x."""
         if not n.is_dir:
             raise _err(errno.ENOTDIR)
         names = []
@@ -520,7 +541,7 @@ cdef class Overlay:
         for _, fd in n.lowers:
             srcs.append((False, fd))
         for is_upper, fd in srcs:
-            xwh = (not is_upper) and self._getx(fd, self.x_opaque) == b"x"
+            xwh = xwhiteouts and (not is_upper) and self._getx(fd, self.x_opaque) == b"x"
             rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
             try:
                 with os.scandir(rfd) as it:
@@ -530,7 +551,7 @@ cdef class Overlay:
                             continue
                         seen.add(name)
                         if e.is_dir(follow_symlinks=False) or e.is_symlink():
-                            names.append(name)
+                            names.append((name, fd))
                             continue
                         isreg = e.is_file(follow_symlinks=False)
                         if not isreg or xwh:
@@ -543,20 +564,49 @@ cdef class Overlay:
                                     continue
                             elif self._lower_whiteout(fd, name, st):
                                 continue
-                        names.append(name)
+                        names.append((name, fd))
             finally:
                 os.close(rfd)
         return names
 
     def readdir(self, Node n):
-        """[(name, Node)] of merged directory n (without . and ..)."""
-        out = []
-        for name in self.list_names(n):
+        """[(name, Node)] of directory n (without . and ..), as the kernel
+        lists it: a merged dir as merged; a dir made of one real dir as that
+        dir is, whiteouts included. Such whiteouts (and xattr whiteouts in a
+        lower dir not marked opaque=x) come as ghost Nodes: listed, but a
+        lookup of the name fails with ENOENT."""
+        if n.merged:
+            entries = self._list(n)
+        else:
+            fd = n.fd
+            rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
             try:
-                out.append((name, self.lookup(n, name)))
+                entries = [(os.fsencode(nm), fd) for nm in os.listdir(rfd)]
+            finally:
+                os.close(rfd)
+        out = []
+        known = {}      # one Node per object, also for names not yet known
+        for name, fd in entries:
+            try:
+                child = self.lookup(n, name)
+                out.append((name, known.setdefault(child.key, child)))
             except FileNotFoundError:
-                continue
+                try:
+                    out.append((name, self._ghost(fd, name)))
+                except FileNotFoundError:
+                    continue
         return out
+
+    cdef Node _ghost(self, int dirfd, bytes name):
+        cdef Node g = Node()
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        g.name = name
+        g.ghost = True
+        g.is_dir = S.S_ISDIR(st.st_mode)
+        g.lowers = [(0, self._opath(dirfd, name, False))]
+        g.key = ("ghost", st.st_dev, st.st_ino)
+        g.ino = self.map_ino(st)
+        return g
 
     def _upper_only_whiteouts(self, Node n):
         """Names of whiteouts in n's upper dir (for clearing before removal)."""
@@ -606,8 +656,8 @@ cdef class Overlay:
             raise
         for nm in names:
             b = os.fsencode(nm)
-            if b.startswith(self.prefix) or b.startswith(b"trusted.overlay.") and self.prefix == b"trusted.overlay.":
-                continue
+            if b.startswith(self.prefix) and not b.startswith(self.prefix + b"overlay."):
+                continue        # private; escaped user xattrs are copied
             try:
                 v = os.getxattr(_proc(src_fd), b)
             except OSError as e:
@@ -865,33 +915,47 @@ cdef class Overlay:
     # ------------------------------------------------------------ xattrs
 
     def _own(self, bytes name):
-        return name.startswith(self.prefix) or name.startswith(b"trusted.overlay.")
+        """One of the overlay's own xattr names (trusted.overlay.*, or
+        user.overlay.* with userxattr)."""
+        return name.startswith(self.prefix)
+
+    cdef bytes _escape(self, bytes name):
+        """The kernel's escaping (Linux 6.7): <prefix>X as seen through the
+        mount is stored as <prefix>overlay.X, so users can neither read nor
+        change the overlay's own <prefix>X."""
+        if name.startswith(self.prefix):
+            return self.prefix + b"overlay." + name[len(self.prefix):]
+        return name
+
+    cdef object _unescape(self, bytes stored):
+        """The name shown for a stored xattr, or None for a private one."""
+        if stored.startswith(self.prefix):
+            esc = self.prefix + b"overlay."
+            if stored.startswith(esc):
+                return self.prefix + stored[len(esc):]
+            return None
+        return stored
 
     def getxattr(self, Node n, bytes name):
-        if self._own(name):
-            raise _err(errno.EOPNOTSUPP, name)
-        return os.getxattr(_proc(n.fd), name)
+        return os.getxattr(_proc(n.fd), self._escape(name))
 
     def listxattr(self, Node n):
         out = []
         for nm in os.listxattr(_proc(n.fd)):
-            b = os.fsencode(nm)
-            if not self._own(b):
-                out.append(b)
+            shown = self._unescape(os.fsencode(nm))
+            if shown is not None:
+                out.append(shown)
         return out
 
     def setxattr(self, Node n, bytes name, bytes value, int flags=0):
-        if self._own(name):
-            raise _err(errno.EOPNOTSUPP, name)
         self._need_upper()
         n = self.copy_up(n)
-        os.setxattr(_proc(n.upper), name, value, flags)
+        os.setxattr(_proc(n.upper), self._escape(name), value, flags)
         return n
 
     def removexattr(self, Node n, bytes name):
-        if self._own(name):
-            raise _err(errno.EOPNOTSUPP, name)
         self._need_upper()
+        name = self._escape(name)
         if n.upper < 0:
             os.getxattr(_proc(n.fd), name)      # ENODATA without copy-up
             n = self.copy_up(n)
@@ -959,7 +1023,7 @@ cdef class Overlay:
         n = self.lookup(parent, name)
         if not n.is_dir:
             raise _err(errno.ENOTDIR, name)
-        if self.list_names(n):
+        if self.nonempty_names(n):
             raise _err(errno.ENOTEMPTY, name)
         self._remove(parent, name, n)
         return n
@@ -1056,7 +1120,7 @@ cdef class Overlay:
             raise _err(errno.EXDEV, nname)
         need_clear = False
         if overwrite and new is not None and new.is_dir and new.lowers:
-            if self.list_names(new):
+            if self.nonempty_names(new):
                 raise _err(errno.ENOTEMPTY, nname)
             need_clear = new.upper >= 0
             if need_clear:
