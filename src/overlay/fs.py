@@ -69,7 +69,7 @@ class OverlayOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, core: Overlay, *, entry_timeout: float = 1.0, attr_timeout: float = 1.0):
+    def __init__(self, core: Overlay, *, entry_timeout: float = 300.0, attr_timeout: float = 300.0):
         super().__init__()
         self.core = core
         self.entry_timeout = entry_timeout
@@ -512,7 +512,8 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     process gets SIGTERM/SIGINT, which unmounts). Calls on_ready() once the
     mount is live."""
     core = build_core(config)
-    ops = OverlayOperations(core)
+    ops = OverlayOperations(core, entry_timeout=config.entry_timeout,
+                            attr_timeout=config.attr_timeout)
     pyfuse3.init(ops, mountpoint, fuse_options(config))
     unmount = False
     try:

@@ -52,6 +52,12 @@ class OptionError(ValueError):
         return str(self)
 
 
+# Kernel cache times (seconds). Everything that changes the tree goes through
+# us and the adapter invalidates what it changes, so long is safe; only edits
+# made directly to lower files bypass it (they show at the next open).
+DEFAULT_TIMEOUT = 300.0
+
+
 @dataclass
 class MountConfig:
     """Everything the filesystem needs to know about one mount."""
@@ -66,6 +72,8 @@ class MountConfig:
     default_permissions: bool = False
     debug: bool = False
     fsname: str = "overlay"
+    entry_timeout: float = DEFAULT_TIMEOUT
+    attr_timeout: float = DEFAULT_TIMEOUT
     # Options that were given but change nothing (kept for logging/debugging).
     ignored: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -127,7 +135,8 @@ _FLAG_OPTIONS = frozenset(
     {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro"}
 )
 _VALUE_OPTIONS = frozenset(
-    {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname"}
+    {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
+     "timeout", "entry_timeout", "attr_timeout"}
 )
 # Options only accepted with one of these values (no-ops for us).
 _NOOP_VALUES = {
@@ -226,6 +235,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     flags: dict[str, bool] = {}
     redirect_dir = None
     fsname = "overlay"
+    timeouts: dict[str, float] = {}
     ignored: list[str] = []
 
     for raw in split_options(optstring):
@@ -254,6 +264,18 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             workdir = value
         elif name == "fsname":
             fsname = _unescape(value)
+        elif name in ("timeout", "entry_timeout", "attr_timeout"):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if not 0 <= seconds < 1e9:
+                raise OptionError(f"bad value '{value}' for {name} (expected seconds >= 0)")
+            if name == "timeout":
+                timeouts.setdefault("entry_timeout", seconds)
+                timeouts.setdefault("attr_timeout", seconds)
+            else:
+                timeouts[name] = seconds
         elif name == "redirect_dir":
             if value not in _REDIRECT_DIR:
                 raise OptionError(
@@ -326,6 +348,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         default_permissions=flags.get("default_permissions", False),
         debug=flags.get("debug", False),
         fsname=fsname,
+        **timeouts,
         ignored=ignored,
     )
     log.debug("parsed mount options %r -> %r", optstring, config)
