@@ -15,6 +15,11 @@ readdirplus) and down in forget; a Node is dropped at zero.
 Long work leaves the trio thread: copy-up of regular files bigger than
 COPY_UP_INLINE and fsync run in a worker thread, holding `self.lock`, which
 every mutating request also takes, so the tree never changes under a copy-up.
+
+pyfuse3 serves requests with `workers` trio tasks (mount option, default 1).
+One is fastest: with more, pyfuse3 starts and retires tasks around nearly
+every request. With one, requests wait while a big file is copied up or
+synced; `workers=N` lets up to N requests be served at once.
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ class OverlayOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
-    enable_acl = False
+    # the kernel caches POSIX ACLs (and checks them): `ls -l` then asks us
+    # for system.posix_acl_* once per inode instead of every time
+    enable_acl = True
 
     def __init__(self, core: Overlay, *, entry_timeout: float = 300.0, attr_timeout: float = 300.0):
         super().__init__()
@@ -532,7 +539,7 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                             return
 
                 nursery.start_soon(on_signal)
-                await pyfuse3.main()
+                await pyfuse3.main(min_tasks=1, max_tasks=config.workers)
                 nursery.cancel_scope.cancel()
 
         trio.run(serve)

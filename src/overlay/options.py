@@ -74,6 +74,7 @@ class MountConfig:
     fsname: str = "overlay"
     entry_timeout: float = DEFAULT_TIMEOUT
     attr_timeout: float = DEFAULT_TIMEOUT
+    workers: int = 1  # pyfuse3 tasks serving requests (see overlay.fs)
     # Options that were given but change nothing (kept for logging/debugging).
     ignored: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -136,7 +137,7 @@ _FLAG_OPTIONS = frozenset(
 )
 _VALUE_OPTIONS = frozenset(
     {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
-     "timeout", "entry_timeout", "attr_timeout"}
+     "timeout", "entry_timeout", "attr_timeout", "workers"}
 )
 # Options only accepted with one of these values (no-ops for us).
 _NOOP_VALUES = {
@@ -236,6 +237,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     redirect_dir = None
     fsname = "overlay"
     timeouts: dict[str, float] = {}
+    extra: dict[str, int] = {}
     ignored: list[str] = []
 
     for raw in split_options(optstring):
@@ -264,6 +266,10 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             workdir = value
         elif name == "fsname":
             fsname = _unescape(value)
+        elif name == "workers":
+            if not value.isdigit() or not 1 <= int(value) <= 1000:
+                raise OptionError(f"bad value '{value}' for workers (expected 1 to 1000)")
+            extra["workers"] = int(value)
         elif name in ("timeout", "entry_timeout", "attr_timeout"):
             try:
                 seconds = float(value)
@@ -349,6 +355,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         debug=flags.get("debug", False),
         fsname=fsname,
         **timeouts,
+        **extra,
         ignored=ignored,
     )
     log.debug("parsed mount options %r -> %r", optstring, config)
