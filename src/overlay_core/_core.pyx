@@ -80,6 +80,7 @@ cdef class Node:
     cdef public object key         # identity of the real object (see Overlay._intern)
     cdef public object fuse_id     # the adapter's inode number for it, 0 if none
     cdef public bint ghost         # a whiteout that readdir lists (see Overlay.readdir)
+    cdef public object st          # Stat found by the lookup that made/refreshed it
 
     def __cinit__(self):
         self.fuse_id = 0
@@ -244,12 +245,7 @@ cdef class Overlay:
 
     cdef object _getx(self, int fd, bytes name):
         """Value of xattr *name* on the object behind O_PATH fd, or None."""
-        try:
-            return os.getxattr(_proc(fd), name)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-                return None
-            raise
+        return c_getx(fd, name)
 
     cdef int _opath(self, int dirfd, bytes name, bint directory) except -1:
         cdef int flags = O_PATH | O_NOFOLLOW | O_CLOEXEC
@@ -258,13 +254,17 @@ cdef class Overlay:
         return os.open(name, flags, dir_fd=dirfd)
 
     cdef bint _lower_whiteout(self, int dirfd, bytes name, st) except -1:
+        return self._lower_whiteout_c(dirfd, name, st.st_mode, st.st_rdev, st.st_size)
+
+    cdef bint _lower_whiteout_c(self, int dirfd, bytes name, unsigned int mode,
+                                unsigned long long rdev, long long size) except -1:
         """Is this lower entry a whiteout? 0/0 char devices, and empty
         regular files with <prefix>whiteout. (The parent's opaque=x mark only
         tells readdir to look for the latter; lookup always does, as the
         kernel's.)"""
-        if S.S_ISCHR(st.st_mode):
-            return st.st_rdev == 0
-        if S.S_ISREG(st.st_mode) and st.st_size == 0:
+        if S.S_ISCHR(mode):
+            return rdev == 0
+        if S.S_ISREG(mode) and size == 0:
             fd = self._opath(dirfd, name, False)
             try:
                 return self._getx(fd, self.x_whiteout) is not None
@@ -282,29 +282,30 @@ cdef class Overlay:
     cdef _walk_lower(self, int base, list comps):
         """Resolve comps below base in one lower layer.
         Returns (kind, fd, st): kind 0 missing, 1 stop (whiteout or a
-        non-directory on the way), 2 non-directory, 3 directory."""
+        non-directory on the way), 2 non-directory, 3 directory; st a Stat."""
         cdef int fd = base
-        cdef int nfd
+        cdef int nfd, err
         cdef Py_ssize_t j, n = len(comps)
+        cdef struct_stat st
+        cdef bytes comp
+        cdef bint last
         owned = False
         self._walk_stop = False
         try:
             for j in range(n):
                 comp = comps[j]
                 last = j == n - 1
-                try:
-                    st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
-                except (FileNotFoundError, NotADirectoryError):
-                    return 0, -1, None
-                except OSError as e:
-                    if e.errno == errno.ENAMETOOLONG:
+                err = c_statat(fd, comp, &st)
+                if err:
+                    if err == ENOENT or err == ENOTDIR or err == ENAMETOOLONG:
                         return 0, -1, None
-                    raise
-                if self._lower_whiteout(fd, comp, st):
+                    raise _err(err, comp)
+                if (S.S_ISCHR(st.st_mode) or (S.S_ISREG(st.st_mode) and st.st_size == 0)) \
+                        and self._lower_whiteout_c(fd, comp, st.st_mode, st.st_rdev, st.st_size):
                     return 1, -1, None
                 if not S.S_ISDIR(st.st_mode):
                     if last:
-                        return 2, self._opath(fd, comp, False), st
+                        return 2, self._opath(fd, comp, False), _mkstat(&st)
                     return 1, -1, None
                 nfd = self._opath(fd, comp, True)
                 if owned:
@@ -316,7 +317,7 @@ cdef class Overlay:
                     # count for this path (the kernel stops there too)
                     self._walk_stop = True
             owned = False
-            return 3, fd, st
+            return 3, fd, _mkstat(&st)
         finally:
             if owned:
                 os.close(fd)
@@ -337,11 +338,13 @@ cdef class Overlay:
 
     cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir):
         """Search the lower layers for name below parent, following redirects.
-        Returns (nondir, dirs): nondir is (layer, fd, st) or None; dirs a list
-        of (layer, fd) of directories to merge, top first."""
+        Returns (nondir, dirs, st): nondir is (layer, fd, st) or None; dirs a
+        list of (layer, fd) of directories to merge, top first; st the Stat of
+        the top one."""
         pmap = {i: fd for i, fd in parent.lowers}
         path = redirect if redirect is not None else name
         dirs = []
+        topst = None
         cdef int idx
         for idx in range(len(self.lower_roots)):
             if path.startswith(b"/"):
@@ -364,9 +367,11 @@ cdef class Overlay:
                 break
             if kind == 2:
                 if not dirs and not have_upper_dir:
-                    return (idx, fd, st), dirs
+                    return (idx, fd, st), dirs, st
                 os.close(fd)
                 break
+            if not dirs:
+                topst = st
             dirs.append((idx, fd))
             if idx == len(self.lower_roots) - 1 or self._walk_stop:
                 break
@@ -381,11 +386,15 @@ cdef class Overlay:
                 else:
                     head, sep, _ = path.rpartition(b"/")
                     path = head + sep + rd
-        return None, dirs
+        return None, dirs, topst
 
     def lookup(self, Node parent, bytes name):
         """Resolve name in the merged directory parent; returns the Node
-        (the same object for the same inode while it is known) or raises."""
+        (the same object for the same inode while it is known) or raises.
+        The Node's `st` holds the Stat found on the way (for the reply)."""
+        cdef struct_stat ust
+        cdef int err
+        cdef bint have_ust = False, have_upper_dir = False
         if not parent.is_dir:
             raise _err(errno.ENOTDIR, name)
         if len(name) > NAME_MAX:
@@ -394,16 +403,17 @@ cdef class Overlay:
         n.parent = parent
         n.name = name
         redirect = None
-        have_upper_dir = False
-        ust = None
+        st = None
         if parent.upper >= 0:
-            try:
-                ust = os.stat(name, dir_fd=parent.upper, follow_symlinks=False)
-            except FileNotFoundError:
-                ust = None
-            if ust is not None:
-                if _is_whiteout_st(ust):
+            err = c_statat(parent.upper, name, &ust)
+            if err == 0:
+                have_ust = True
+            elif err != ENOENT:
+                raise _err(err, name)
+            if have_ust:
+                if S.S_ISCHR(ust.st_mode) and ust.st_rdev == 0:
                     raise _err(errno.ENOENT, name)
+                st = _mkstat(&ust)
                 if S.S_ISDIR(ust.st_mode):
                     n.is_dir = True
                     n.upper = self._opath(parent.upper, name, True)
@@ -415,16 +425,15 @@ cdef class Overlay:
                     n.redirect = redirect
                 else:
                     n.upper = self._opath(parent.upper, name, False)
-        if ust is None or (have_upper_dir and not n.opaque):
-            nondir, dirs = self._lookup_lowers(parent, name, redirect, have_upper_dir)
+        if not have_ust or (have_upper_dir and not n.opaque):
+            nondir, dirs, lst = self._lookup_lowers(parent, name, redirect, have_upper_dir)
             if nondir is not None:
                 n.is_dir = False
                 n.lowers = [(nondir[0], nondir[1])]
-                lst = nondir[2]
             elif dirs:
                 n.is_dir = True
                 n.lowers = dirs
-            elif ust is None:
+            elif not have_ust:
                 raise _err(errno.ENOENT, name)
         # identity and inode number
         if n.upper >= 0:
@@ -433,15 +442,15 @@ cdef class Overlay:
             if x is not None and x.isdigit():
                 n.ino = int(x)
             else:
-                n.ino = self.map_ino(ust)
+                n.ino = self.map_ino(st)
         else:
-            if n.is_dir:
-                lst = os.stat(n.lowers[0][1])
+            st = lst
             n.ino = self.map_ino(lst)
             if not n.is_dir and lst.st_nlink > 1:
                 n.key = ("alias", parent.ino, name)
             else:
                 n.key = (lst.st_dev, lst.st_ino)
+        n.st = st
         return self._intern(n)
 
     cdef Node _intern(self, Node n):
@@ -455,6 +464,7 @@ cdef class Overlay:
         # known Node, which may carry state (copy-up done elsewhere).
         old.parent = n.parent
         old.name = n.name
+        old.st = n.st
         if old.upper < 0 and n.upper >= 0:
             old.upper = n.upper
             n.upper = -1
@@ -491,9 +501,9 @@ cdef class Overlay:
     # ------------------------------------------------------------ attributes
 
     def getattr(self, Node n):
-        """stat of the real object, with the overlay's st_ino and nlink."""
-        st = os.stat(n.fd)
-        return st
+        """Stat of the real object (the adapter reports n.ino and, for a
+        merged dir, nlink 1)."""
+        return sys_fstat(n.fd)
 
     def lower_positive(self, Node parent, bytes name):
         """Would a lower entry show at name if the upper had nothing there?"""

@@ -11,6 +11,7 @@ from libc.string cimport strerror
 from posix.types cimport off_t, mode_t
 from posix.unistd cimport lseek, ftruncate, read, write, pread, pwrite
 from libc.stdlib cimport malloc, free
+from posix.stat cimport struct_stat, fstatat, fstat
 
 cdef extern from "<stdio.h>" nogil:
     int renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags)
@@ -228,3 +229,84 @@ def sys_fsync(int fd, bint datasync=False):
         ret = fdatasync(fd) if datasync else fsync(fd)
     if ret != 0:
         raise _oserror(c_errno)
+
+
+cdef extern from "<sys/xattr.h>" nogil:
+    ssize_t c_getxattr "getxattr"(const char *path, const char *name, void *value, size_t size)
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_openat "openat"(int dirfd, const char *pathname, int flags, ...)
+
+cdef extern from "<stdio.h>" nogil:
+    int snprintf(char *s, size_t n, const char *fmt, ...)
+
+cdef extern from "<errno.h>" nogil:
+    int ENOENT, ENOTDIR, ENAMETOOLONG, ENODATA, ERANGE
+
+
+cdef class Stat:
+    """The fields of a stat(2) result that the overlay reports; built from a
+    C struct without the cost of an os.stat_result."""
+    cdef readonly unsigned long long st_dev, st_ino, st_rdev, st_nlink
+    cdef readonly unsigned int st_mode, st_uid, st_gid
+    cdef readonly long long st_size, st_blksize, st_blocks
+    cdef readonly long long st_atime_ns, st_mtime_ns, st_ctime_ns
+
+
+cdef Stat _mkstat(struct_stat *s):
+    cdef Stat r = Stat.__new__(Stat)
+    r.st_dev = s.st_dev
+    r.st_ino = s.st_ino
+    r.st_rdev = s.st_rdev
+    r.st_nlink = s.st_nlink
+    r.st_mode = s.st_mode
+    r.st_uid = s.st_uid
+    r.st_gid = s.st_gid
+    r.st_size = s.st_size
+    r.st_blksize = s.st_blksize
+    r.st_blocks = s.st_blocks
+    r.st_atime_ns = s.st_atim.tv_sec * 1000000000LL + s.st_atim.tv_nsec
+    r.st_mtime_ns = s.st_mtim.tv_sec * 1000000000LL + s.st_mtim.tv_nsec
+    r.st_ctime_ns = s.st_ctim.tv_sec * 1000000000LL + s.st_ctim.tv_nsec
+    return r
+
+
+cdef inline int c_statat(int dirfd, const char *name, struct_stat *st) noexcept nogil:
+    """fstatat without following symlinks: 0 or an errno."""
+    if fstatat(dirfd, name, st, AT_SYMLINK_NOFOLLOW) != 0:
+        return c_errno
+    return 0
+
+
+def sys_fstat(int fd):
+    """fstat(2) as a Stat (works on O_PATH fds)."""
+    cdef struct_stat st
+    cdef int ret
+    with nogil:
+        ret = fstat(fd, &st)
+    if ret != 0:
+        raise _oserror(c_errno)
+    return _mkstat(&st)
+
+
+cdef object c_getx(int fd, const char *name):
+    """Value of xattr name on the object behind (O_PATH) fd, or None when it
+    has none (or the fs has no xattrs)."""
+    cdef char path[48]
+    cdef char buf[256]
+    cdef ssize_t n
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd)
+    n = c_getxattr(path, name, buf, sizeof(buf))
+    if n >= 0:
+        return buf[:n]
+    if c_errno == ENODATA or c_errno == EOPNOTSUPP or c_errno == EPERM:
+        return None
+    if c_errno == ERANGE:
+        import os as _os
+        try:
+            return _os.getxattr(path[:], name)
+        except OSError as e:
+            if e.errno == ENODATA:
+                return None
+            raise
+    raise _oserror(c_errno, name)
