@@ -157,7 +157,8 @@ class OverlayOperations(pyfuse3.Operations):
         return key
 
     def _entry(self, node) -> pyfuse3.EntryAttributes:
-        attrs = self._attrs(node)
+        st, node.st = node.st, None     # what the lookup just saw, if any
+        attrs = self._attrs(node, st)
         self._ref(node)
         return attrs
 
@@ -405,8 +406,9 @@ class OverlayOperations(pyfuse3.Operations):
                 entries = [(b".", node, self._attrs(node)),
                            (b"..", parent, self._attrs(parent))]
                 for name, child in self.core.readdir(node):
+                    st, child.st = child.st, None
                     try:
-                        entries.append((name, child, self._attrs(child)))
+                        entries.append((name, child, self._attrs(child, st)))
                     except FileNotFoundError:
                         continue
                 h.entries = entries
