@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import stat as S
+import threading
 from typing import Callable
 
 import pyfuse3
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 # Regular files up to this size are copied up on the trio thread: a thread
 # hop costs more than copying them.
 COPY_UP_INLINE = 256 * 1024
+
+# Readahead of the FUSE mount (KiB); the kernel's default is 128.
+READAHEAD_KIB = 1024
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -333,8 +337,18 @@ class OverlayOperations(pyfuse3.Operations):
             node.cached = now
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
+    def _backing_flags(self, flags: int) -> int:
+        """With the writeback cache the kernel handles O_APPEND itself and may
+        read pages of a file opened write-only: open the real file accordingly."""
+        if self.enable_writeback_cache:
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
     async def open(self, inode, flags, ctx):
         with _errors():
+            flags = self._backing_flags(flags)
             node = self._node(inode)
             if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
                 async with self._mutating():
@@ -347,6 +361,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         with _errors():
+            flags = self._backing_flags(flags)
             async with self._mutating():
                 fd, node = self.core.create(self._node(parent_inode), name, flags,
                                             S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
@@ -516,6 +531,33 @@ def fuse_options(config) -> set:
     return opts
 
 
+def _mount_dev(mountpoint: str):
+    """'major:minor' of the mount at mountpoint, from /proc/self/mountinfo
+    (a stat() would ask our own filesystem, which is not serving yet)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            if mp == target:
+                found = fields[2]          # the last one is on top
+    return found
+
+
+def set_readahead(mountpoint: str, kib: int) -> None:
+    """Raise the readahead of the FUSE mount (the kernel default is 128 KiB):
+    streaming reads then reach us as several requests in flight."""
+    dev = _mount_dev(mountpoint)
+    if dev is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except OSError as exc:
+        log.debug("readahead not set for %s: %s", dev, exc)
+
+
 def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Mount config on mountpoint and serve until it is unmounted (or the
     process gets SIGTERM/SIGINT, which unmounts). Calls on_ready() once the
@@ -523,9 +565,14 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     core = build_core(config)
     ops = OverlayOperations(core, entry_timeout=config.entry_timeout,
                             attr_timeout=config.attr_timeout)
+    ops.enable_writeback_cache = config.writeback
     pyfuse3.init(ops, mountpoint, fuse_options(config))
     unmount = False
     try:
+        # from a thread: the write waits until the kernel has initialised
+        # the connection, which needs our request loop running
+        threading.Thread(target=set_readahead, args=(mountpoint, READAHEAD_KIB),
+                         name="readahead", daemon=True).start()
         on_ready()
 
         async def serve():

@@ -75,6 +75,7 @@ class MountConfig:
     entry_timeout: float = DEFAULT_TIMEOUT
     attr_timeout: float = DEFAULT_TIMEOUT
     workers: int = 1  # pyfuse3 tasks serving requests (see overlay.fs)
+    writeback: bool = False  # kernel writeback cache (faster big writes)
     # Options that were given but change nothing (kept for logging/debugging).
     ignored: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -133,7 +134,7 @@ GENERIC_OPTIONS = frozenset(
 _GENERIC_PREFIXES = ("x-", "comment=")
 
 _FLAG_OPTIONS = frozenset(
-    {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro"}
+    {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro", "writeback"}
 )
 _VALUE_OPTIONS = frozenset(
     {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
@@ -353,6 +354,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         allow_other=flags.get("allow_other", False),
         default_permissions=flags.get("default_permissions", False),
         debug=flags.get("debug", False),
+        writeback=flags.get("writeback", False),
         fsname=fsname,
         **timeouts,
         **extra,
