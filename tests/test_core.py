@@ -1071,3 +1071,43 @@ def test_invalid_redirect_errno_as_kernel(mkstack, redirect, expected):
         assert errno_of(o.lookup, o.root, b"r") == expected
     else:
         assert names(o, "r") == []
+
+
+def test_name_index_agrees_with_probing(mkstack):
+    """Dirs with many lower layers get a name index after a few lookups;
+    lookups through it must give what probing every layer gives."""
+    import random
+    rng = random.Random(7)
+    s = mkstack(12)
+    names = [f"n{i}" for i in range(40)]
+    for i in range(12):
+        os.makedirs(s.L(i, "d"), exist_ok=True)
+        for nm in rng.sample(names, 15):
+            kind = rng.choice(["file", "file", "dir", "whiteout"])
+            p = s.L(i, "d", nm)
+            if kind == "file":
+                mkfile(p, f"{i}:{nm}".encode())
+            elif kind == "dir":
+                os.mkdir(p)
+                mkfile(os.path.join(p, f"in{i}"), b"x")
+            else:
+                whiteout(p)
+
+    def describe(o, d, nm):
+        try:
+            n = o.lookup(d, nm)
+        except FileNotFoundError:
+            return None
+        if n.is_dir:
+            return ("dir", sorted(o.list_names(n)))
+        return ("file", read(o, "d/" + nm.decode()))
+
+    plain = s.overlay()
+    expect = {nm: describe(plain, resolve(plain, "d"), nm.encode()) for nm in names}
+    indexed = s.overlay()
+    d = resolve(indexed, "d")
+    for _ in range(3):
+        got = {nm: describe(indexed, d, nm.encode()) for nm in names}
+    assert d.lindex is not None            # the index was built and used
+    assert got == expect
+    assert describe(indexed, d, b"not-there") is None

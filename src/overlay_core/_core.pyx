@@ -49,6 +49,9 @@ cdef int O_CLOEXEC = os.O_CLOEXEC
 # redirect xattrs longer than this are refused (kernel: redirect_max)
 REDIRECT_MAX = 256
 NAME_MAX = 255
+# dirs with this many lower dirs get a name index after a few lookups
+INDEX_MIN_LAYERS = 8
+INDEX_AFTER_LOOKUPS = 4
 
 
 
@@ -81,6 +84,8 @@ cdef class Node:
     cdef public object fuse_id     # the adapter's inode number for it, 0 if none
     cdef public bint ghost         # a whiteout that readdir lists (see Overlay.readdir)
     cdef public object st          # Stat found by the lookup that made/refreshed it
+    cdef public object lindex      # {name: [positions in lowers]} (see _build_index)
+    cdef public int nlookups       # lookups below it before lindex was built
 
     def __cinit__(self):
         self.fuse_id = 0
@@ -131,6 +136,7 @@ cdef class Overlay:
     cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."
     cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
     cdef readonly bint redirect_dir
+    cdef readonly bint userxattr
     cdef readonly bint no_sync
     cdef readonly Node root
     cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
@@ -157,6 +163,7 @@ cdef class Overlay:
         self.x_whiteout = self.prefix + b"whiteout"
         self.x_ino = self.prefix + b"fuse.ino"
         self.redirect_dir = redirect_dir
+        self.userxattr = userxattr
         self.no_sync = no_sync
         self.nodes = {}
         self.renumbered = []
@@ -341,27 +348,44 @@ cdef class Overlay:
         Returns (nondir, dirs, st): nondir is (layer, fd, st) or None; dirs a
         list of (layer, fd) of directories to merge, top first; st the Stat of
         the top one."""
-        pmap = {i: fd for i, fd in parent.lowers}
+        cdef int n = len(self.lower_roots)
+        cdef int idx
+        cdef Py_ssize_t j = 0
+        cdef list plan
         path = redirect if redirect is not None else name
         dirs = []
         topst = None
-        cdef int idx
-        for idx in range(len(self.lower_roots)):
+        # which layers to probe: (layer index, dir fd) in order
+        if path.startswith(b"/"):
+            plan = [(i, self.lower_roots[i]) for i in range(n)]
+        else:
+            plan = parent.lowers
+            if redirect is None and len(plan) >= INDEX_MIN_LAYERS:
+                if parent.lindex is None:
+                    parent.nlookups += 1
+                    if parent.nlookups >= INDEX_AFTER_LOOKUPS:
+                        self._build_index(parent)
+                if parent.lindex is not None:
+                    positions = parent.lindex.get(name)
+                    if positions is None:
+                        return None, dirs, None
+                    plan = [parent.lowers[k] for k in positions]
+        while j < len(plan):
+            idx, base = plan[j]
+            j += 1
             if path.startswith(b"/"):
-                base = self.lower_roots[idx]
                 comps = [c for c in path.split(b"/") if c]
                 if not comps:
                     break
             else:
-                base = pmap.get(idx)
-                if base is None:
-                    continue
                 comps = path.split(b"/")
             if any(c in (b"", b".", b"..") for c in comps):
                 log.warning("ignoring invalid redirect %r", path)
                 break
             kind, fd, st = self._walk_lower(base, comps)
             if kind == 0:
+                if self._walk_stop:
+                    break       # an opaque dir on the way: nothing below counts
                 continue
             if kind == 1:
                 break
@@ -373,7 +397,7 @@ cdef class Overlay:
             if not dirs:
                 topst = st
             dirs.append((idx, fd))
-            if idx == len(self.lower_roots) - 1 or self._walk_stop:
+            if idx == n - 1 or self._walk_stop:
                 break
             op = self._getx(fd, self.x_opaque)
             if op == b"y":
@@ -386,7 +410,31 @@ cdef class Overlay:
                 else:
                     head, sep, _ = path.rpartition(b"/")
                     path = head + sep + rd
+                # the rest of the search follows the new path
+                if path.startswith(b"/"):
+                    plan = [(i, self.lower_roots[i]) for i in range(idx + 1, n)]
+                else:
+                    plan = [(i, f) for i, f in parent.lowers if i > idx]
+                j = 0
         return None, dirs, topst
+
+    cdef _build_index(self, Node d):
+        """Which of d's lower dirs hold each name: {name: [positions in
+        d.lowers]}. Lets lookups in a dir of a deep stack probe only the
+        layers that have the name. Like the kernel's caches, it does not see
+        lower dirs changed behind the mount."""
+        index = {}
+        cdef Py_ssize_t pos
+        for pos in range(len(d.lowers)):
+            fd = d.lowers[pos][1]
+            rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
+            try:
+                names = os.listdir(rfd)
+            finally:
+                os.close(rfd)
+            for nm in names:
+                index.setdefault(os.fsencode(nm), []).append(pos)
+        d.lindex = index
 
     def lookup(self, Node parent, bytes name):
         """Resolve name in the merged directory parent; returns the Node
@@ -752,14 +800,18 @@ cdef class Overlay:
                 tfd = self._opath(wd, t, False)
             try:
                 self._copy_xattrs(src, _proc(tfd))
+                ino_kept = False
                 if n.ino is not None and (fmt == S.S_IFDIR or st.st_nlink == 1):
                     try:
                         os.setxattr(_proc(tfd), self.x_ino, b"%d" % n.ino)
+                        ino_kept = True
                     except OSError as e:
-                        # user.* xattrs are refused on symlinks (userxattr)
-                        if fmt != S.S_IFLNK:
+                        # user.* xattrs are refused on symlinks and special
+                        # files (userxattr); the kernel then has no origin
+                        # either and reports the upper inode number
+                        if fmt == S.S_IFREG or fmt == S.S_IFDIR:
                             raise
-                        log.debug("copy-up: no inode xattr on symlink %r: %s", n.name, e)
+                        log.debug("copy-up: no inode xattr on %r: %s", n.name, e)
                 os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
                 if fmt != S.S_IFLNK:
                     os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
@@ -785,7 +837,7 @@ cdef class Overlay:
         if n.upper >= 0:
             os.close(tfd)     # a concurrent lookup already found the copy
         else:
-            self._adopt_upper(n, tfd, fmt == S.S_IFDIR or st.st_nlink == 1)
+            self._adopt_upper(n, tfd, ino_kept)
         if not n.is_dir:
             # the lower object is no longer needed once the copy is in place
             for _, fd in n.lowers:
@@ -851,9 +903,10 @@ cdef class Overlay:
                 if kind != S.S_IFLNK:
                     # chown may clear set-id bits: apply the mode after it
                     os.chmod(b"/proc/self/fd/%d/%s" % (dfd, dname), mode & 0o7777)
-            if kind == S.S_IFDIR and (over_whiteout or parent.lowers):
+            if kind == S.S_IFDIR and (over_whiteout or (parent.lowers and not self.userxattr)):
                 # over a whiteout it must be opaque; in a merged parent the
-                # kernel marks it too, so lookups skip the lower layers
+                # kernel marks it too (not with userxattr), so lookups skip
+                # the lower layers
                 os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), self.x_opaque, b"y")
             if over_whiteout:
                 sys_renameat2(dfd, dname, parent.upper, name, RENAME_EXCHANGE)
