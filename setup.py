@@ -27,6 +27,6 @@ setup(
         extensions,
         language_level=3,
         annotate=annotate,
-        compiler_directives={"boundscheck": False, "wraparound": False, "embedsignature": True},
+        compiler_directives={"embedsignature": True},
     ),
 )

@@ -6,6 +6,9 @@ Two console scripts live here (see ``[project.scripts]`` in pyproject.toml):
     ``overlay mount -o OPTS [-f] MOUNTPOINT``   mount (in the background unless -f)
     ``overlay umount MOUNTPOINT``               unmount
     ``overlay demo``                            the guided walkthrough (overlay.demo)
+    ``overlay diff UPPER [--lower A:B]``        what an upper dir adds/changes/deletes
+    ``overlay commit UPPER -o LAYER.tar``       an upper dir as an OCI layer tarball
+                                                (both in overlay.layertools)
 
 ``overlay-mount`` -> :func:`mount_helper_main`
     The helper behind ``mount -t fuse.overlay-mount SOURCE MOUNTPOINT -o OPTS``:
@@ -494,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.add_argument("--dir", metavar="DIR", help="create the scratch directory under DIR")
+
+    from overlay import layertools  # noqa: PLC0415 - stdlib only, no pyfuse3
+
+    layertools.add_commands(sub)
     return parser
 
 
@@ -506,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("overlay: error: a command is required (mount, umount or demo)", file=sys.stderr)
+        print("overlay: error: a command is required (mount, umount, demo, diff or commit)", file=sys.stderr)
         return EXIT_USAGE
 
     if args.command == "mount":
@@ -531,6 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from overlay.demo import run_demo  # noqa: PLC0415 - lazy
 
         return run_demo(keep=args.keep, base_dir=args.dir)
+    if args.command in ("diff", "commit"):
+        from overlay import layertools  # noqa: PLC0415
+
+        return layertools.run_command(args, prog="overlay")
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
     return EXIT_USAGE
 
@@ -621,9 +632,26 @@ def _apply_helper_defaults(config: MountConfig, optstring: str, source: str | No
         config.fsname = source
 
 
-def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+def containers_mount_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``overlay-containers-mount``: ``overlay-mount`` for
+    containers-storage (podman, buildah as ``mount_program``), whose layers
+    keep whiteouts in the OCI form (``.wh.NAME``, ``.wh..wh..opq``); it adds
+    the ``oci_whiteouts`` option, since podman passes only the layer dirs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(args):
+        if a == "-o" and i + 1 < len(args):
+            args[i + 1] = args[i + 1].rstrip(",") + ",oci_whiteouts"
+            break
+        if a.startswith("-o") and len(a) > 2:
+            args[i] = a.rstrip(",") + ",oci_whiteouts"
+            break
+    else:
+        args += ["-o", "oci_whiteouts"]
+    return mount_helper_main(args, prog="overlay-containers-mount")
+
+
+def mount_helper_main(argv: Sequence[str] | None = None, prog: str = "overlay-mount") -> int:
     """Entry point of the ``overlay-mount`` console script (mount.fuse3 helper)."""
-    prog = "overlay-mount"
     try:
         args = parse_helper_args(sys.argv[1:] if argv is None else argv)
     except HelperUsageError as exc:

@@ -517,6 +517,7 @@ def build_core(config) -> Overlay:
         userxattr=config.userxattr,
         redirect_dir=config.redirect_dir,
         no_sync=config.volatile,
+        oci_whiteouts=config.oci_whiteouts,
     )
 
 

@@ -76,6 +76,7 @@ class MountConfig:
     attr_timeout: float = DEFAULT_TIMEOUT
     workers: int = 1  # pyfuse3 tasks serving requests (see overlay.fs)
     writeback: bool = False  # kernel writeback cache (faster big writes)
+    oci_whiteouts: bool = False  # lower layers with OCI .wh. whiteouts
     # Options that were given but change nothing (kept for logging/debugging).
     ignored: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -134,7 +135,8 @@ GENERIC_OPTIONS = frozenset(
 _GENERIC_PREFIXES = ("x-", "comment=")
 
 _FLAG_OPTIONS = frozenset(
-    {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro", "writeback"}
+    {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro", "writeback",
+     "oci_whiteouts"}
 )
 _VALUE_OPTIONS = frozenset(
     {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
@@ -355,6 +357,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         default_permissions=flags.get("default_permissions", False),
         debug=flags.get("debug", False),
         writeback=flags.get("writeback", False),
+        oci_whiteouts=flags.get("oci_whiteouts", False),
         fsname=fsname,
         **timeouts,
         **extra,

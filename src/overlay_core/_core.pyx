@@ -51,6 +51,10 @@ REDIRECT_MAX = 256
 NAME_MAX = 255
 # dirs with this many lower dirs get a name index after a few lookups
 INDEX_MIN_LAYERS = 8
+# OCI image layers (option oci_whiteouts): .wh.NAME whites out NAME in the
+# layers below; .wh..wh..opq makes its dir opaque. Same-layer entries stay.
+OCI_WH = b".wh."
+OCI_OPQ = b".wh..wh..opq"
 INDEX_AFTER_LOOKUPS = 4
 
 
@@ -137,6 +141,7 @@ cdef class Overlay:
     cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
     cdef readonly bint redirect_dir
     cdef readonly bint userxattr
+    cdef readonly bint oci             # lower layers use OCI .wh. whiteouts
     cdef readonly bint no_sync
     cdef readonly Node root
     cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
@@ -149,7 +154,7 @@ cdef class Overlay:
     cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
-                 redirect_dir=True, no_sync=False):
+                 redirect_dir=True, no_sync=False, oci_whiteouts=False):
         if not lowers:
             raise ValueError("at least one lower layer is needed")
         if (upper is None) != (work is None):
@@ -164,6 +169,7 @@ cdef class Overlay:
         self.x_ino = self.prefix + b"fuse.ino"
         self.redirect_dir = redirect_dir
         self.userxattr = userxattr
+        self.oci = oci_whiteouts
         self.no_sync = no_sync
         self.nodes = {}
         self.renumbered = []
@@ -260,6 +266,16 @@ cdef class Overlay:
             flags |= O_DIRECTORY
         return os.open(name, flags, dir_fd=dirfd)
 
+    cdef bint _oci_whiteout(self, int dirfd, bytes name) except -1:
+        """OCI layers: is there a .wh.<name> next to (absent) name?"""
+        cdef struct_stat st
+        return c_statat(dirfd, OCI_WH + name, &st) == 0
+
+    cdef bint _oci_opaque(self, int dirfd) except -1:
+        """OCI layers: does the dir hold the opaque marker .wh..wh..opq?"""
+        cdef struct_stat st
+        return c_statat(dirfd, OCI_OPQ, &st) == 0
+
     cdef bint _lower_whiteout(self, int dirfd, bytes name, st) except -1:
         return self._lower_whiteout_c(dirfd, name, st.st_mode, st.st_rdev, st.st_size)
 
@@ -302,9 +318,13 @@ cdef class Overlay:
             for j in range(n):
                 comp = comps[j]
                 last = j == n - 1
+                if self.oci and comp.startswith(OCI_WH):
+                    return 0, -1, None      # markers are never entries
                 err = c_statat(fd, comp, &st)
                 if err:
                     if err == ENOENT or err == ENOTDIR or err == ENAMETOOLONG:
+                        if self.oci and err == ENOENT and self._oci_whiteout(fd, comp):
+                            return 1, -1, None
                         return 0, -1, None
                     raise _err(err, comp)
                 if (S.S_ISCHR(st.st_mode) or (S.S_ISREG(st.st_mode) and st.st_size == 0)) \
@@ -319,7 +339,8 @@ cdef class Overlay:
                     os.close(fd)
                 fd = nfd
                 owned = True
-                if not last and self._getx(fd, self.x_opaque) == b"y":
+                if not last and (self._getx(fd, self.x_opaque) == b"y"
+                                 or (self.oci and self._oci_opaque(fd))):
                     # an opaque dir on the way: the layers below do not
                     # count for this path (the kernel stops there too)
                     self._walk_stop = True
@@ -400,7 +421,7 @@ cdef class Overlay:
             if idx == n - 1 or self._walk_stop:
                 break
             op = self._getx(fd, self.x_opaque)
-            if op == b"y":
+            if op == b"y" or (self.oci and self._oci_opaque(fd)):
                 break
             rd = self._getx(fd, self.x_redirect)
             if rd is not None:
@@ -433,7 +454,14 @@ cdef class Overlay:
             finally:
                 os.close(rfd)
             for nm in names:
-                index.setdefault(os.fsencode(nm), []).append(pos)
+                b = os.fsencode(nm)
+                if self.oci and b.startswith(OCI_WH):
+                    if b == OCI_OPQ:
+                        continue
+                    b = b[len(OCI_WH):]     # a whiteout of b in this layer
+                where = index.setdefault(b, [])
+                if not where or where[-1] != pos:
+                    where.append(pos)
         d.lindex = index
 
     def lookup(self, Node parent, bytes name):
@@ -555,10 +583,14 @@ cdef class Overlay:
 
     def lower_positive(self, Node parent, bytes name):
         """Would a lower entry show at name if the upper had nothing there?"""
+        if self.oci and name.startswith(OCI_WH):
+            return False
         for idx, fd in parent.lowers:
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except (FileNotFoundError, NotADirectoryError):
+                if self.oci and self._oci_whiteout(fd, name):
+                    return False
                 continue
             except OSError:
                 return True
@@ -600,11 +632,16 @@ cdef class Overlay:
             srcs.append((False, fd))
         for is_upper, fd in srcs:
             xwh = xwhiteouts and (not is_upper) and self._getx(fd, self.x_opaque) == b"x"
+            oci_hidden = []
             rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
             try:
                 with os.scandir(rfd) as it:
                     for e in it:
                         name = os.fsencode(e.name)
+                        if self.oci and not is_upper and name.startswith(OCI_WH):
+                            if name != OCI_OPQ:
+                                oci_hidden.append(name[len(OCI_WH):])
+                            continue
                         if name in seen:
                             continue
                         seen.add(name)
@@ -625,6 +662,8 @@ cdef class Overlay:
                         names.append((name, fd))
             finally:
                 os.close(rfd)
+            # an OCI whiteout hides its name in the layers below this one
+            seen.update(oci_hidden)
         return names
 
     def readdir(self, Node n):
@@ -642,6 +681,8 @@ cdef class Overlay:
                 entries = [(os.fsencode(nm), fd) for nm in os.listdir(rfd)]
             finally:
                 os.close(rfd)
+            if self.oci and n.upper < 0:
+                entries = [e for e in entries if not e[0].startswith(OCI_WH)]
         out = []
         known = {}      # one Node per object, also for names not yet known
         for name, fd in entries:

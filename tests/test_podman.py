@@ -1,0 +1,398 @@
+"""podman with our filesystem as its overlay ``mount_program`` (tests/test_podman.py).
+
+containers-storage.conf(5) lets the overlay driver mount layers with a FUSE
+program instead of the kernel: ``[storage.options.overlay] mount_program``.
+Here that is a small wrapper script which logs its argv (to ``argv.log``, so a
+failure shows exactly what podman passed) and execs our ``overlay-containers-mount``.
+Everything podman keeps (graphroot, runroot, tmpdir, a private
+storage.conf) lives under /tmp/eco-podman-*; no network is needed: the image
+is ``podman import``-ed from a tarball of a busybox root filesystem.
+
+* ``test_mount_and_diff``: ``podman mount`` a container (through the helper),
+  change files (write, append, delete a lower file, ``rm -rf`` a dir, rename a
+  dir, mkdir, an opaque dir), ``podman diff`` == the expected changes ==
+  ``overlay diff`` of the container's upper dir, ``podman umount``.
+* ``test_commit_view``: ``podman commit``, then mount a container of the new
+  image: the changes must be there (and the deleted files gone).
+* ``test_ten_stacked_commits``: ten more commits on top of each other
+  (create, write, delete a file of an earlier layer, rename a dir, commit),
+  then the final view is checked.
+* ``test_run``: ``podman run`` reads and writes through our mount (needs a
+  runtime that can start containers here; skipped with crun's error if not).
+
+With ``mount_program`` set, containers/storage writes the whiteouts of
+committed layers in the OCI/AUFS form (``.wh.NAME`` empty files,
+``.wh..wh..opq`` for opaque dirs); ``overlay-containers-mount`` mounts with
+the ``oci_whiteouts`` option that reads them.
+
+Skipped with the reason when podman or a static busybox is not installed
+(``apt-get install podman busybox-static``), when not root, or without FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import mountutil
+
+from overlay import layertools
+from overlay.api import fuse_unavailable_reason
+
+# PODMAN_MOUNT_PROGRAM=/usr/bin/fuse-overlayfs runs the same tests with
+# another mount program, for comparison
+HELPER = Path(os.environ.get("PODMAN_MOUNT_PROGRAM") or Path(sys.executable).parent / "overlay-containers-mount")
+OURS = "PODMAN_MOUNT_PROGRAM" not in os.environ
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+PODMAN_TIMEOUT = 180
+
+
+def _skip_reason() -> str | None:
+    if shutil.which("podman") is None:
+        return "podman is not installed (apt-get install podman)"
+    if os.geteuid() != 0:
+        return "the podman tests run podman as root (not uid 0)"
+    reason = fuse_unavailable_reason()
+    if reason:
+        return f"FUSE not usable: {reason}"
+    if not HELPER.exists():
+        return f"{HELPER} is missing (install the package: pip install -e .)"
+    if not os.path.exists(BUSYBOX):
+        return "no busybox binary (apt-get install busybox-static)"
+    ldd = subprocess.run(["ldd", BUSYBOX], capture_output=True, text=True)
+    if "not a dynamic executable" not in (ldd.stdout + ldd.stderr):
+        return f"{BUSYBOX} is not static (apt-get install busybox-static)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+# --------------------------------------------------------------------------
+# the podman environment
+
+
+class Podman:
+    """podman with private storage under ``base`` and our mount_program."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.root = os.path.join(base, "root")
+        self.runroot = os.path.join(base, "runroot")
+        self.tmpdir = os.path.join(base, "tmp")
+        self.argv_log = os.path.join(base, "argv.log")
+        self.fs_log = os.path.join(base, "fs.log")
+        self.wrapper = os.path.join(base, "overlay-mount-wrapper")
+        for d in (self.root, self.runroot, self.tmpdir):
+            os.makedirs(d)
+        with open(self.wrapper, "w") as fh:
+            fh.write(
+                "#!/bin/sh\n"
+                "# logs what podman passes, then runs our mount helper\n"
+                f"printf '%s\\n' \"$*\" >> {shlex.quote(self.argv_log)}\n"
+                f"exec {shlex.quote(str(HELPER))} \"$@\""
+                + (f" --log {shlex.quote(self.fs_log)}" if OURS else "")
+                + "\n"
+            )
+        os.chmod(self.wrapper, 0o755)
+        self.storage_conf = os.path.join(base, "storage.conf")
+        with open(self.storage_conf, "w") as fh:
+            fh.write(
+                "[storage]\n"
+                'driver = "overlay"\n'
+                f'graphroot = "{self.root}"\n'
+                f'runroot = "{self.runroot}"\n'
+                "[storage.options.overlay]\n"
+                f'mount_program = "{self.wrapper}"\n'
+            )
+        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=self.storage_conf)
+        self.cmd = [
+            "podman",
+            "--tmpdir",
+            self.tmpdir,
+            "--events-backend",
+            "file",
+            "--cgroup-manager",
+            "cgroupfs",
+        ]
+
+    def __call__(self, *args: str, check: bool = True) -> str:
+        proc = subprocess.run(
+            [*self.cmd, *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            timeout=PODMAN_TIMEOUT,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"podman {' '.join(args)} failed (rc={proc.returncode}):\n{proc.stderr.strip()}\n"
+                f"mount_program argv log:\n{self.argv_text()}"
+            )
+        return proc.stdout if check else proc  # type: ignore[return-value]
+
+    def argv_text(self) -> str:
+        try:
+            with open(self.argv_log) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return "(the mount program was never run)"
+
+    def mount(self, container: str) -> str:
+        mp = self("mount", container).strip()
+        assert mountutil.is_mounted(mp), f"podman mount said {mp} but it is not mounted"
+        fstype = dict(mountutil.mountpoints()).get(mp, "")
+        assert fstype.startswith("fuse"), (
+            f"{mp} is {fstype!r}, not our FUSE mount; argv log:\n{self.argv_text()}"
+        )
+        return mp
+
+    def umount(self, container: str, mp: str) -> None:
+        self("umount", container)
+        assert not mountutil.is_mounted(mp), f"{mp} still mounted after podman umount"
+
+    def inspect(self, container: str) -> dict:
+        return json.loads(self("container", "inspect", container))[0]
+
+    def close(self) -> None:
+        for args in (("umount", "--all", "--force"), ("rm", "--all", "--force")):
+            try:
+                self(*args, check=False)
+            except Exception:  # noqa: BLE001 - best effort, mounts go below
+                pass
+        # everything mounted below base is ours (podman's FUSE mounts, its
+        # private bind mount of the overlay dir): deepest first
+        for mp in sorted(mountutil._mounts_below(self.base), key=len, reverse=True):
+            mountutil.umount(mp)
+
+
+def make_rootfs(base: str) -> str:
+    """A busybox root filesystem tarball; returns its path."""
+    root = os.path.join(base, "rootfs")
+    for d in ("bin", "etc", "data/sub", "gone/deep", "opq/x", "tmp", "layers", "moving/d0"):
+        os.makedirs(os.path.join(root, d))
+    shutil.copy2(BUSYBOX, os.path.join(root, "bin", "busybox"))
+    for applet in ("sh", "cat", "ls", "echo", "rm", "mkdir", "mv"):
+        os.symlink("busybox", os.path.join(root, "bin", applet))
+    files = {
+        "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+        "etc/motd": "hello\n",
+        "data/sub/f": "d\n",
+        "gone/deep/g": "g\n",
+        "opq/keep": "keep\n",
+        "opq/x/y": "y\n",
+        "moving/d0/payload": "payload\n",
+        "log": "base\n",
+    }
+    for rel, text in files.items():
+        with open(os.path.join(root, rel), "w") as fh:
+            fh.write(text)
+    tarball = os.path.join(base, "rootfs.tar")
+    subprocess.run(["tar", "-C", root, "-cf", tarball, "."], check=True)
+    return tarball
+
+
+@pytest.fixture(scope="module")
+def podman():
+    base = tempfile.mkdtemp(prefix="eco-podman-", dir="/tmp")
+    p = Podman(base)
+    try:
+        p("import", make_rootfs(base), "localhost/eco-bb:base")
+        yield p
+    finally:
+        p.close()
+        if not mountutil._mounts_below(base):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+def check_view(mp: str, expected: dict[str, str | None]) -> list[str]:
+    """Problems with the view: path -> content (None: must not exist, "/": dir)."""
+    problems = []
+    for rel, want in expected.items():
+        path = os.path.join(mp, rel.lstrip("/"))
+        if want is None:
+            if os.path.lexists(path):
+                problems.append(f"{rel} exists but was deleted")
+        elif want == "/":
+            if not os.path.isdir(path):
+                problems.append(f"{rel} is not a directory")
+        else:
+            try:
+                with open(path) as fh:
+                    got = fh.read()
+            except OSError as exc:
+                problems.append(f"{rel}: {exc.strerror}")
+                continue
+            if got != want:
+                problems.append(f"{rel}: {got!r} != {want!r}")
+    return problems
+
+
+def fail_or_xfail(problems: list[str], what: str) -> None:
+    if problems:
+        pytest.fail(f"{what}: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------
+# the changes made in the first container
+
+
+def rename_dir(src: str, dst: str) -> None:
+    """rename(2); like mv(1), copy + delete on EXDEV, but only for another
+    mount program (fuse-overlayfs gives EXDEV for lower dirs; ours must not)."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if OURS or exc.errno != errno.EXDEV:
+            raise
+        shutil.copytree(src, dst, symlinks=True)
+        shutil.rmtree(src)
+
+
+def change_first_container(mp: str) -> None:
+    j = lambda *p: os.path.join(mp, *p)  # noqa: E731
+    with open(j("newfile"), "w") as fh:
+        fh.write("new\n")
+    with open(j("etc/passwd"), "a") as fh:
+        fh.write("eco:x:1000:1000::/:/bin/sh\n")
+    os.remove(j("etc/motd"))
+    shutil.rmtree(j("gone"))
+    rename_dir(j("data"), j("data2"))
+    os.mkdir(j("newdir"))
+    with open(j("newdir/file"), "w") as fh:
+        fh.write("nd\n")
+    shutil.rmtree(j("opq"))
+    os.mkdir(j("opq"))
+    with open(j("opq/new"), "w") as fh:
+        fh.write("o\n")
+
+
+EXPECTED_DIFF = {
+    "A /newfile",
+    "C /etc",
+    "C /etc/passwd",
+    "D /etc/motd",
+    "D /gone",
+    "D /data",
+    "A /data2",
+    "A /data2/sub",
+    "A /data2/sub/f",
+    "A /newdir",
+    "A /newdir/file",
+    "C /opq",
+    "D /opq/keep",
+    "D /opq/x",
+    "A /opq/new",
+}
+
+FIRST_VIEW = {
+    "/newfile": "new\n",
+    "/etc/passwd": "root:x:0:0:root:/root:/bin/sh\neco:x:1000:1000::/:/bin/sh\n",
+    "/etc/motd": None,
+    "/gone": None,
+    "/data": None,
+    "/data2/sub/f": "d\n",
+    "/newdir/file": "nd\n",
+    "/opq/new": "o\n",
+    "/opq/keep": None,
+    "/opq/x": None,
+    "/log": "base\n",
+}
+
+
+def test_mount_and_diff(podman):
+    podman("create", "--name", "eco-c1", "localhost/eco-bb:base", "/bin/sh")
+    mp = podman.mount("eco-c1")
+    argv = podman.argv_text().splitlines()[-1]
+    # what podman hands the mount program: -o lowerdir=...,upperdir=...,workdir=..., MOUNTPOINT
+    assert argv.startswith("-o lowerdir=") and argv.endswith(" " + mp), argv
+    assert ",upperdir=" in argv and ",workdir=" in argv, argv
+    assert sorted(os.listdir(mp)) == ["bin", "data", "etc", "gone", "layers", "log", "moving", "opq", "tmp"]
+    change_first_container(mp)
+    assert check_view(mp, FIRST_VIEW) == []
+
+    diff = set(podman("diff", "eco-c1").splitlines())
+    assert diff == EXPECTED_DIFF, f"podman diff: extra {diff - EXPECTED_DIFF}, missing {EXPECTED_DIFF - diff}"
+    if OURS:  # (another mount program's upper dir may use another format)
+        data = podman.inspect("eco-c1")["GraphDriver"]["Data"]
+        ours = {str(c) for c in layertools.diff(data["UpperDir"], data["LowerDir"].split(":"))}
+        assert ours == diff, f"overlay diff vs podman diff: extra {ours - diff}, missing {diff - ours}"
+    podman.umount("eco-c1", mp)
+
+
+def test_commit_view(podman):
+    if "eco-c1" not in podman("ps", "-a", "--format", "{{.Names}}").split():
+        pytest.skip("needs the container of test_mount_and_diff")
+    podman("commit", "eco-c1", "localhost/eco-bb:c1")
+    podman("create", "--name", "eco-c2", "localhost/eco-bb:c1", "/bin/sh")
+    mp = podman.mount("eco-c2")
+    try:
+        assert podman("diff", "eco-c2").strip() == ""
+        problems = check_view(mp, FIRST_VIEW)
+    finally:
+        podman.umount("eco-c2", mp)
+    fail_or_xfail(problems, "view of the committed image")
+
+
+def test_ten_stacked_commits(podman):
+    image = "localhost/eco-bb:base"
+    for i in range(1, 11):
+        name = f"eco-s{i}"
+        podman("create", "--name", name, image, "/bin/sh")
+        mp = podman.mount(name)
+        with open(os.path.join(mp, "layers", f"f{i}"), "w") as fh:
+            fh.write(f"{i}\n")
+        if i > 1 and (i - 1) % 2 == 0:
+            os.remove(os.path.join(mp, "layers", f"f{i - 1}"))  # a file of the layer below
+        rename_dir(os.path.join(mp, "moving", f"d{i - 1}"), os.path.join(mp, "moving", f"d{i}"))
+        with open(os.path.join(mp, "log"), "a") as fh:
+            fh.write(f"{i}\n")
+        podman.umount(name, mp)
+        image = f"localhost/eco-bb:s{i}"
+        podman("commit", name, image)
+        podman("rm", name)
+    layers = json.loads(podman("image", "inspect", image))[0]["RootFS"]["Layers"]
+    assert len(layers) == 11
+
+    podman("create", "--name", "eco-final", image, "/bin/sh")
+    mp = podman.mount("eco-final")
+    try:
+        expected: dict[str, str | None] = {"/log": "base\n" + "".join(f"{i}\n" for i in range(1, 11))}
+        for i in range(1, 11):
+            expected[f"/layers/f{i}"] = None if (i % 2 == 0 and i < 10) else f"{i}\n"
+            expected[f"/moving/d{i - 1}"] = None
+        expected["/moving/d10/payload"] = "payload\n"
+        problems = check_view(mp, expected)
+        names = sorted(os.listdir(os.path.join(mp, "layers")))
+        want = ["f1", "f10", "f3", "f5", "f7", "f9"]
+        if names != want:
+            problems.append(f"/layers lists {names}, expected {want}")
+    finally:
+        podman.umount("eco-final", mp)
+    fail_or_xfail(problems, "view after ten stacked commits")
+
+
+def test_run(podman):
+    proc = podman(
+        "run", "--rm", "--network", "none", "localhost/eco-bb:base",
+        "/bin/sh", "-c", "cat /etc/motd; echo written > /tmp/x; cat /tmp/x",
+        check=False,
+    )
+    if proc.returncode != 0 and any(
+        sign in proc.stderr for sign in ("setrlimit", "OCI permission denied", "cgroup")
+    ):
+        # e.g. a sandbox without CAP_SYS_RESOURCE: crun cannot set the rlimits
+        pytest.skip(f"podman run cannot start containers here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello\nwritten\n"
