@@ -728,6 +728,22 @@ def test_mount_t_fuse_overlay_mount(layers: Path, helper_on_default_path: str):
 
 
 @needs_fuse_mount
+def test_fstab_line(layers: Path, helper_on_default_path: str, tmp_path: Path):
+    """The fstab line from the README, read by mount(8) from an fstab file
+    (mount --fstab FILE MOUNTPOINT)."""
+    t = layers
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        "# test fstab\n"
+        f"overlay  {t}/merge  fuse.overlay-mount  "
+        f"lowerdir={t}/image2:{t}/image1,upperdir={t}/container,workdir={t}/work,nofail  0  0\n"
+    )
+    proc = run(["mount", "--fstab", str(fstab), str(t / "merge")], cwd=t, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _check_helper_mount(t)
+
+
+@needs_fuse_mount
 def test_mount_t_fuse_with_helper_path(layers: Path):
     """The legacy form with an absolute helper path works from a venv, no link needed."""
     t = layers

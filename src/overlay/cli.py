@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     from overlay import layertools  # noqa: PLC0415 - stdlib only, no pyfuse3
 
     layertools.add_commands(sub)
+    from overlay import stats  # noqa: PLC0415 - stdlib only
+
+    stats.add_command(sub)
     return parser
 
 
@@ -513,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("overlay: error: a command is required (mount, umount, demo, diff or commit)", file=sys.stderr)
+        print("overlay: error: a command is required (mount, umount, demo, diff, commit or stats)", file=sys.stderr)
         return EXIT_USAGE
 
     if args.command == "mount":
@@ -538,6 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from overlay.demo import run_demo  # noqa: PLC0415 - lazy
 
         return run_demo(keep=args.keep, base_dir=args.dir)
+    if args.command == "stats":
+        from overlay import stats  # noqa: PLC0415
+
+        return stats.run_command(args, prog="overlay")
     if args.command in ("diff", "commit"):
         from overlay import layertools  # noqa: PLC0415
 

@@ -24,7 +24,9 @@ synced; `workers=N` lets up to N requests be served at once.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import errno
 import logging
 import os
@@ -40,12 +42,17 @@ from pyfuse3 import FUSEError
 from overlay_core import Overlay
 
 from . import _fuseattr
+from .idmap import IdMap
 
 log = logging.getLogger(__name__)
 
 # Regular files up to this size are copied up on the trio thread: a thread
 # hop costs more than copying them.
 COPY_UP_INLINE = 256 * 1024
+
+# Reading this xattr on the mount's root gives the counters as JSON
+# (overlay stats); it is never stored and cannot be set.
+STATS_XATTR = b"user.overlay-fuse.stats"
 
 # Readahead of the FUSE mount (KiB); the kernel's default is 128.
 READAHEAD_KIB = 1024
@@ -80,9 +87,15 @@ class OverlayOperations(pyfuse3.Operations):
     # for system.posix_acl_* once per inode instead of every time
     enable_acl = True
 
-    def __init__(self, core: Overlay, *, entry_timeout: float = 300.0, attr_timeout: float = 300.0):
+    def __init__(self, core: Overlay, *, entry_timeout: float = 300.0, attr_timeout: float = 300.0,
+                 uidmap: IdMap | None = None, gidmap: IdMap | None = None,
+                 squash_to_root: bool = False):
         super().__init__()
         self.core = core
+        self.uidmap = uidmap or None
+        self.gidmap = gidmap or None
+        self.squash = squash_to_root
+        self.counts = collections.Counter()   # request name -> count (overlay stats)
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.inodes = {ROOT: core.root}      # FUSE inode -> Node
@@ -134,8 +147,11 @@ class OverlayOperations(pyfuse3.Operations):
             e.attr_timeout = self.attr_timeout
         e.st_mode = st.st_mode
         e.st_nlink = 1 if node.merged else st.st_nlink
-        e.st_uid = st.st_uid
-        e.st_gid = st.st_gid
+        if self.squash:
+            e.st_uid = e.st_gid = 0
+        else:
+            e.st_uid = self.uidmap.shown(st.st_uid) if self.uidmap else st.st_uid
+            e.st_gid = self.gidmap.shown(st.st_gid) if self.gidmap else st.st_gid
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
@@ -166,6 +182,14 @@ class OverlayOperations(pyfuse3.Operations):
         self._ref(node)
         return attrs
 
+    def _ids(self, uid: int, gid: int):
+        """Host ids to store for ids given through the mount."""
+        if self.uidmap:
+            uid = self.uidmap.host(uid)
+        if self.gidmap:
+            gid = self.gidmap.host(gid)
+        return uid, gid
+
     async def _copy_up(self, node, data: bool = True):
         """Copy node up, off the trio thread when it is a big file; returns
         the node to use from now on (see Overlay.copy_up)."""
@@ -180,11 +204,13 @@ class OverlayOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ lookup & attrs
 
     async def lookup(self, parent_inode, name, ctx):
+        self.counts['lookup'] += 1
         with _errors():
             node = self.core.lookup(self._node(parent_inode), name)
             return self._entry(node)
 
     async def forget(self, inode_list):
+        self.counts['forget'] += 1
         for inode, count in inode_list:
             if inode == ROOT:
                 continue
@@ -198,19 +224,21 @@ class OverlayOperations(pyfuse3.Operations):
                 self.core.forget(node)
 
     async def getattr(self, inode, ctx):
+        self.counts['getattr'] += 1
         with _errors():
             return self._attrs(self._node(inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self.counts['setattr'] += 1
         with _errors():
             node = self._node(inode)
             kw = {}
             if fields.update_mode:
                 kw["mode"] = attr.st_mode
             if fields.update_uid:
-                kw["uid"] = attr.st_uid
+                kw["uid"] = self.uidmap.host(attr.st_uid) if self.uidmap else attr.st_uid
             if fields.update_gid:
-                kw["gid"] = attr.st_gid
+                kw["gid"] = self.gidmap.host(attr.st_gid) if self.gidmap else attr.st_gid
             if fields.update_size:
                 kw["size"] = attr.st_size
                 if fh is not None and fh in self.handles:
@@ -227,10 +255,12 @@ class OverlayOperations(pyfuse3.Operations):
             return self._attrs(node)
 
     async def readlink(self, inode, ctx):
+        self.counts['readlink'] += 1
         with _errors():
             return self.core.readlink(self._node(inode))
 
     async def access(self, inode, mode, ctx):
+        self.counts['access'] += 1
         with _errors():
             st = self.core.getattr(self._node(inode))
         if mode & os.W_OK and self.core.upper_root < 0:
@@ -250,26 +280,31 @@ class OverlayOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ namespace
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self.counts['mknod'] += 1
         with _errors():
             async with self._mutating():
                 node = self.core.mknod(self._node(parent_inode), name,
-                                       mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
+                                       mode & ~ctx.umask, rdev, *self._ids(ctx.uid, ctx.gid))
             return self._entry(node)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
+        self.counts['mkdir'] += 1
         with _errors():
             async with self._mutating():
                 node = self.core.mkdir(self._node(parent_inode), name,
-                                       S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+                                       S.S_IMODE(mode) & ~ctx.umask, *self._ids(ctx.uid, ctx.gid))
             return self._entry(node)
 
     async def symlink(self, parent_inode, name, target, ctx):
+        self.counts['symlink'] += 1
         with _errors():
             async with self._mutating():
-                node = self.core.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
+                node = self.core.symlink(self._node(parent_inode), name, target,
+                                         *self._ids(ctx.uid, ctx.gid))
             return self._entry(node)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self.counts['link'] += 1
         with _errors():
             async with self._mutating():
                 src = await self._copy_up(self._node(inode))
@@ -277,16 +312,19 @@ class OverlayOperations(pyfuse3.Operations):
             return self._entry(node)
 
     async def unlink(self, parent_inode, name, ctx):
+        self.counts['unlink'] += 1
         with _errors():
             async with self._mutating():
                 self.core.unlink(self._node(parent_inode), name)
 
     async def rmdir(self, parent_inode, name, ctx):
+        self.counts['rmdir'] += 1
         with _errors():
             async with self._mutating():
                 self.core.rmdir(self._node(parent_inode), name)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.counts['rename'] += 1
         with _errors():
             async with self._mutating():
                 self.core.rename(self._node(parent_inode_old), name_old,
@@ -347,6 +385,7 @@ class OverlayOperations(pyfuse3.Operations):
         return flags
 
     async def open(self, inode, flags, ctx):
+        self.counts['open'] += 1
         with _errors():
             flags = self._backing_flags(flags)
             node = self._node(inode)
@@ -360,11 +399,13 @@ class OverlayOperations(pyfuse3.Operations):
             return await self._open_info(fd, node, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self.counts['create'] += 1
         with _errors():
             flags = self._backing_flags(flags)
             async with self._mutating():
                 fd, node = self.core.create(self._node(parent_inode), name, flags,
-                                            S.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+                                            S.S_IMODE(mode) & ~ctx.umask,
+                                            *self._ids(ctx.uid, ctx.gid))
             attrs = self._entry(node)
             return await self._open_info(fd, node, flags), attrs
 
@@ -381,28 +422,34 @@ class OverlayOperations(pyfuse3.Operations):
         return h.fd
 
     async def read(self, fh, off, size):
+        self.counts['read'] += 1
         with _errors():
             return os.pread(self._fd(fh), size, off)
 
     async def write(self, fh, off, buf):
+        self.counts['write'] += 1
         with _errors():
             return os.pwrite(self._fd(fh), buf, off)
 
     async def flush(self, fh):
+        self.counts['flush'] += 1
         pass
 
     async def release(self, fh):
+        self.counts['release'] += 1
         h = self.handles.pop(fh, None)
         if h is not None:
             os.close(h.fd)
 
     async def fsync(self, fh, datasync):
+        self.counts['fsync'] += 1
         with _errors():
             await trio.to_thread.run_sync(self.core.fsync, self._fd(fh), bool(datasync))
 
     # ------------------------------------------------------------ directories
 
     async def opendir(self, inode, ctx):
+        self.counts['opendir'] += 1
         with _errors():
             node = self._node(inode)
             if not node.is_dir:
@@ -413,6 +460,7 @@ class OverlayOperations(pyfuse3.Operations):
             return fh
 
     async def readdir(self, fh, start_id, token):
+        self.counts['readdir'] += 1
         with _errors():
             h = self.dirs[fh]
             if h.entries is None or start_id == 0:
@@ -436,9 +484,11 @@ class OverlayOperations(pyfuse3.Operations):
                     self._ref(child)
 
     async def releasedir(self, fh):
+        self.counts['releasedir'] += 1
         self.dirs.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
+        self.counts['fsyncdir'] += 1
         with _errors():
             node = self.dirs[fh].node
             if node.upper >= 0:
@@ -449,6 +499,7 @@ class OverlayOperations(pyfuse3.Operations):
                     os.close(fd)
 
     async def statfs(self, ctx):
+        self.counts['statfs'] += 1
         with _errors():
             v = self.core.statfs()
         s = pyfuse3.StatvfsData()
@@ -465,15 +516,27 @@ class OverlayOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------ xattrs
 
+    def stats(self) -> dict:
+        """The counters `overlay stats` shows."""
+        return {"requests": dict(self.counts), "core": dict(self.core.counters),
+                "inodes_known": len(self.inodes), "open_files": len(self.handles)}
+
     async def getxattr(self, inode, name, ctx):
+        self.counts['getxattr'] += 1
+        if name == STATS_XATTR and inode == ROOT:
+            return json.dumps(self.stats()).encode()
         with _errors():
             return self.core.getxattr(self._node(inode), name)
 
     async def listxattr(self, inode, ctx):
+        self.counts['listxattr'] += 1
         with _errors():
             return self.core.listxattr(self._node(inode))
 
     async def setxattr(self, inode, name, value, ctx):
+        self.counts['setxattr'] += 1
+        if name == STATS_XATTR:
+            raise FUSEError(errno.EPERM)        # reserved for overlay stats
         with _errors():
             async with self._mutating():
                 node = self._node(inode)
@@ -482,6 +545,7 @@ class OverlayOperations(pyfuse3.Operations):
                 self.core.setxattr(node, name, value)
 
     async def removexattr(self, inode, name, ctx):
+        self.counts['removexattr'] += 1
         with _errors():
             async with self._mutating():
                 self.core.removexattr(self._node(inode), name)
@@ -565,7 +629,10 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     mount is live."""
     core = build_core(config)
     ops = OverlayOperations(core, entry_timeout=config.entry_timeout,
-                            attr_timeout=config.attr_timeout)
+                            attr_timeout=config.attr_timeout,
+                            uidmap=IdMap.parse(config.uidmapping, "uidmapping") if config.uidmapping else None,
+                            gidmap=IdMap.parse(config.gidmapping, "gidmapping") if config.gidmapping else None,
+                            squash_to_root=config.squash_to_root)
     ops.enable_writeback_cache = config.writeback
     pyfuse3.init(ops, mountpoint, fuse_options(config))
     unmount = False

@@ -77,6 +77,9 @@ class MountConfig:
     workers: int = 1  # pyfuse3 tasks serving requests (see overlay.fs)
     writeback: bool = False  # kernel writeback cache (faster big writes)
     oci_whiteouts: bool = False  # lower layers with OCI .wh. whiteouts
+    uidmapping: str | None = None  # CONTAINER:HOST:SIZE[:...] (see overlay.idmap)
+    gidmapping: str | None = None
+    squash_to_root: bool = False
     # Options that were given but change nothing (kept for logging/debugging).
     ignored: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -136,11 +139,11 @@ _GENERIC_PREFIXES = ("x-", "comment=")
 
 _FLAG_OPTIONS = frozenset(
     {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro", "writeback",
-     "oci_whiteouts"}
+     "oci_whiteouts", "squash_to_root"}
 )
 _VALUE_OPTIONS = frozenset(
     {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
-     "timeout", "entry_timeout", "attr_timeout", "workers"}
+     "timeout", "entry_timeout", "attr_timeout", "workers", "uidmapping", "gidmapping"}
 )
 # Options only accepted with one of these values (no-ops for us).
 _NOOP_VALUES = {
@@ -241,6 +244,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     fsname = "overlay"
     timeouts: dict[str, float] = {}
     extra: dict[str, int] = {}
+    idmaps: dict[str, str] = {}
     ignored: list[str] = []
 
     for raw in split_options(optstring):
@@ -269,6 +273,13 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             workdir = value
         elif name == "fsname":
             fsname = _unescape(value)
+        elif name in ("uidmapping", "gidmapping"):
+            from .idmap import IdMap, IdMapError
+            try:
+                IdMap.parse(value, name)
+            except IdMapError as exc:
+                raise OptionError(str(exc)) from None
+            idmaps[name] = value
         elif name == "workers":
             if not value.isdigit() or not 1 <= int(value) <= 1000:
                 raise OptionError(f"bad value '{value}' for workers (expected 1 to 1000)")
@@ -358,6 +369,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         debug=flags.get("debug", False),
         writeback=flags.get("writeback", False),
         oci_whiteouts=flags.get("oci_whiteouts", False),
+        squash_to_root=flags.get("squash_to_root", False),
+        **idmaps,
         fsname=fsname,
         **timeouts,
         **extra,

@@ -145,6 +145,7 @@ cdef class Overlay:
     cdef readonly bint no_sync
     cdef readonly Node root
     cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
+    cdef public dict counters          # copy-ups, bytes copied, lookups... (overlay stats)
     cdef public list renumbered        # Nodes whose st_ino or nlink changed behind
                                        # the kernel's back (the adapter drains it)
     cdef object _dev_index             # st_dev -> small int, when layers span filesystems
@@ -172,6 +173,8 @@ cdef class Overlay:
         self.oci = oci_whiteouts
         self.no_sync = no_sync
         self.nodes = {}
+        self.counters = {"lookups": 0, "lookups_known": 0, "copy_ups": 0, "bytes_copied": 0,
+                         "name_indexes": 0, "name_index_hits": 0}
         self.renumbered = []
         self._tmp_counter = 0
         self._lock = threading.Lock()
@@ -387,6 +390,7 @@ cdef class Overlay:
                     if parent.nlookups >= INDEX_AFTER_LOOKUPS:
                         self._build_index(parent)
                 if parent.lindex is not None:
+                    self.counters["name_index_hits"] += 1
                     positions = parent.lindex.get(name)
                     if positions is None:
                         return None, dirs, None
@@ -463,6 +467,7 @@ cdef class Overlay:
                 if not where or where[-1] != pos:
                     where.append(pos)
         d.lindex = index
+        self.counters["name_indexes"] += 1
 
     def lookup(self, Node parent, bytes name):
         """Resolve name in the merged directory parent; returns the Node
@@ -532,8 +537,10 @@ cdef class Overlay:
     cdef Node _intern(self, Node n):
         """Return the known Node for n's object, refreshed from n, or n."""
         cdef Node old = self.nodes.get(n.key)
+        self.counters["lookups"] += 1
         if old is None or old is n:
             return n
+        self.counters["lookups_known"] += 1
         if old.is_dir != n.is_dir:
             return n
         # Same object seen again (maybe under another name): keep the
@@ -884,6 +891,9 @@ cdef class Overlay:
             for _, fd in n.lowers:
                 os.close(fd)
             n.lowers = []
+        self.counters["copy_ups"] += 1
+        if fmt == S.S_IFREG and data:
+            self.counters["bytes_copied"] += st.st_size
         log.debug("copied up %r (ino %s)", n.name, n.ino)
         return n
 
