@@ -30,6 +30,7 @@ import json
 import errno
 import logging
 import os
+import resource
 import signal
 import stat as S
 import threading
@@ -623,10 +624,22 @@ def set_readahead(mountpoint: str, kib: int) -> None:
         log.debug("readahead not set for %s: %s", dev, exc)
 
 
+def _raise_fd_limit() -> None:
+    """Directories keep their O_PATH fds open (the fds of other objects live
+    in a bounded cache, see overlay_core): allow as many as we may."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.debug("RLIMIT_NOFILE not raised: %s", exc)
+
+
 def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Mount config on mountpoint and serve until it is unmounted (or the
     process gets SIGTERM/SIGINT, which unmounts). Calls on_ready() once the
     mount is live."""
+    _raise_fd_limit()
     core = build_core(config)
     ops = OverlayOperations(core, entry_timeout=config.entry_timeout,
                             attr_timeout=config.attr_timeout,

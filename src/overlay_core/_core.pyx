@@ -31,6 +31,7 @@ kernel's: the lower inode number, kept through copy-up where the kernel
 keeps it.
 """
 
+import collections
 import errno
 import logging
 import os
@@ -49,6 +50,11 @@ cdef int O_CLOEXEC = os.O_CLOEXEC
 # redirect xattrs longer than this are refused (kernel: redirect_max)
 REDIRECT_MAX = 256
 NAME_MAX = 255
+# non-directory Nodes whose O_PATH fds stay open (the kernel may keep every
+# inode it was told of; the fds of the others are closed and reopened by name)
+FD_CACHE_MAX = 4096
+EVICTED = -3
+
 # dirs with this many lower dirs get a name index after a few lookups
 INDEX_MIN_LAYERS = 8
 # OCI image layers (option oci_whiteouts): .wh.NAME whites out NAME in the
@@ -78,8 +84,13 @@ cdef class Node:
     cdef public object parent      # Node, None for the root
     cdef public bytes name         # name under parent (last known alias)
     cdef public bint is_dir
-    cdef public int upper          # O_PATH fd in the upper layer, or -1
-    cdef public list lowers        # [(layer index, O_PATH fd)], top first
+    cdef int _upper                # O_PATH fd in the upper layer, or -1 (see upper)
+    cdef list _lowers              # [(layer index, O_PATH fd)], top first (see lowers)
+    cdef public bint evicted       # fds closed by the fd cache, reopened on first use
+    cdef public bint busy          # in use by a copy-up: never evicted
+    cdef public object ov          # the Overlay that reopens evicted fds
+    cdef public object real        # (st_dev, st_ino) of the real object behind the fds
+    cdef public list aliases       # other (parent, name) a non-dir is known by
     cdef public bint opaque        # upper dir has <prefix>opaque=y
     cdef public bytes redirect     # upper dir's <prefix>redirect, or None
     cdef public object ino         # st_ino reported for this object
@@ -93,22 +104,44 @@ cdef class Node:
 
     def __cinit__(self):
         self.fuse_id = 0
-        self.upper = -1
-        self.lowers = []
+        self._upper = -1
+        self._lowers = []
+        self.aliases = []
         self.redirect = None
         self.cached = None
 
     def __dealloc__(self):
-        if self.upper >= 0:
+        if self._upper >= 0:
             try:
-                os.close(self.upper)
+                os.close(self._upper)
             except OSError:
                 pass
-        for _, fd in self.lowers:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for _, fd in self._lowers:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    property upper:
+        """O_PATH fd of the object in the upper layer, or -1."""
+        def __get__(self):
+            if self.evicted:
+                self.ov._reopen(self)
+            return self._upper
+
+        def __set__(self, int fd):
+            self._upper = fd
+
+    property lowers:
+        """[(layer index, O_PATH fd)] of the lower objects, top first."""
+        def __get__(self):
+            if self.evicted:
+                self.ov._reopen(self)
+            return self._lowers
+
+        def __set__(self, list v):
+            self._lowers = v
 
     @property
     def fd(self):
@@ -152,6 +185,8 @@ cdef class Overlay:
     cdef bint _samefs
     cdef object _tmp_counter
     cdef object _lock
+    cdef object _fdcache               # OrderedDict id -> non-dir Node holding fds
+    cdef public int fd_cache_max
     cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
@@ -176,6 +211,8 @@ cdef class Overlay:
         self.counters = {"lookups": 0, "lookups_known": 0, "copy_ups": 0, "bytes_copied": 0,
                          "name_indexes": 0, "name_index_hits": 0}
         self.renumbered = []
+        self._fdcache = collections.OrderedDict()
+        self.fd_cache_max = int(os.environ.get("OVERLAY_FD_CACHE", FD_CACHE_MAX))
         self._tmp_counter = 0
         self._lock = threading.Lock()
         self.lower_roots = []
@@ -532,19 +569,115 @@ cdef class Overlay:
             else:
                 n.key = (lst.st_dev, lst.st_ino)
         n.st = st
+        n.ov = self
+        if n.upper >= 0:
+            n.real = (ust.st_dev, ust.st_ino)
+        else:
+            n.real = (lst.st_dev, lst.st_ino)
         return self._intern(n)
+
+    # ------------------------------------------------------------ fd cache
+
+    cdef _hold(self, Node n):
+        """n (a non-dir) holds open fds: keep it in the bounded fd cache."""
+        if n.is_dir or n.ghost or n.parent is None:
+            return
+        c = self._fdcache
+        k = id(n)
+        if k in c:
+            c.move_to_end(k)
+            return
+        c[k] = n
+        cdef Py_ssize_t tries = len(c)
+        cdef Node old
+        while len(c) > self.fd_cache_max and tries > 0:
+            tries -= 1
+            _, old = c.popitem(last=False)
+            if old.busy or old.evicted:
+                if old.busy:
+                    c[id(old)] = old
+                continue
+            self._evict(old)
+
+    cdef _evict(self, Node n):
+        if n._upper >= 0:
+            os.close(n._upper)
+            n._upper = EVICTED
+        lowers = []
+        for idx, fd in n._lowers:
+            if fd >= 0:
+                os.close(fd)
+            lowers.append((idx, EVICTED))
+        n._lowers = lowers
+        n.evicted = True
+
+    def _reopen(self, Node n):
+        """Reopen the fds of an evicted Node by name, under its parent dir or
+        one of its other names, checking it is still the same object."""
+        n.evicted = False
+        cdef Node p
+        names = [(n.parent, n.name)] + [a for a in n.aliases if a != (n.parent, n.name)]
+        for p, name in names:
+            try:
+                if n._upper == EVICTED:
+                    fd = self._opath(p.upper, name, n.is_dir)
+                else:
+                    idx = n._lowers[0][0]
+                    dirfd = -1
+                    for i, f in p.lowers:
+                        if i == idx:
+                            dirfd = f
+                    if dirfd < 0:
+                        continue
+                    fd = self._opath(dirfd, name, n.is_dir)
+            except OSError:
+                continue
+            st = os.stat(fd)
+            if (st.st_dev, st.st_ino) != n.real:
+                os.close(fd)
+                continue
+            if n._upper == EVICTED:
+                n._upper = fd
+            else:
+                n._lowers = [(n._lowers[0][0], fd)]
+            if (p, name) != (n.parent, n.name):
+                n.parent, n.name = p, name
+            self._hold(n)
+            return
+        n.evicted = True
+        raise _err(errno.ESTALE, n.name)
+
+    cdef _add_alias(self, Node n, Node parent, bytes name):
+        if n.is_dir:
+            return
+        a = (parent, name)
+        if a != (n.parent, n.name) and a not in n.aliases:
+            n.aliases.append(a)
+            if len(n.aliases) > 16:
+                del n.aliases[0]
+
+    def _drop_alias(self, Node n, Node parent, bytes name):
+        """name under parent no longer leads to n (unlinked or renamed away)."""
+        a = (parent, name)
+        if a in n.aliases:
+            n.aliases.remove(a)
+        if (n.parent, n.name) == a and n.aliases:
+            n.parent, n.name = n.aliases.pop()
 
     cdef Node _intern(self, Node n):
         """Return the known Node for n's object, refreshed from n, or n."""
         cdef Node old = self.nodes.get(n.key)
         self.counters["lookups"] += 1
         if old is None or old is n:
+            self._hold(n)
             return n
         self.counters["lookups_known"] += 1
         if old.is_dir != n.is_dir:
             return n
         # Same object seen again (maybe under another name): keep the
         # known Node, which may carry state (copy-up done elsewhere).
+        if (old.parent, old.name) != (n.parent, n.name):
+            self._add_alias(old, old.parent, old.name)
         old.parent = n.parent
         old.name = n.name
         old.st = n.st
@@ -576,10 +709,12 @@ cdef class Overlay:
         elif n.is_dir:
             self.renumbered.append(n)       # now merged: nlink reads 1
         key = (st.st_dev, st.st_ino)
+        n.real = key
         if self.nodes.get(n.key) is n:
             del self.nodes[n.key]
             self.nodes[key] = n
         n.key = key
+        self._hold(n)
 
     # ------------------------------------------------------------ attributes
 
@@ -791,9 +926,16 @@ cdef class Overlay:
         now on: n itself, except for a lower file with several hard links,
         where the copy gets a new inode number, as in the kernel without
         index=on (each name of such a file is a Node of its own)."""
-        cdef Node p
         if n.upper >= 0:
             return n
+        n.busy = True           # the fd cache must not close its fds meanwhile
+        try:
+            return self._copy_up(n, data)
+        finally:
+            n.busy = False
+
+    cdef _copy_up(self, Node n, bint data):
+        cdef Node p
         self._need_upper()
         p = n.parent
         if p is None:
@@ -1130,6 +1272,7 @@ cdef class Overlay:
         if n.is_dir:
             raise _err(errno.EISDIR, name)
         self._remove(parent, name, n)
+        self._drop_alias(n, parent, name)
         return n
 
     def rmdir(self, Node parent, bytes name):
@@ -1291,11 +1434,15 @@ cdef class Overlay:
             sys_renameat2(op.upper, oname, np.upper, nname, rflags)
         if cleanup_whiteout:
             os.unlink(oname, dir_fd=op.upper)
+        self._drop_alias(old, op, oname)
         old.parent = np
         old.name = nname
         if exchange:
+            self._drop_alias(new, np, nname)
             new.parent = op
             new.name = oname
+        elif new is not None:
+            self._drop_alias(new, np, nname)
 
     # ------------------------------------------------------------ misc
 
