@@ -1,0 +1,596 @@
+"""Filesystem operations for the differential tests: interpreter + generator.
+
+An op is a plain tuple ``(name, arg, ...)`` with paths relative to the mount
+root (``""`` is the root).  ``execute(root, op)`` applies it below ``root``
+and returns a comparable result: ``("ok", value)`` or ``("err", "ENOENT")``.
+Values are normalised so that the kernel and our mount can be compared:
+stat results keep type/mode/uid/gid/size (not for dirs)/nlink/rdev and the
+mtime (exact when it is an "old" time set by the test, else ``"NEW"``), never
+st_ino/st_dev/atime/ctime.
+
+``OpGenerator`` draws ops from a ``random.Random``; it looks at the current
+tree (as seen through the reference mount) to pick paths that mostly exist
+(lower, upper and merged objects), plus new names (often names that exist in
+lower layers but are whited out), paths through symlinks and broken paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import random
+import stat
+
+from .layers import DIR_MODES, FILE_MODES, IDS, NAMES, OLD_BEFORE_NS, rand_time
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+
+def renameat2(src: str, dst: str, flags: int = 0):
+    if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src)
+
+
+# ---------------------------------------------------------------------------
+# normalisation helpers
+
+
+def ftype(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "f"
+    if stat.S_ISDIR(mode):
+        return "d"
+    if stat.S_ISLNK(mode):
+        return "l"
+    if stat.S_ISFIFO(mode):
+        return "p"
+    if stat.S_ISCHR(mode):
+        return "c"
+    if stat.S_ISBLK(mode):
+        return "b"
+    if stat.S_ISSOCK(mode):
+        return "s"
+    return "?"
+
+
+def norm_time(ns: int):
+    return ns if ns < OLD_BEFORE_NS else "NEW"
+
+
+def norm_stat(st: os.stat_result) -> dict:
+    t = ftype(st.st_mode)
+    d = {
+        "type": t,
+        "mode": oct(stat.S_IMODE(st.st_mode)),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "nlink": st.st_nlink,
+        "mtime": norm_time(st.st_mtime_ns),
+    }
+    if t != "d":
+        d["size"] = st.st_size
+    if t in ("c", "b"):
+        d["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    return d
+
+
+def visible_xattr(name: str) -> bool:
+    return not name.startswith("security.") and not name.startswith("system.")
+
+
+def _p(root: str, path: str) -> str:
+    return os.path.join(root, path) if path else root
+
+
+# ---------------------------------------------------------------------------
+# interpreter
+
+
+def _write_all(fd, data):
+    n = 0
+    while n < len(data):
+        n += os.write(fd, data[n:])
+    return n
+
+
+def _do(root: str, op: tuple):
+    name = op[0]
+    P = lambda p: _p(root, p)  # noqa: E731
+    if name == "create":
+        _, path, mode, data = op
+        fd = os.open(P(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            return _write_all(fd, data)
+        finally:
+            os.close(fd)
+    if name == "open_trunc":
+        _, path, data = op
+        fd = os.open(P(path), os.O_WRONLY | os.O_TRUNC)
+        try:
+            return _write_all(fd, data)
+        finally:
+            os.close(fd)
+    if name == "write":
+        _, path, off, data = op
+        fd = os.open(P(path), os.O_WRONLY)
+        try:
+            return os.pwrite(fd, data, off)
+        finally:
+            os.close(fd)
+    if name == "append":
+        _, path, data = op
+        fd = os.open(P(path), os.O_WRONLY | os.O_APPEND)
+        try:
+            _write_all(fd, data)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    if name == "rw":
+        # one O_RDWR fd: read, write at offset, read back through the same fd
+        _, path, off, data = op
+        fd = os.open(P(path), os.O_RDWR)
+        try:
+            before = os.pread(fd, 1 << 20, 0)
+            os.pwrite(fd, data, off)
+            after = os.pread(fd, 1 << 20, 0)
+            return (before, after)
+        finally:
+            os.close(fd)
+    if name == "open":
+        # open with the given flags (O_CREAT gets mode 0o644) and close
+        _, path, flags = op
+        os.close(os.open(P(path), flags, 0o644))
+        return None
+    if name == "ro_then_write":
+        # fd opened read-only before another fd writes (copy-up): what does
+        # the first fd see afterwards?
+        _, path, off, data = op
+        fd1 = os.open(P(path), os.O_RDONLY)
+        try:
+            first = os.pread(fd1, 1 << 20, 0)
+            fd2 = os.open(P(path), os.O_WRONLY)
+            try:
+                os.pwrite(fd2, data, off)
+            finally:
+                os.close(fd2)
+            return (first, os.pread(fd1, 1 << 20, 0))
+        finally:
+            os.close(fd1)
+    if name == "truncate":
+        _, path, size = op
+        os.truncate(P(path), size)
+        return None
+    if name == "read":
+        _, path = op
+        fd = os.open(P(path), os.O_RDONLY)
+        try:
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 16)
+                if not b:
+                    break
+                chunks.append(b)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+    if name == "chmod":
+        _, path, mode = op
+        os.chmod(P(path), mode)
+        return None
+    if name == "chown":
+        _, path, uid, gid, follow = op
+        os.chown(P(path), uid, gid, follow_symlinks=follow)
+        return None
+    if name == "utime":
+        _, path, at, mt, follow = op
+        os.utime(P(path), ns=(at, mt), follow_symlinks=follow)
+        return None
+    if name == "setxattr":
+        _, path, xname, value, flags, follow = op
+        os.setxattr(P(path), xname, value, flags, follow_symlinks=follow)
+        return None
+    if name == "removexattr":
+        _, path, xname, follow = op
+        os.removexattr(P(path), xname, follow_symlinks=follow)
+        return None
+    if name == "getxattr":
+        _, path, xname, follow = op
+        return os.getxattr(P(path), xname, follow_symlinks=follow)
+    if name == "listxattr":
+        _, path, follow = op
+        return sorted(n for n in os.listxattr(P(path), follow_symlinks=follow) if visible_xattr(n))
+    if name == "mkdir":
+        _, path, mode = op
+        os.mkdir(P(path), mode)
+        return None
+    if name == "rmdir":
+        os.rmdir(P(op[1]))
+        return None
+    if name == "unlink":
+        os.unlink(P(op[1]))
+        return None
+    if name == "rmtree":
+        # remove a whole subtree bottom-up (unlink/rmdir through the mount);
+        # returns the list of (relpath, result) of every step
+        steps = []
+
+        def rm(rel):
+            full = P(rel)
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode):
+                for n in sorted(os.listdir(full)):
+                    rm(f"{rel}/{n}" if rel else n)
+                try:
+                    os.rmdir(full)
+                    steps.append((rel, "ok"))
+                except OSError as e:
+                    steps.append((rel, errno.errorcode.get(e.errno, str(e.errno))))
+            else:
+                try:
+                    os.unlink(full)
+                    steps.append((rel, "ok"))
+                except OSError as e:
+                    steps.append((rel, errno.errorcode.get(e.errno, str(e.errno))))
+
+        rm(op[1])
+        return steps
+    if name == "rename":
+        _, src, dst, flags = op
+        renameat2(P(src), P(dst), flags)
+        return None
+    if name == "link":
+        _, src, dst = op
+        os.link(P(src), P(dst), follow_symlinks=False)
+        return None
+    if name == "symlink":
+        _, target, path = op
+        os.symlink(target, P(path))
+        return None
+    if name == "mkfifo":
+        _, path, mode = op
+        os.mkfifo(P(path), mode)
+        return None
+    if name == "mknod":
+        _, path, mode, major, minor = op
+        os.mknod(P(path), stat.S_IFCHR | mode, os.makedev(major, minor))
+        return None
+    if name == "readdir":
+        res = []
+        with os.scandir(P(op[1])) as it:
+            for e in it:
+                if e.is_symlink():
+                    t = "l"
+                elif e.is_dir(follow_symlinks=False):
+                    t = "d"
+                elif e.is_file(follow_symlinks=False):
+                    t = "f"
+                else:
+                    t = "o"
+                res.append((e.name, t))
+        return sorted(res)
+    if name == "stat":
+        return norm_stat(os.stat(P(op[1])))
+    if name == "lstat":
+        return norm_stat(os.lstat(P(op[1])))
+    if name == "readlink":
+        return os.readlink(P(op[1]))
+    if name == "access":
+        _, path, amode = op
+        return os.access(P(path), amode)
+    raise ValueError(f"unknown op {name!r}")
+
+
+def execute(root: str, op: tuple):
+    """Apply op below mount root; return ("ok", value) or ("err", ERRNAME)."""
+    try:
+        return ("ok", _do(root, op))
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, str(e.errno)))
+
+
+MUTATING = {
+    "open", "create", "open_trunc", "write", "append", "rw", "ro_then_write", "truncate", "chmod", "chown", "utime",
+    "setxattr", "removexattr", "mkdir", "rmdir", "rmtree", "unlink", "rename", "link", "symlink",
+    "mkfifo", "mknod",
+}
+
+
+def fmt_val(v, limit=160) -> str:
+    """Short readable form of an op result value (long bytes as length+hash)."""
+    import hashlib
+
+    def f(x):
+        if isinstance(x, bytes) and len(x) > 40:
+            return f"<{len(x)} bytes sha1={hashlib.sha1(x).hexdigest()[:12]} head={x[:16]!r}>"
+        if isinstance(x, tuple):
+            return "(" + ", ".join(f(y) for y in x) + ("," if len(x) == 1 else "") + ")"
+        return repr(x)
+
+    s = f(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+_MODE_ARG = {"create": 2, "chmod": 2, "mkdir": 2, "mkfifo": 2, "mknod": 2}
+
+
+def fmt_op(op: tuple) -> str:
+    args = []
+    for i, a in enumerate(op[1:], 1):
+        if _MODE_ARG.get(op[0]) == i:
+            args.append(oct(a))
+        elif isinstance(a, bytes) and len(a) > 24:
+            args.append(f"<{len(a)} bytes>")
+        else:
+            args.append(repr(a))
+    return f"{op[0]}({', '.join(args)})"
+
+
+# ---------------------------------------------------------------------------
+# tree listing used by the generator
+
+
+def list_tree(root: str) -> dict:
+    """{relpath: (type, st)} for everything below root (lstat, no follow)."""
+    out = {"": ("d", os.lstat(root))}
+    stack = [""]
+    while stack:
+        d = stack.pop()
+        try:
+            it = list(os.scandir(_p(root, d)))
+        except OSError:
+            continue
+        for e in it:
+            rel = f"{d}/{e.name}" if d else e.name
+            try:
+                st = os.lstat(_p(root, rel))
+            except OSError:
+                continue
+            t = ftype(st.st_mode)
+            out[rel] = (t, st)
+            if t == "d":
+                stack.append(rel)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# generator
+
+OP_WEIGHTS = {
+    "create": 8, "open_trunc": 4, "write": 7, "append": 4, "rw": 2, "ro_then_write": 2, "truncate": 4, "read": 6,
+    "chmod": 4, "chown": 3, "utime": 4, "setxattr": 5, "removexattr": 3, "getxattr": 3,
+    "listxattr": 3, "mkdir": 6, "rmdir": 5, "rmtree": 2, "unlink": 6, "rename": 9, "rename_noreplace": 3,
+    "rename_exchange": 4, "link": 4, "symlink": 3, "mkfifo": 2, "mknod": 2, "readdir": 5,
+    "stat": 4, "lstat": 3, "readlink": 2,
+}
+
+XATTR_NAMES = ["user.k0", "user.k1", "user.k2", "user.new", "trusted.foo", "trusted.bar"]
+
+
+class OpGenerator:
+    """Draw random ops; ``next(tree)`` needs the current tree listing."""
+
+    def __init__(self, rng: random.Random, extra_names=(), weights=None, resolve_root=None,
+                 safe_setxattr=False):
+        self.rng = rng
+        self.safe_setxattr = safe_setxattr
+        self.names = sorted(set(NAMES) | set(extra_names) | {"n1", "n2", "x"})
+        w = weights or OP_WEIGHTS
+        self.kinds = list(w)
+        self.cum = []
+        tot = 0
+        for k in self.kinds:
+            tot += w[k]
+            self.cum.append(tot)
+        self.total = tot
+        self.resolve_root = resolve_root  # mount used to resolve symlinks
+
+    def _kind(self):
+        x = self.rng.random() * self.total
+        for k, c in zip(self.kinds, self.cum):
+            if x < c:
+                return k
+        return self.kinds[-1]
+
+    # -- path pickers -------------------------------------------------------
+    def _resolved_type(self, path):
+        """Type of what path resolves to (following symlinks) or None."""
+        if self.resolve_root is None:
+            return None
+        try:
+            return ftype(os.stat(_p(self.resolve_root, path)).st_mode)
+        except OSError:
+            return None
+
+    def existing(self, tree, types=None, allow_root=False):
+        """A random existing path; ``types`` is a sequence of type letters
+        (repeat a letter to weight it): first a type is drawn among those
+        present, then a path of that type."""
+        cands = [p for p, (t, _) in tree.items() if allow_root or p]
+        if types is not None:
+            present = [t for t in types if any(tree[p][0] == t for p in cands)]
+            if not present:
+                return None
+            t = self.rng.choice(present)
+            cands = [p for p in cands if tree[p][0] == t]
+        if not cands:
+            return None
+        return self.rng.choice(sorted(cands))
+
+    def new_path(self, tree):
+        dirs = sorted(p for p, (t, _) in tree.items() if t == "d")
+        for _ in range(10):
+            d = self.rng.choice(dirs)
+            n = self.rng.choice(self.names)
+            p = f"{d}/{n}" if d else n
+            if p not in tree:
+                return p
+        return p
+
+    def via_symlink(self, tree):
+        links = sorted(p for p, (t, _) in tree.items() if t == "l")
+        self.rng.shuffle(links)
+        for l in links[:5]:
+            if self._resolved_type(l) == "d":
+                return f"{l}/{self.rng.choice(self.names)}"
+        return None
+
+    def broken(self, tree):
+        r = self.rng.random()
+        files = sorted(p for p, (t, _) in tree.items() if t == "f")
+        if r < 0.5 and files:
+            return self.rng.choice(files) + "/" + self.rng.choice(self.names)
+        return "nonexistent-dir/" + self.rng.choice(self.names)
+
+    def path(self, tree, types=None, p_exist=0.7, p_new=0.17, p_link=0.08, allow_root=False):
+        r = self.rng.random()
+        p = None
+        if r < p_exist:
+            p = self.existing(tree, types, allow_root)
+        elif r < p_exist + p_new:
+            p = self.new_path(tree)
+        elif r < p_exist + p_new + p_link:
+            p = self.via_symlink(tree)
+        else:
+            p = self.broken(tree)
+        if p is None:
+            p = self.new_path(tree)
+        return p
+
+    def openable(self, tree, p_exist=0.75):
+        """A path that does not resolve to a fifo/device (opening would block)."""
+        for _ in range(20):
+            p = self.path(tree, types=("f", "f", "f", "l", "d"), p_exist=p_exist)
+            if p in tree and tree[p][0] in ("p", "c", "b"):
+                continue
+            if self._resolved_type(p) in ("p", "c", "b"):
+                continue
+            return p
+        return "nonexistent-file"
+
+    def data(self, maxlen=300, big=True):
+        choices = [0, 1, 5, 17, self.rng.randrange(1, maxlen)]
+        if big:
+            choices += [100, 4096 + 3]
+        return self.rng.randbytes(self.rng.choice(choices))
+
+    def xattr_name(self, path):
+        """Half of the time a name the object really has (seen through the
+        reference mount), else one from XATTR_NAMES."""
+        if self.resolve_root is not None and self.rng.random() < 0.5:
+            try:
+                names = sorted(n for n in os.listxattr(_p(self.resolve_root, path), follow_symlinks=False)
+                               if visible_xattr(n))
+            except OSError:
+                names = []
+            if names:
+                return self.rng.choice(names)
+        return self.rng.choice(XATTR_NAMES)
+
+    # -- ops ------------------------------------------------------------------
+    def next(self, tree) -> tuple:
+        rng = self.rng
+        k = self._kind()
+        if k == "create":
+            return ("create", self.path(tree, p_exist=0.15, p_new=0.7), rng.choice(FILE_MODES), self.data())
+        if k == "open_trunc":
+            return ("open_trunc", self.openable(tree), self.data())
+        if k == "write":
+            p = self.openable(tree)
+            size = tree[p][1].st_size if p in tree else 0
+            off = rng.choice([0, size, rng.randrange(0, size + 200), size + rng.randrange(1, 9000)])
+            return ("write", p, off, self.data())
+        if k == "append":
+            return ("append", self.openable(tree), self.data())
+        if k == "rw":
+            p = self.openable(tree, p_exist=0.9)
+            size = tree[p][1].st_size if p in tree else 0
+            return ("rw", p, rng.randrange(0, size + 50), self.data(50))
+        if k == "ro_then_write":
+            p = self.openable(tree, p_exist=0.9)
+            size = tree[p][1].st_size if p in tree else 0
+            return ("ro_then_write", p, rng.randrange(0, size + 50), self.data(50))
+        if k == "truncate":
+            p = self.path(tree, types=("f", "f", "f", "f", "l", "d", "p"))
+            size = tree[p][1].st_size if p in tree else 0
+            return ("truncate", p, rng.choice([0, max(0, size // 2), size + 10, size + rng.randrange(1, 100000)]))
+        if k == "read":
+            return ("read", self.openable(tree, p_exist=0.85))
+        if k == "chmod":
+            return ("chmod", self.path(tree, allow_root=True), rng.choice(FILE_MODES + DIR_MODES))
+        if k == "chown":
+            return ("chown", self.path(tree, allow_root=True), rng.choice(IDS), rng.choice(IDS + [-1]), rng.random() < 0.7)
+        if k == "utime":
+            return ("utime", self.path(tree, allow_root=True), rand_time(rng), rand_time(rng), rng.random() < 0.7)
+        if k == "setxattr":
+            flags = rng.choice([0, 0, 0, os.XATTR_CREATE, os.XATTR_REPLACE])
+            p = self.path(tree, allow_root=True)
+            name = self.xattr_name(p)
+            follow = rng.random() < 0.7
+            if self.safe_setxattr:
+                flags = 0
+                t = tree[p][0] if p in tree else None
+                if follow and t == "l":
+                    t = self._resolved_type(p)
+                if t not in ("f", "d") and name.startswith("user."):
+                    name = "trusted.foo"
+            return ("setxattr", p, name, self.data(60, big=False), flags, follow)
+        if k == "removexattr":
+            p = self.path(tree)
+            return ("removexattr", p, self.xattr_name(p), rng.random() < 0.7)
+        if k == "getxattr":
+            p = self.path(tree)
+            return ("getxattr", p, self.xattr_name(p), rng.random() < 0.7)
+        if k == "listxattr":
+            return ("listxattr", self.path(tree, allow_root=True), rng.random() < 0.7)
+        if k == "mkdir":
+            return ("mkdir", self.path(tree, p_exist=0.15, p_new=0.7), rng.choice(DIR_MODES))
+        if k == "rmdir":
+            empty = sorted(p for p, (t, _) in tree.items()
+                           if p and t == "d" and not any(q.startswith(p + "/") for q in tree))
+            if empty and rng.random() < 0.4:
+                return ("rmdir", rng.choice(empty))
+            return ("rmdir", self.path(tree, types=("d", "d", "d", "d", "f", "l"), p_exist=0.85))
+        if k == "rmtree":
+            return ("rmtree", self.path(tree, types=("d",), p_exist=0.9))
+        if k == "unlink":
+            return ("unlink", self.path(tree, types=("f", "f", "l", "p", "c", "d"), p_exist=0.85))
+        if k in ("rename", "rename_noreplace", "rename_exchange"):
+            flags = {"rename": 0, "rename_noreplace": RENAME_NOREPLACE, "rename_exchange": RENAME_EXCHANGE}[k]
+            src = self.path(tree, p_exist=0.85)
+            if flags == RENAME_EXCHANGE:
+                dst = self.path(tree, p_exist=0.9, p_new=0.07)
+            elif rng.random() < 0.5 and src in tree:
+                # same type target, often existing
+                dst = self.path(tree, types=(tree[src][0],), p_exist=0.5, p_new=0.4)
+            else:
+                dst = self.path(tree, p_exist=0.4, p_new=0.5)
+            return ("rename", src, dst, flags)
+        if k == "link":
+            return ("link", self.path(tree, types=("f", "f", "l", "p", "d"), p_exist=0.9), self.path(tree, p_exist=0.1, p_new=0.8))
+        if k == "symlink":
+            target = rng.choice(
+                [rng.choice(self.names), "../" + rng.choice(self.names), "nowhere", rng.choice(self.names) + "/" + rng.choice(self.names)]
+            )
+            return ("symlink", target, self.path(tree, p_exist=0.1, p_new=0.8))
+        if k == "mkfifo":
+            return ("mkfifo", self.path(tree, p_exist=0.1, p_new=0.8), rng.choice([0o644, 0o600]))
+        if k == "mknod":
+            return ("mknod", self.path(tree, p_exist=0.1, p_new=0.8), rng.choice([0o644, 0o600]), 1, rng.choice([3, 5, 7]))
+        if k == "readdir":
+            return ("readdir", self.path(tree, types=("d", "d", "d", "l", "f"), allow_root=True))
+        if k == "stat":
+            return ("stat", self.path(tree, allow_root=True))
+        if k == "lstat":
+            return ("lstat", self.path(tree, allow_root=True))
+        if k == "readlink":
+            return ("readlink", self.path(tree, types=("l", "l", "l", "f")))
+        raise AssertionError(k)

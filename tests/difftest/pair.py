@@ -1,0 +1,286 @@
+"""DiffPair: the same layer stack mounted twice (kernel overlay vs ours), compared.
+
+Layout below ``tmp``::
+
+    tmp/k/0 .. tmp/k/N-1   kernel side lower layers (0 = top)
+    tmp/k/u, tmp/k/w       kernel side upper and work dir
+    tmp/k/s/s/s/s/mp       kernel side mount point
+    tmp/o/...              the same for our side
+
+The mount points sit four levels deep in a per-side sandbox so that a
+relative symlink with ``..`` that escapes the mount (possible after renames)
+lands in identical, harmless places on both sides.
+
+``op(op)`` applies one op to both mounts (kernel first) and raises
+``Mismatch`` with a full report (label/seed, op index, op, both results, op
+log) when the results differ.  Ops that change an object in place also
+compare whether st_ino stayed the same on each side (copy-up keeps st_ino).
+``check_trees()`` compares whole-tree snapshots.  ``finish()`` compares the
+final trees, unmounts both, compares the two upper dirs, remounts ours over
+its upper (same tree, same st_ino per path) and mounts the kernel overlay
+over our upper + lowers (same tree as the kernel side had).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import mountutil
+
+from . import layers as L
+from . import ops as O
+from . import tolerate
+from .snapshot import diff_snapshots, snapshot_mount, snapshot_upper
+
+OP_TIMEOUT = float(os.environ.get("DIFF_OP_TIMEOUT", "30"))
+
+
+class Mismatch(AssertionError):
+    pass
+
+
+def _fuse_abort(mp_dev: int):
+    """Abort a hung FUSE connection (unblocks syscalls with ENOTCONN)."""
+    conn = "/sys/fs/fuse/connections"
+    if os.path.isdir(conn) and not os.listdir(conn):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", conn], capture_output=True)
+    cid = (os.major(mp_dev) << 20) | os.minor(mp_dev)
+    try:
+        with open(f"{conn}/{cid}/abort", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def _ino_checks(op):
+    """[(path_before, path_after, follow)] whose st_ino must be kept by op."""
+    n = op[0]
+    if n == "open":
+        return [(op[1], op[1], True)]
+    if n in ("open_trunc", "write", "append", "rw", "ro_then_write", "truncate", "chmod"):
+        return [(op[1], op[1], True)]
+    if n in ("chown", "utime"):
+        return [(op[1], op[1], op[-1])]
+    if n in ("setxattr", "removexattr"):
+        return [(op[1], op[1], op[-1])]
+    if n == "link":
+        return [(op[1], op[1], False), (op[1], op[2], False)]
+    if n == "rename":
+        if op[3] == O.RENAME_EXCHANGE:
+            return [(op[1], op[2], False), (op[2], op[1], False)]
+        return [(op[1], op[2], False)]
+    return []
+
+
+def _ino(root, path, follow):
+    try:
+        p = os.path.join(root, path) if path else root
+        return (os.stat if follow else os.lstat)(p).st_ino
+    except OSError:
+        return None
+
+
+class DiffPair:
+    def __init__(self, tmp, stack: L.Stack, tracker: mountutil.MountTracker, label: str = "",
+                 kernel_opts=("redirect_dir=on",), ours_opts=(), remount_kernel_opts=None):
+        self.tmp = str(tmp)
+        self.stack = stack
+        self.tracker = tracker
+        self.label = label
+        self.kernel_opts = tuple(kernel_opts)
+        self.ours_opts = tuple(ours_opts)
+        self.remount_kernel_opts = tuple(remount_kernel_opts if remount_kernel_opts is not None else kernel_opts)
+        self.log = []  # (index, op, kernel result, ours result)
+        self.nops = 0
+        self.mp_k = os.path.join(self.tmp, "k", "s", "s", "s", "s", "mp")
+        self.mp_o = os.path.join(self.tmp, "o", "s", "s", "s", "s", "mp")
+        self.built_k = self.built_o = None
+        self.ours_dev = None
+        self.mounted = False
+        self.upper_k = self.upper_o = None  # upper snapshots, set by check_uppers()
+        # st_ino must survive a remount of ours (the kernel in userxattr mode
+        # does not keep them, so the DIFF_IMPL=kernel self-test turns it off)
+        self.check_ino_persistence = not (mountutil.ours_is_kernel() and stack.prefix == L.USER_PREFIX)
+        # the kernel's hardlink partition (paths sharing st_ino) is only
+        # meaningful with trusted xattrs; in userxattr mode a new link name
+        # gets its own st_ino there
+        self.compare_groups = stack.prefix == L.TRUSTED_PREFIX
+
+    # -- setup ----------------------------------------------------------------
+    def build(self):
+        self.built_k = L.build_stack(self.stack, os.path.join(self.tmp, "k"))
+        self.built_o = L.build_stack(self.stack, os.path.join(self.tmp, "o"))
+        os.makedirs(self.mp_k, exist_ok=True)
+        os.makedirs(self.mp_o, exist_ok=True)
+        return self
+
+    def _mount_kernel(self, built, mp, opts):
+        self.tracker.kernel(built.lowers, built.upper, built.work, mp, opts)
+
+    def _mount_ours(self, built, mp, opts):
+        self.tracker.ours(built.lowers, built.upper, built.work, mp, opts)
+        self.ours_dev = os.stat(mp).st_dev
+
+    def mount(self):
+        if self.built_k is None:
+            self.build()
+        self._mount_kernel(self.built_k, self.mp_k, self.kernel_opts)
+        self._mount_ours(self.built_o, self.mp_o, self.ours_opts)
+        self.mounted = True
+        return self
+
+    def umount(self):
+        ok_k = self.tracker.umount(self.mp_k)
+        ok_o = self.tracker.umount(self.mp_o)
+        self.mounted = False
+        if not (ok_k and ok_o):
+            self.fail("unmount failed", [f"kernel unmounted={ok_k} ours unmounted={ok_o}"])
+
+    # -- reporting ------------------------------------------------------------
+    def report(self, title: str, lines=(), limit_log=400) -> str:
+        out = [f"[{self.label}] {title}", f"stack: {self.stack.describe()}",
+               f"kernel opts={self.kernel_opts} ours opts={self.ours_opts}"
+               + (f" DIFF_TOLERATE={','.join(sorted(tolerate.TOLERATE))}" if tolerate.TOLERATE else "")
+               + (" (DIFF_IMPL=kernel: 'ours' is a kernel overlay)" if mountutil.ours_is_kernel() else "")]
+        lines = list(lines)
+        if lines:
+            out.append("differences:")
+            out.extend("  " + l for l in lines[:80])
+            if len(lines) > 80:
+                out.append(f"  ... {len(lines) - 80} more")
+        if self.log:
+            out.append(f"op log ({len(self.log)} ops):")
+            for i, op, rk, ro in self.log[-limit_log:]:
+                line = f"  #{i} {O.fmt_op(op)} -> {self._fmt_res(rk)}"
+                if rk != ro:
+                    line += f"   OURS: {self._fmt_res(ro)}"
+                out.append(line)
+        out.append(f"tmp dir: {self.tmp}")
+        return "\n".join(out)
+
+    @staticmethod
+    def _fmt_res(r):
+        if r is None:
+            return "-"
+        return r[0] + ("" if len(r) < 2 or r[1] is None else " " + O.fmt_val(r[1])) + (
+            "" if len(r) < 3 else " " + str(r[2]))
+
+    def fail(self, title, lines=()):
+        raise Mismatch(self.report(title, lines))
+
+    # -- ops ------------------------------------------------------------------
+    def _exec_ours(self, op):
+        if self.ours_dev is None or mountutil.ours_is_kernel():
+            return O.execute(self.mp_o, op)
+        timer = threading.Timer(OP_TIMEOUT, _fuse_abort, args=(self.ours_dev,))
+        timer.daemon = True
+        timer.start()
+        try:
+            return O.execute(self.mp_o, op)
+        finally:
+            fired = timer.finished.is_set()  # set only by firing before cancel()
+            timer.cancel()
+            if fired:
+                self.log.append((self.nops, op, None, ("err", f"HANG>{OP_TIMEOUT}s, FUSE connection aborted")))
+
+
+    def run(self, op):
+        """Apply op on both sides; return (kernel result, ours result)."""
+        # in userxattr mode the kernel's st_ino are not stable (e.g. a new
+        # hardlink name gets another st_ino than its source), so no tags there
+        checks = _ino_checks(op) if self.stack.prefix == L.TRUSTED_PREFIX else []
+        before_k = [_ino(self.mp_k, a, f) for a, _, f in checks]
+        before_o = [_ino(self.mp_o, a, f) for a, _, f in checks]
+        rk = O.execute(self.mp_k, op)
+        ro = self._exec_ours(op)
+        if checks:
+            after_k = [_ino(self.mp_k, b, f) for _, b, f in checks]
+            after_o = [_ino(self.mp_o, b, f) for _, b, f in checks]
+            sk = tuple("ino-kept" if x is not None and x == y else ("ino-changed" if x and y else "-")
+                       for x, y in zip(before_k, after_k))
+            so = tuple("ino-kept" if x is not None and x == y else ("ino-changed" if x and y else "-")
+                       for x, y in zip(before_o, after_o))
+            if rk[0] == "ok":
+                rk = rk + (sk,)
+            if ro[0] == "ok":
+                ro = ro + (so,)
+        return rk, ro
+
+    def op(self, op, expect=None):
+        """Apply op on both sides and compare. ``expect`` (optional) is the
+        expected kernel result kind, "ok" or an errno name (checks the test
+        itself)."""
+        i = self.nops
+        self.nops += 1
+        rk, ro = self.run(op)
+        self.log.append((i, op, rk, ro))
+        if tolerate.norm_result(op, rk) != tolerate.norm_result(op, ro):
+            self.fail(f"op #{i} {O.fmt_op(op)} differs",
+                      [f"kernel: {self._fmt_res(rk)}", f"ours:   {self._fmt_res(ro)}"])
+        if expect is not None:
+            got = rk[0] if rk[0] == "ok" else rk[1]
+            if got != expect:
+                self.fail(f"op #{i} {O.fmt_op(op)}: kernel gave {got}, the test expected {expect}")
+        return rk
+
+    # -- trees ----------------------------------------------------------------
+    def snapshots(self):
+        return snapshot_mount(self.mp_k), snapshot_mount(self.mp_o)
+
+    def check_trees(self, where="tree"):
+        sk, so = self.snapshots()
+        d = diff_snapshots(sk, so, "kernel", "ours", groups=self.compare_groups)
+        if len(sk.devs) == 1 and len(so.devs) != 1:
+            d.append(f"st_dev not uniform in ours: {len(so.devs)} distinct values (kernel: 1)")
+        if d:
+            self.fail(f"{where}: whole-tree snapshots differ after {self.nops} ops", d)
+        return sk, so
+
+    def check_uppers(self):
+        prefix = self.stack.prefix
+        uk = self.upper_k = snapshot_upper(self.built_k.upper, prefix)
+        uo = self.upper_o = snapshot_upper(self.built_o.upper, prefix)
+        d = diff_snapshots(uk, uo, "kernel-upper", "ours-upper", upper_prefix=prefix)
+        if d:
+            self.fail(f"upper dirs differ after unmount ({self.nops} ops)", d)
+        return uk, uo
+
+    def finish(self, remount=True, kernel_over_ours=True):
+        """Final compare, unmount, compare uppers, remount checks."""
+        if os.environ.get("DIFF_VERBOSE", "") not in ("", "0"):
+            print("\n" + self.report("op log (DIFF_VERBOSE)"))
+        sk, so = self.check_trees("final")
+        self.umount()
+        if self.stack.has_upper:
+            self.check_uppers()
+        if remount:
+            self._mount_ours(self.built_o, self.mp_o, self.ours_opts)
+            try:
+                s2 = snapshot_mount(self.mp_o)
+                d = diff_snapshots(sk, s2, "kernel-before-unmount", "ours-remounted",
+                                   groups=self.compare_groups)
+                if d:
+                    self.fail("remounted ours shows a different tree", d)
+                changed = [f"/{p}: st_ino {so.inos[p]} -> {s2.inos.get(p)}"
+                           for p in sorted(so.inos) if s2.inos.get(p) != so.inos[p]]
+                if not self.check_ino_persistence:
+                    changed = []
+                if changed:
+                    self.fail("st_ino not stable across remount of ours", changed)
+            finally:
+                self.tracker.umount(self.mp_o)
+        if kernel_over_ours and self.stack.has_upper:
+            self._mount_kernel(self.built_o, self.mp_o, self.remount_kernel_opts)
+            try:
+                s3 = snapshot_mount(self.mp_o)
+                # in userxattr mode the kernel's st_ino are not persistent (no
+                # origin), so its hardlink partition after a remount is noise
+                d = diff_snapshots(sk, s3, "kernel-side", "kernel-over-our-upper",
+                                   groups=self.compare_groups)
+                if d:
+                    self.fail("kernel overlay over OUR upper shows a different tree", d)
+            finally:
+                self.tracker.umount(self.mp_o)
+        return sk

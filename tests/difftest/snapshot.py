@@ -1,0 +1,204 @@
+"""Whole-tree snapshots (of a mount or of an upper dir) and their comparison.
+
+``snapshot_mount(root)`` records, for every object below a mount: type,
+mode, uid, gid, size (non-dirs), nlink, rdev, mtime (exact when "old", else
+"NEW"), content hash, symlink target and xattrs (not security.*/system.*),
+plus the hardlink partition (paths of non-dirs grouped by st_ino) and, kept
+aside and not compared across mounts, st_ino per path and the set of st_dev.
+
+``snapshot_upper(upper, prefix)`` does the same on an upper dir after
+unmount, normalised: whiteouts are just ``{"type": "whiteout"}``;
+``<prefix>opaque`` / ``<prefix>redirect`` keep their values, other
+``<prefix>*`` xattrs (origin, impure, uuid, nlink, ...) are ignored, escaped
+``<prefix>overlay.*`` xattrs are kept; dirs' nlink is not compared.
+
+``diff_snapshots(a, b, la, lb)`` lists differences as readable lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+
+from . import tolerate
+from .ops import norm_stat, visible_xattr
+
+
+@dataclass
+class Snapshot:
+    entries: dict
+    groups: list  # hardlink partition: sorted tuples of paths (size > 1)
+    inos: dict = field(default_factory=dict)  # path -> st_ino (not compared)
+    devs: set = field(default_factory=set)  # st_dev values seen (not compared)
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.sha1()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        while True:
+            b = os.read(fd, 1 << 16)
+            if not b:
+                break
+            h.update(b)
+    finally:
+        os.close(fd)
+    return h.hexdigest()[:16]
+
+
+def _xattrs(path: str, keep=visible_xattr) -> dict:
+    out = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        return {"<listxattr error>": e.errno}
+    for n in sorted(names):
+        if not keep(n):
+            continue
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError as e:
+            out[n] = f"<getxattr error {e.errno}>"
+    return out
+
+
+def _record(full: str, st: os.stat_result, keep_xattr=visible_xattr) -> dict:
+    rec = norm_stat(st)
+    t = rec["type"]
+    if t == "f":
+        try:
+            rec["sha"] = _hash_file(full)
+        except OSError as e:
+            rec["sha"] = f"<read error {e.errno}>"
+    elif t == "l":
+        rec["target"] = os.readlink(full)
+    x = _xattrs(full, keep_xattr)
+    if x:
+        rec["xattrs"] = x
+    return rec
+
+
+def _walk(root: str):
+    """Yield (relpath, fullpath, lstat) for root and everything below."""
+    st = os.lstat(root)
+    yield "", root, st
+    stack = [""]
+    while stack:
+        d = stack.pop()
+        full_d = os.path.join(root, d) if d else root
+        try:
+            names = sorted(os.listdir(full_d))
+        except OSError as e:
+            yield (d + "/<listdir error>", None, e)
+            continue
+        for n in names:
+            rel = f"{d}/{n}" if d else n
+            full = os.path.join(root, rel)
+            try:
+                st = os.lstat(full)
+            except OSError as e:
+                yield rel, None, e
+                continue
+            yield rel, full, st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(rel)
+
+
+def _groups(inos: dict, types: dict) -> list:
+    by = {}
+    for p, ino in inos.items():
+        if types[p] not in ("d", "whiteout"):
+            by.setdefault(ino, []).append(p)
+    return sorted(tuple(sorted(v)) for v in by.values() if len(v) > 1)
+
+
+def snapshot_mount(root: str) -> Snapshot:
+    entries, inos, types, devs = {}, {}, {}, set()
+    for rel, full, st in _walk(root):
+        if full is None:
+            entries[rel] = {"error": getattr(st, "errno", str(st))}
+            continue
+        rec = _record(full, st)
+        entries[rel] = rec
+        inos[rel] = st.st_ino
+        types[rel] = rec["type"]
+        devs.add(st.st_dev)
+    return Snapshot(entries, _groups(inos, types), inos, devs)
+
+
+def snapshot_upper(upper: str, prefix: str = "trusted.overlay.") -> Snapshot:
+    keep_names = {prefix + "opaque", prefix + "redirect"}
+
+    def keep(n):
+        if not visible_xattr(n):
+            return False
+        if n.startswith(prefix):
+            return n in keep_names or n.startswith(prefix + "overlay.")
+        return True
+
+    entries, inos, types = {}, {}, {}
+    for rel, full, st in _walk(upper):
+        if full is None:
+            entries[rel] = {"error": getattr(st, "errno", str(st))}
+            continue
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            entries[rel] = {"type": "whiteout"}
+            types[rel] = "whiteout"
+            inos[rel] = st.st_ino
+            continue
+        rec = _record(full, st, keep)
+        if rec["type"] == "d":
+            rec.pop("nlink", None)
+        entries[rel] = rec
+        inos[rel] = st.st_ino
+        types[rel] = rec["type"]
+    return Snapshot(entries, _groups(inos, types), inos, set())
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bytes) and len(v) > 40:
+        return f"<{len(v)} bytes {v[:16]!r}...>"
+    s = repr(v)
+    return s if len(s) < 300 else s[:297] + "..."
+
+
+def diff_entries(a: dict, b: dict, la: str, lb: str, upper_prefix=None) -> list:
+    """Readable differences; tolerances (DIFF_TOLERATE) are applied here.
+    ``upper_prefix`` is set when comparing upper dirs."""
+    out = []
+    for p in sorted(set(a) | set(b)):
+        shown = "/" + p
+        if p not in b:
+            if upper_prefix and tolerate.on("setxattr-copyup") and a[p].get("type") != "whiteout":
+                continue  # an extra copy-up in the kernel's upper
+            out.append(f"{shown}: only in {la}: {_fmt(a[p])}")
+            continue
+        if p not in a:
+            out.append(f"{shown}: only in {lb}: {_fmt(b[p])}")
+            continue
+        ra, rb = tolerate.norm_record(a[p]), tolerate.norm_record(b[p])
+        for k in sorted(set(ra) | set(rb)):
+            va, vb = ra.get(k, "<absent>"), rb.get(k, "<absent>")
+            if va == vb:
+                continue
+            if k == "xattrs":
+                va = va if isinstance(va, dict) else {}
+                vb = vb if isinstance(vb, dict) else {}
+                for n in sorted(set(va) | set(vb)):
+                    xa, xb = va.get(n, "<absent>"), vb.get(n, "<absent>")
+                    if upper_prefix and tolerate.ignore_upper_xattr(n, xa, xb, upper_prefix):
+                        continue
+                    if xa != xb:
+                        out.append(f"{shown}: xattr {n}: {la}={_fmt(xa)} {lb}={_fmt(xb)}")
+                continue
+            out.append(f"{shown}: {k}: {la}={_fmt(va)} {lb}={_fmt(vb)}")
+    return out
+
+
+def diff_snapshots(a: Snapshot, b: Snapshot, la: str, lb: str, groups=True, upper_prefix=None) -> list:
+    out = diff_entries(a.entries, b.entries, la, lb, upper_prefix)
+    if groups and a.groups != b.groups:
+        out.append(f"hardlink groups (paths sharing st_ino): {la}={a.groups} {lb}={b.groups}")
+    return out
