@@ -226,6 +226,8 @@ def mount_ours(lowers, upper, work, mp, opts=()):
     src = os.environ.get("OVERLAY_SRC") or str(REPO / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [ours_python(), "-m", "overlay", "mount", "-o", optstr, str(mp)]
+    if os.environ.get("OVERLAY_TEST_LOG"):
+        cmd[4:4] = ["--log", os.environ["OVERLAY_TEST_LOG"]]
     try:
         r = subprocess.run(
             cmd,

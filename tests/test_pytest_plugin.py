@@ -155,12 +155,12 @@ def test_overlay_mount_fixture(pytester, monkeypatch, source, need_fuse):
 
 def test_skips_without_fuse(pytester, monkeypatch, source):
     d, src = source
-    pytester.makeconftest(
-        """
-        import overlay.pytest_plugin as plugin
-        plugin.fuse_unavailable_reason = lambda: "no /dev/fuse (simulated)"
-        """
-    )
+    import overlay.pytest_plugin as plugin
+
+    # pytester runs in this process: patch through monkeypatch, which puts the
+    # function back afterwards (a patch from an inner conftest would leak
+    # into the tests that follow)
+    monkeypatch.setattr(plugin, "fuse_unavailable_reason", lambda: "no /dev/fuse (simulated)")
     result = run_inner(
         pytester,
         monkeypatch,

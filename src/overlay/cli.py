@@ -91,7 +91,10 @@ def describe_exception(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
         if exc.filename:
-            text = f"{text}: '{exc.filename}'"
+            name = exc.filename
+            if isinstance(name, bytes):
+                name = os.fsdecode(name)
+            text = f"{text}: '{name}'"
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())

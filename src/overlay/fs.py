@@ -364,6 +364,7 @@ class OverlayOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = _Handle(fd, node, flags)
+        node.pins += 1          # keeps its fds: fstat must work after an unlink
         keep = True
         if node.upper < 0:
             st = os.fstat(fd)
@@ -441,6 +442,9 @@ class OverlayOperations(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is not None:
             os.close(h.fd)
+            h.node.pins -= 1
+            if not h.node.pins and h.node.fuse_id not in self.inodes:
+                self.core.release(h.node)       # forgotten while open
 
     async def fsync(self, fh, datasync):
         self.counts['fsync'] += 1

@@ -348,6 +348,18 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             raise OptionError(
                 f"upperdir '{upper}' and workdir '{work}' must be different, non-nested directories"
             )
+        if os.statvfs(upper).f_flag & os.ST_RDONLY:
+            raise OptionError(f"upperdir '{upper}' is on a read-only filesystem")
+
+    # like the kernel ("overlapping lowerdir path"): a lower layer may not be
+    # inside (or be) the upper dir, the work dir or another lower layer
+    for i, lower in enumerate(lowers):
+        for what, other in (("upperdir", upper), ("workdir", work)):
+            if other is not None and _is_same_or_inside(lower, other):
+                raise OptionError(f"lower layer '{lower}' overlaps {what} '{other}'")
+        for other in lowers[:i]:
+            if _is_same_or_inside(lower, other) or _is_same_or_inside(other, lower):
+                raise OptionError(f"lower layer '{lower}' overlaps lower layer '{other}'")
 
     userxattr = flags.get("userxattr", False)
     if redirect_dir is None:

@@ -88,9 +88,11 @@ cdef class Node:
     cdef list _lowers              # [(layer index, O_PATH fd)], top first (see lowers)
     cdef public bint evicted       # fds closed by the fd cache, reopened on first use
     cdef public bint busy          # in use by a copy-up: never evicted
+    cdef public int pins           # open files on it (the adapter counts): never evicted
     cdef public object ov          # the Overlay that reopens evicted fds
     cdef public object real        # (st_dev, st_ino) of the real object behind the fds
     cdef public list aliases       # other (parent, name) a non-dir is known by
+    cdef public list dircache      # [(name, Node, dir fd)] of its last listing, or None
     cdef public bint opaque        # upper dir has <prefix>opaque=y
     cdef public bytes redirect     # upper dir's <prefix>redirect, or None
     cdef public object ino         # st_ino reported for this object
@@ -188,6 +190,7 @@ cdef class Overlay:
     cdef object _fdcache               # OrderedDict id -> non-dir Node holding fds
     cdef public int fd_cache_max
     cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
+    cdef object _private_dirs          # {(st_dev, st_ino)} of the upper and work dirs
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False):
@@ -212,7 +215,10 @@ cdef class Overlay:
                          "name_indexes": 0, "name_index_hits": 0}
         self.renumbered = []
         self._fdcache = collections.OrderedDict()
-        self.fd_cache_max = int(os.environ.get("OVERLAY_FD_CACHE", FD_CACHE_MAX))
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        cap = FD_CACHE_MAX if soft == resource.RLIM_INFINITY else max(32, min(FD_CACHE_MAX, soft // 4))
+        self.fd_cache_max = int(os.environ.get("OVERLAY_FD_CACHE", cap))
         self._tmp_counter = 0
         self._lock = threading.Lock()
         self.lower_roots = []
@@ -227,6 +233,14 @@ cdef class Overlay:
             self.upper_root = os.open(self.upper_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
             devs.append(os.stat(self.upper_root).st_dev)
             self._setup_work()
+        self._private_dirs = set()
+        for fd in (self.upper_root, self.work_fd):
+            if fd >= 0:
+                st = os.stat(fd)
+                self._private_dirs.add((st.st_dev, st.st_ino))
+        if self.work_path is not None:
+            st = os.stat(self.work_path)
+            self._private_dirs.add((st.st_dev, st.st_ino))
         self._dev_index = {}
         for d in devs:
             self._dev_index.setdefault(d, len(self._dev_index))
@@ -244,7 +258,11 @@ cdef class Overlay:
             try:
                 os.mkdir(b"work", 0o700, dir_fd=wroot)
             except FileExistsError:
-                pass
+                st = os.stat(b"work", dir_fd=wroot, follow_symlinks=False)
+                if not S.S_ISDIR(st.st_mode):
+                    # a leftover that is not a dir (never followed): replace it
+                    os.unlink(b"work", dir_fd=wroot)
+                    os.mkdir(b"work", 0o700, dir_fd=wroot)
             fd = os.open(b"work", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=wroot)
         finally:
             os.close(wroot)
@@ -374,6 +392,8 @@ cdef class Overlay:
                     if last:
                         return 2, self._opath(fd, comp, False), _mkstat(&st)
                     return 1, -1, None
+                if (st.st_dev, st.st_ino) in self._private_dirs:
+                    raise _err(errno.ELOOP, comp)   # the upper or work dir
                 nfd = self._opath(fd, comp, True)
                 if owned:
                     os.close(fd)
@@ -390,7 +410,7 @@ cdef class Overlay:
             if owned:
                 os.close(fd)
 
-    cdef _check_redirect(self, bytes rd, bytes name):
+    cdef _check_redirect(self, bytes rd, bytes name, bint follow=True):
         """The kernel's checks on a redirect xattr: an absolute one is
         /-separated non-empty names, a relative one a single name; `.` and
         `..` are refused at lookup (EACCES)."""
@@ -401,7 +421,7 @@ cdef class Overlay:
         if not rd or any(not c for c in comps) or (not rd.startswith(b"/") and b"/" in rd):
             log.warning("invalid redirect %r on %r", rd, name)
             raise _err(errno.EINVAL, name)
-        if any(c in (b".", b"..") for c in comps):
+        if follow and any(c in (b".", b"..") for c in comps):
             raise _err(errno.EACCES, name)
 
     cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir):
@@ -539,7 +559,13 @@ cdef class Overlay:
                     n.opaque = self._getx(n.upper, self.x_opaque) == b"y"
                     redirect = self._getx(n.upper, self.x_redirect)
                     if redirect is not None:
-                        self._check_redirect(redirect, name)
+                        # its form is always checked; it is followed (and
+                        # its . and .. refused) only where there is a lower
+                        # layer to follow it into, as in the kernel
+                        follow = redirect.startswith(b"/") or bool(parent.lowers)
+                        self._check_redirect(redirect, name, follow)
+                        if not follow:
+                            redirect = None
                     n.redirect = redirect
                 else:
                     n.upper = self._opath(parent.upper, name, False)
@@ -557,7 +583,7 @@ cdef class Overlay:
         if n.upper >= 0:
             n.key = (ust.st_dev, ust.st_ino)
             x = self._getx(n.upper, self.x_ino)
-            if x is not None and x.isdigit():
+            if x is not None and x.isdigit() and 0 < len(x) < 20 and 1 < int(x) < 2**63:
                 n.ino = int(x)
             else:
                 n.ino = self.map_ino(st)
@@ -593,8 +619,8 @@ cdef class Overlay:
         while len(c) > self.fd_cache_max and tries > 0:
             tries -= 1
             _, old = c.popitem(last=False)
-            if old.busy or old.evicted:
-                if old.busy:
+            if old.busy or old.pins or old.evicted:
+                if old.busy or old.pins:
                     c[id(old)] = old
                 continue
             self._evict(old)
@@ -617,9 +643,14 @@ cdef class Overlay:
         n.evicted = False
         cdef Node p
         names = [(n.parent, n.name)] + [a for a in n.aliases if a != (n.parent, n.name)]
+        why = []
         for p, name in names:
             try:
                 if n._upper == EVICTED:
+                    self._sync_upper(p)
+                    if p.upper < 0:
+                        why.append((p.name, name, "parent not in upper"))
+                        continue
                     fd = self._opath(p.upper, name, n.is_dir)
                 else:
                     idx = n._lowers[0][0]
@@ -628,13 +659,16 @@ cdef class Overlay:
                         if i == idx:
                             dirfd = f
                     if dirfd < 0:
+                        why.append((p.name, name, "layer not below parent"))
                         continue
                     fd = self._opath(dirfd, name, n.is_dir)
-            except OSError:
+            except OSError as e:
+                why.append((p.name, name, e.strerror))
                 continue
             st = os.stat(fd)
             if (st.st_dev, st.st_ino) != n.real:
                 os.close(fd)
+                why.append((p.name, name, ("other object", st.st_ino)))
                 continue
             if n._upper == EVICTED:
                 n._upper = fd
@@ -645,16 +679,41 @@ cdef class Overlay:
             self._hold(n)
             return
         n.evicted = True
+        log.warning("cannot reopen %r (real %s): %s", n.name, n.real, why)
         raise _err(errno.ESTALE, n.name)
+
+    cdef _sync_upper(self, Node d):
+        """d, a dir, may have been copied up through another Node for it (one
+        the kernel looked up after forgetting d): find its upper dir."""
+        cdef struct_stat st
+        if d._upper >= 0 or d.parent is None or not d.is_dir:
+            return
+        self._sync_upper(d.parent)
+        pu = (<Node>d.parent)._upper
+        if pu < 0:
+            return
+        if c_statat(pu, d.name, &st) == 0 and S.S_ISDIR(st.st_mode):
+            d._upper = self._opath(pu, d.name, True)
 
     cdef _add_alias(self, Node n, Node parent, bytes name):
         if n.is_dir:
             return
         a = (parent, name)
-        if a != (n.parent, n.name) and a not in n.aliases:
+        if a not in n.aliases:
             n.aliases.append(a)
             if len(n.aliases) > 16:
                 del n.aliases[0]
+
+    cdef _rename_alias(self, Node n, Node op, bytes oname, Node np, bytes nname):
+        """n, known as oname under op, is now nname under np: that becomes its
+        primary name; its other names stay known."""
+        if (n.parent, n.name) != (op, oname):
+            self._add_alias(n, n.parent, n.name)
+        a = (op, oname)
+        if a in n.aliases:
+            n.aliases.remove(a)
+        n.parent = np
+        n.name = nname
 
     def _drop_alias(self, Node n, Node parent, bytes name):
         """name under parent no longer leads to n (unlinked or renamed away)."""
@@ -681,6 +740,14 @@ cdef class Overlay:
         old.parent = n.parent
         old.name = n.name
         old.st = n.st
+        if old.evicted:
+            # take the fds this lookup just opened instead of reopening
+            old._upper, old._lowers = n._upper, n._lowers
+            n._upper, n._lowers = -1, []
+            old.evicted = False
+            old.real = n.real
+            self._hold(old)
+            return old
         if old.upper < 0 and n.upper >= 0:
             old.upper = n.upper
             n.upper = -1
@@ -696,8 +763,18 @@ cdef class Overlay:
         self.nodes[n.key] = n
 
     def forget(self, Node n):
+        """The kernel forgot n: drop it, and close its fds unless in use."""
         if self.nodes.get(n.key) is n:
             del self.nodes[n.key]
+        self.release(n)
+
+    def release(self, Node n):
+        """Close the fds of a non-dir n that nothing uses now (an O_PATH fd
+        on a deleted file would keep its space)."""
+        if n.is_dir or n.pins or n.busy or n.evicted or n.parent is None:
+            return
+        self._fdcache.pop(id(n), None)
+        self._evict(n)
 
     cdef _adopt_upper(self, Node n, int fd, bint keep_ino):
         """n now lives in the upper layer at O_PATH fd: re-key it."""
@@ -813,7 +890,28 @@ cdef class Overlay:
         lists it: a merged dir as merged; a dir made of one real dir as that
         dir is, whiteouts included. Such whiteouts (and xattr whiteouts in a
         lower dir not marked opaque=x) come as ghost Nodes: listed, but a
-        lookup of the name fails with ENOENT."""
+        lookup of the name fails with ENOENT.
+
+        The listing is kept until something changes in n through us (the
+        kernel asks again for every pass of find or ls -R); every entry is
+        stat'ed afresh through the real dir holding it, and an entry that is
+        no longer the object it was makes the listing start over."""
+        cdef struct_stat st
+        cdef Node child, cur
+        if n.dircache is not None:
+            out = []
+            for i, (name, child, dfd) in enumerate(n.dircache):
+                if c_statat(dfd, name, &st) != 0 or (st.st_dev, st.st_ino) != child.real:
+                    n.dircache = None
+                    break
+                cur = self.nodes.get(child.key)
+                if cur is not None and cur is not child:
+                    child = cur
+                    n.dircache[i] = (name, child, dfd)
+                child.st = _mkstat(&st)
+                out.append((name, child))
+            else:
+                return out
         if n.merged:
             entries = self._list(n)
         else:
@@ -826,17 +924,50 @@ cdef class Overlay:
             if self.oci and n.upper < 0:
                 entries = [e for e in entries if not e[0].startswith(OCI_WH)]
         out = []
+        cache = []
         known = {}      # one Node per object, also for names not yet known
         for name, fd in entries:
             try:
                 child = self.lookup(n, name)
-                out.append((name, known.setdefault(child.key, child)))
-            except FileNotFoundError:
+                child = known.setdefault(child.key, child)
+            except OSError:
+                # a whiteout, or an entry whose lookup fails (bad redirect,
+                # EIO...): listed, and only its lookup fails, as the kernel
                 try:
-                    out.append((name, self._ghost(fd, name)))
-                except FileNotFoundError:
-                    continue
+                    child = self._ghost(fd, name)
+                except OSError:
+                    child = self._blind_ghost(fd, name)
+            out.append((name, child))
+            cache.append((name, child, fd))
+        n.dircache = cache
         return out
+
+    cdef Node _blind_ghost(self, int dirfd, bytes name):
+        """An entry even a stat fails on (EIO from a layer): listed with what
+        the directory itself says of it, like the kernel lists it."""
+        cdef Node g = Node()
+        mode = S.S_IFREG
+        ino = 0
+        rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=dirfd)
+        try:
+            with os.scandir(rfd) as it:
+                for e in it:
+                    if e.name == os.fsdecode(name):
+                        ino = e.inode()
+                        if e.is_dir(follow_symlinks=False):
+                            mode = S.S_IFDIR
+                        elif e.is_symlink():
+                            mode = S.S_IFLNK
+                        break
+        finally:
+            os.close(rfd)
+        g.name = name
+        g.ghost = True
+        g.key = ("ghost", name, ino)
+        g.real = None
+        g.ino = ino or 1
+        g.st = blind_stat(mode, g.ino)
+        return g
 
     cdef Node _ghost(self, int dirfd, bytes name):
         cdef Node g = Node()
@@ -846,6 +977,7 @@ cdef class Overlay:
         g.is_dir = S.S_ISDIR(st.st_mode)
         g.lowers = [(0, self._opath(dirfd, name, False))]
         g.key = ("ghost", st.st_dev, st.st_ino)
+        g.real = (st.st_dev, st.st_ino)
         g.ino = self.map_ino(st)
         return g
 
@@ -1070,6 +1202,7 @@ cdef class Overlay:
             raise _err(errno.ENOTDIR, name)
         over_whiteout = self._check_new(parent, name)
         self.copy_up(parent)
+        parent.dircache = None
         uid, gid, sgid = self._parent_owner(parent, uid, gid)
         if kind == S.S_IFDIR and sgid:
             mode |= S.S_ISGID
@@ -1122,6 +1255,8 @@ cdef class Overlay:
         return self._create(parent, name, S.S_IFDIR, mode, 0, None, uid, gid)[1]
 
     def mknod(self, Node parent, bytes name, int mode, int rdev, int uid, int gid):
+        if S.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM, name)   # a whiteout cannot be made (as the kernel)
         return self._create(parent, name, S.S_IFMT(mode), S.S_IMODE(mode), rdev, None, uid, gid)[1]
 
     def symlink(self, Node parent, bytes name, bytes target, int uid, int gid):
@@ -1273,6 +1408,8 @@ cdef class Overlay:
             raise _err(errno.EISDIR, name)
         self._remove(parent, name, n)
         self._drop_alias(n, parent, name)
+        if (n.parent, n.name) == (parent, name):
+            self.release(n)         # no name left: give its space back
         return n
 
     def rmdir(self, Node parent, bytes name):
@@ -1286,6 +1423,7 @@ cdef class Overlay:
         return n
 
     def _remove(self, Node parent, bytes name, Node n):
+        parent.dircache = None
         if n.upper >= 0:
             lp = self.lower_positive(parent, name)
         else:
@@ -1399,6 +1537,8 @@ cdef class Overlay:
             elif old.is_dir and new_is_whiteout:
                 rflags |= RENAME_EXCHANGE
                 cleanup_whiteout = True
+        op.dircache = None
+        np.dircache = None
         old = self.copy_up(old)
         self.copy_up(np)
         if not overwrite:
@@ -1434,15 +1574,13 @@ cdef class Overlay:
             sys_renameat2(op.upper, oname, np.upper, nname, rflags)
         if cleanup_whiteout:
             os.unlink(oname, dir_fd=op.upper)
-        self._drop_alias(old, op, oname)
-        old.parent = np
-        old.name = nname
+        self._rename_alias(old, op, oname, np, nname)
         if exchange:
-            self._drop_alias(new, np, nname)
-            new.parent = op
-            new.name = oname
+            self._rename_alias(new, np, nname, op, oname)
         elif new is not None:
             self._drop_alias(new, np, nname)
+            if (new.parent, new.name) == (np, nname):
+                self.release(new)
 
     # ------------------------------------------------------------ misc
 
@@ -1451,4 +1589,6 @@ cdef class Overlay:
         return os.statvfs(_proc(fd))
 
     def fsync(self, int fd, bint datasync):
+        if self.no_sync:
+            return          # volatile: no sync reaches the upper fs (as the kernel)
         sys_fsync(fd, datasync)

@@ -310,3 +310,13 @@ cdef object c_getx(int fd, const char *name):
                 return None
             raise
     raise _oserror(c_errno, name)
+
+
+def blind_stat(unsigned int mode, unsigned long long ino):
+    """A Stat for an entry that cannot be stat'ed (listed, its lookup fails)."""
+    cdef Stat r = Stat.__new__(Stat)
+    r.st_mode = mode
+    r.st_ino = ino
+    r.st_nlink = 1
+    r.st_blksize = 4096
+    return r

@@ -183,8 +183,7 @@ class DiffPair:
             fired = timer.finished.is_set()  # set only by firing before cancel()
             timer.cancel()
             if fired:
-                self.log.append((self.nops, op, None, ("err", f"HANG>{OP_TIMEOUT}s, FUSE connection aborted")))
-
+                self.log.append((self.nops - 1, op, None, ("err", f"HANG>{OP_TIMEOUT}s, FUSE connection aborted")))
 
     def run(self, op):
         """Apply op on both sides; return (kernel result, ours result)."""
