@@ -575,7 +575,7 @@ def test_hardlinked_lower_file_copy_up(m, impl):
 
 @pytest.mark.xfail(reason="FUSE caching: an fd opened before a lower edit keeps "
                           "the cached pages, and stat keeps the old size for up "
-                          "to attr_timeout (1 s); the kernel overlay shows the "
+                          "to attr_timeout (300 s by default); the kernel overlay shows the "
                           "edit at once through both", strict=False)
 def test_lower_edit_seen_through_already_open_fd(m):
     write(m.L("e"), b"old")
