@@ -69,6 +69,15 @@ cdef inline bytes _proc(int fd):
     return b"/proc/self/fd/%d" % fd
 
 
+def _listdir(int fd):
+    """Names (bytes) in the directory behind (O_PATH) fd."""
+    rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
+    try:
+        return [os.fsencode(nm) for nm in os.listdir(rfd)]
+    finally:
+        os.close(rfd)
+
+
 cdef inline bint _is_whiteout_st(st):
     return S.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
@@ -267,17 +276,11 @@ cdef class Overlay:
         finally:
             os.close(wroot)
         self.work_fd = fd
-        self._clean_dir(fd, remove_self=False)
+        self._clean_dir(fd)
 
-    def _clean_dir(self, int dirfd, remove_self=False):
+    def _clean_dir(self, int dirfd):
         """Remove everything below dirfd (never following symlinks)."""
-        rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=dirfd)
-        try:
-            names = os.listdir(rfd)
-        finally:
-            os.close(rfd)
-        for name in names:
-            bname = os.fsencode(name)
+        for bname in _listdir(dirfd):
             st = os.stat(bname, dir_fd=dirfd, follow_symlinks=False)
             if S.S_ISDIR(st.st_mode):
                 sub = os.open(bname, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=dirfd)
@@ -508,14 +511,7 @@ cdef class Overlay:
         index = {}
         cdef Py_ssize_t pos
         for pos in range(len(d.lowers)):
-            fd = d.lowers[pos][1]
-            rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
-            try:
-                names = os.listdir(rfd)
-            finally:
-                os.close(rfd)
-            for nm in names:
-                b = os.fsencode(nm)
+            for b in _listdir(d.lowers[pos][1]):
                 if self.oci and b.startswith(OCI_WH):
                     if b == OCI_OPQ:
                         continue
@@ -916,11 +912,7 @@ cdef class Overlay:
             entries = self._list(n)
         else:
             fd = n.fd
-            rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
-            try:
-                entries = [(os.fsencode(nm), fd) for nm in os.listdir(rfd)]
-            finally:
-                os.close(rfd)
+            entries = [(nm, fd) for nm in _listdir(fd)]
             if self.oci and n.upper < 0:
                 entries = [e for e in entries if not e[0].startswith(OCI_WH)]
         out = []
@@ -981,23 +973,6 @@ cdef class Overlay:
         g.ino = self.map_ino(st)
         return g
 
-    def _upper_only_whiteouts(self, Node n):
-        """Names of whiteouts in n's upper dir (for clearing before removal)."""
-        if n.upper < 0:
-            return []
-        rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=n.upper)
-        try:
-            names = os.listdir(rfd)
-        finally:
-            os.close(rfd)
-        out = []
-        for nm in names:
-            b = os.fsencode(nm)
-            st = os.stat(b, dir_fd=n.upper, follow_symlinks=False)
-            if _is_whiteout_st(st):
-                out.append(b)
-        return out
-
     def readlink(self, Node n):
         # readlinkat(fd, "") reads the symlink an O_PATH fd refers to
         return os.readlink(b"", dir_fd=n.fd)
@@ -1048,9 +1023,6 @@ cdef class Overlay:
                 raise
 
     # ------------------------------------------------------------ copy-up
-
-    def needs_copy_up(self, Node n):
-        return n.upper < 0
 
     def copy_up(self, Node n, bint data=True):
         """Make n exist in the upper layer (parents first), preparing it in
@@ -1356,17 +1328,12 @@ cdef class Overlay:
     # ------------------------------------------------------------ remove
 
     cdef _only_whiteouts(self, int dirfd, bytes name):
-        """EIO unless the dir holds nothing but whiteouts: it is about to be
+        """ENOTEMPTY unless the dir holds nothing but whiteouts: it is about to be
         cleared, and a visible entry there would be lost."""
         fd = self._opath(dirfd, name, True)
         try:
-            rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
-            try:
-                names = os.listdir(rfd)
-            finally:
-                os.close(rfd)
-            for nm in names:
-                st = os.stat(os.fsencode(nm), dir_fd=fd, follow_symlinks=False)
+            for nm in _listdir(fd):
+                st = os.stat(nm, dir_fd=fd, follow_symlinks=False)
                 if not _is_whiteout_st(st):
                     log.error("refusing to clear %r: it holds %r", name, nm)
                     raise _err(errno.ENOTEMPTY, name)
