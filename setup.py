@@ -16,6 +16,16 @@ extensions = [
         extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
     ),
     Extension(
+        "overlay.engine.wire",
+        ["src/overlay/engine/wire.pyx"],
+        extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
+    ),
+    Extension(
+        "overlay.engine.bridge",
+        ["src/overlay/engine/bridge.pyx"],
+        extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
+    ),
+    Extension(
         "overlay._fuseattr",
         ["src/overlay/_fuseattr.pyx"],
         extra_compile_args=["-O2", "-Wno-unused-function"],
@@ -28,5 +38,6 @@ setup(
         language_level=3,
         annotate=annotate,
         compiler_directives={"embedsignature": True},
+        include_path=["src"],
     ),
 )

@@ -8,9 +8,11 @@ from outside the source tree:
 It is cibuildwheel's ``test-command`` (see [tool.cibuildwheel] in
 pyproject.toml) and step 6 of scripts/wheel_smoke.sh.  It needs no FUSE:
 
-* both extension modules (``overlay_core._core``, ``overlay._fuseattr``) and
-  the Python modules import, from site-packages and not from SOURCE_TREE;
-* ``overlay.fs`` imports (pyfuse3 and trio are installed and load);
+* the extension modules (``overlay_core._core``, the native engine's
+  ``overlay.engine.wire`` and ``overlay.engine.bridge``) and the Python
+  modules import, from site-packages and not from SOURCE_TREE;
+* where pyfuse3 is installed (the ``pyfuse3`` extra), ``overlay.fs`` and
+  ``overlay._fuseattr`` import too;
 * the console scripts and the ``pytest11`` entry point are registered;
 * ``overlay --version`` runs, and ``overlay diff`` / ``overlay commit`` work
   on a small hand-made upper dir (with a whiteout when mknod is allowed).
@@ -21,6 +23,7 @@ Exits 0 when everything is fine, 1 with the failures listed otherwise.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import importlib.metadata as md
 import os
 import shutil
@@ -41,8 +44,11 @@ def check(cond: bool, what: str) -> None:
 
 def main() -> int:
     source = os.path.realpath(sys.argv[1]) if len(sys.argv) > 1 else None
-    mods = ["overlay", "overlay_core._core", "overlay._fuseattr", "overlay.cli", "overlay.api",
-            "overlay.layertools", "overlay.options", "overlay.fs"]
+    mods = ["overlay", "overlay_core._core", "overlay.engine", "overlay.engine.wire",
+            "overlay.engine.bridge", "overlay.engine.mount", "overlay.serve", "overlay.cli",
+            "overlay.api", "overlay.layertools", "overlay.options"]
+    if importlib.util.find_spec("pyfuse3") is not None:
+        mods += ["overlay._fuseattr", "overlay.fs"]
     for name in mods:
         try:
             mod = importlib.import_module(name)

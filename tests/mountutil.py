@@ -26,6 +26,9 @@ Environment knobs:
   adds ``redirect_dir=on`` unless a ``redirect_dir=`` option (or
   ``userxattr``, which the kernel refuses with it) is given, because that is
   our filesystem's default behaviour.
+* ``OVERLAY_TEST_ENGINE=pyfuse3`` (or ``native``) adds ``engine=...`` to
+  every mount of ours (``engine()`` tells which engine is under test; the
+  default is our default, the native engine);
 * ``OVERLAY_PYTHON`` overrides the interpreter used to run ``-m overlay``
   (default: ``sys.executable``); ``OVERLAY_SRC`` the source dir put first on
   its PYTHONPATH (default: this repo's ``src``), e.g. to test a frozen,
@@ -110,6 +113,11 @@ def require_kernel_overlay():
 def ours_is_kernel() -> bool:
     """True when DIFF_IMPL=kernel: the 'ours' side is a kernel overlay."""
     return os.environ.get("DIFF_IMPL", "").strip().lower() == "kernel"
+
+
+def engine() -> str:
+    """The engine of ours under test: native (the default) or pyfuse3."""
+    return os.environ.get("OVERLAY_TEST_ENGINE", "").strip().lower() or "native"
 
 
 def require_ours():
@@ -221,6 +229,8 @@ def mount_ours(lowers, upper, work, mp, opts=()):
         if not any(o.startswith("redirect_dir=") for o in opts) and "userxattr" not in opts:
             opts += ("redirect_dir=on",)
         return mount_kernel(lowers, upper, work, mp, opts)
+    if os.environ.get("OVERLAY_TEST_ENGINE") and not any(o.startswith("engine=") for o in opts):
+        opts = tuple(opts) + (f"engine={engine()}",)
     optstr = overlay_option_string(lowers, upper, work, opts)
     env = dict(os.environ)
     src = os.environ.get("OVERLAY_SRC") or str(REPO / "src")

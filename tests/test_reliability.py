@@ -687,9 +687,9 @@ def test_exception_in_handler_answers_eio_and_is_logged(reltmp, caplog):
 WRAPPER = textwrap.dedent('''
     """Test wrapper: our CLI, with a core whose readlink of boom* raises."""
     import sys
-    import overlay.fs as fs
+    import overlay.serve as serve
 
-    _real = fs.build_core
+    _real = serve.build_core
 
     class Boom:
         def __init__(self, core):
@@ -703,7 +703,7 @@ WRAPPER = textwrap.dedent('''
                 raise RuntimeError("injected failure for " + node.name.decode())
             return self._c.readlink(node)
 
-    fs.build_core = lambda config: Boom(_real(config))
+    serve.build_core = lambda config: Boom(_real(config))
 
     from overlay.cli import main
     sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,7 @@ Two console scripts live here (see ``[project.scripts]`` in pyproject.toml):
     mount.fuse3 runs ``overlay-mount SOURCE MOUNTPOINT -o OPTS`` through
     ``/bin/sh -c``, so the script must be on the PATH that mount(8) sees.
 
-The filesystem itself (``overlay.fs.run_fs``, which pulls in pyfuse3, trio and
+The filesystem itself (``overlay.serve.run_fs``, which pulls in the engine and
 the Cython core) is imported only once a mount is really about to happen, so
 ``--help`` and option errors are fast.  Bad input gives one line on stderr and
 exit code 1 (2 for command-line usage errors), and nothing gets mounted.
@@ -101,8 +101,8 @@ def describe_exception(exc: BaseException) -> str:
 
 
 def _load_run_fs() -> RunFs:
-    """Import the filesystem lazily (pyfuse3, trio and the Cython core)."""
-    from overlay.fs import run_fs  # noqa: PLC0415 - deliberately lazy
+    """Import the filesystem lazily (the engine and the Cython core)."""
+    from overlay.serve import run_fs  # noqa: PLC0415 - deliberately lazy
 
     return run_fs
 
@@ -177,7 +177,7 @@ def run_foreground(config: MountConfig, mountpoint: str, prog: str) -> int:
     try:
         run_fs = _load_run_fs()
     except ImportError as exc:
-        log.debug("import of overlay.fs failed", exc_info=True)
+        log.debug("import of the filesystem failed", exc_info=True)
         return _say_error(prog, f"cannot load the filesystem: {describe_exception(exc)}")
 
     def on_ready() -> None:

@@ -1,4 +1,4 @@
-"""overlay.fs: the pyfuse3 adapter over overlay_core.
+"""overlay.fs: the pyfuse3 adapter over overlay_core (engine=pyfuse3).
 
 A protocol adapter only: FUSE inode numbers and file handles in, calls into
 the Cython core (overlay_core.Overlay), EntryAttributes out. OSError from the
@@ -30,7 +30,6 @@ import json
 import errno
 import logging
 import os
-import resource
 import signal
 import stat as S
 import threading
@@ -42,7 +41,7 @@ from pyfuse3 import FUSEError
 
 from overlay_core import Overlay
 
-from . import _fuseattr
+from . import _fuseattr, serve
 from .idmap import IdMap
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,6 @@ COPY_UP_INLINE = 256 * 1024
 # Reading this xattr on the mount's root gives the counters as JSON
 # (overlay stats); it is never stored and cannot be set.
 STATS_XATTR = b"user.overlay-fuse.stats"
-
-# Readahead of the FUSE mount (KiB); the kernel's default is 128.
-READAHEAD_KIB = 1024
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -577,19 +573,6 @@ class _errors:
         raise FUSEError(errno.EIO) from None
 
 
-def build_core(config) -> Overlay:
-    """The Overlay core for a MountConfig."""
-    return Overlay(
-        config.lowers,
-        config.upper,
-        config.work,
-        userxattr=config.userxattr,
-        redirect_dir=config.redirect_dir,
-        no_sync=config.volatile,
-        oci_whiteouts=config.oci_whiteouts,
-    )
-
-
 def fuse_options(config) -> set:
     opts = {"default_permissions", f"fsname={config.fsname}", "subtype=overlay"}
     if config.allow_other:
@@ -601,50 +584,12 @@ def fuse_options(config) -> set:
     return opts
 
 
-def _mount_dev(mountpoint: str):
-    """'major:minor' of the mount at mountpoint, from /proc/self/mountinfo
-    (a stat() would ask our own filesystem, which is not serving yet)."""
-    target = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            if mp == target:
-                found = fields[2]          # the last one is on top
-    return found
-
-
-def set_readahead(mountpoint: str, kib: int) -> None:
-    """Raise the readahead of the FUSE mount (the kernel default is 128 KiB):
-    streaming reads then reach us as several requests in flight."""
-    dev = _mount_dev(mountpoint)
-    if dev is None:
-        return
-    try:
-        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
-            f.write(str(kib))
-    except OSError as exc:
-        log.debug("readahead not set for %s: %s", dev, exc)
-
-
-def _raise_fd_limit() -> None:
-    """Directories keep their O_PATH fds open (the fds of other objects live
-    in a bounded cache, see overlay_core): allow as many as we may."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (OSError, ValueError) as exc:
-        log.debug("RLIMIT_NOFILE not raised: %s", exc)
-
-
 def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Mount config on mountpoint and serve until it is unmounted (or the
     process gets SIGTERM/SIGINT, which unmounts). Calls on_ready() once the
     mount is live."""
-    _raise_fd_limit()
-    core = build_core(config)
+    serve.raise_fd_limit()
+    core = serve.build_core(config)
     ops = OverlayOperations(core, entry_timeout=config.entry_timeout,
                             attr_timeout=config.attr_timeout,
                             uidmap=IdMap.parse(config.uidmapping, "uidmapping") if config.uidmapping else None,
@@ -656,11 +601,11 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     try:
         # from a thread: the write waits until the kernel has initialised
         # the connection, which needs our request loop running
-        threading.Thread(target=set_readahead, args=(mountpoint, READAHEAD_KIB),
+        threading.Thread(target=serve.set_readahead, args=(mountpoint, serve.READAHEAD_KIB),
                          name="readahead", daemon=True).start()
         on_ready()
 
-        async def serve():
+        async def main():
             nonlocal unmount
             async with trio.open_nursery() as nursery:
                 async def on_signal():
@@ -673,10 +618,10 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                             return
 
                 nursery.start_soon(on_signal)
-                await pyfuse3.main(min_tasks=1, max_tasks=config.workers)
+                await pyfuse3.main(min_tasks=1, max_tasks=config.workers or 1)
                 nursery.cancel_scope.cancel()
 
-        trio.run(serve)
+        trio.run(main)
     finally:
         pyfuse3.close(unmount=unmount)
         core.close()

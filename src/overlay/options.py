@@ -74,7 +74,9 @@ class MountConfig:
     fsname: str = "overlay"
     entry_timeout: float = DEFAULT_TIMEOUT
     attr_timeout: float = DEFAULT_TIMEOUT
-    workers: int = 1  # pyfuse3 tasks serving requests (see overlay.fs)
+    engine: str = "native"  # native (overlay.engine) or pyfuse3 (overlay.fs)
+    workers: int | None = None  # threads (native) or trio tasks (pyfuse3); None: the engine's default
+    passthrough: bool = True  # native engine: FUSE passthrough for file data where possible
     writeback: bool = False  # kernel writeback cache (faster big writes)
     oci_whiteouts: bool = False  # lower layers with OCI .wh. whiteouts
     uidmapping: str | None = None  # CONTAINER:HOST:SIZE[:...] (see overlay.idmap)
@@ -143,7 +145,8 @@ _FLAG_OPTIONS = frozenset(
 )
 _VALUE_OPTIONS = frozenset(
     {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
-     "timeout", "entry_timeout", "attr_timeout", "workers", "uidmapping", "gidmapping"}
+     "timeout", "entry_timeout", "attr_timeout", "workers", "uidmapping", "gidmapping",
+     "engine", "passthrough"}
 )
 # Options only accepted with one of these values (no-ops for us).
 _NOOP_VALUES = {
@@ -280,6 +283,14 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             except IdMapError as exc:
                 raise OptionError(str(exc)) from None
             idmaps[name] = value
+        elif name == "engine":
+            if value not in ("native", "pyfuse3"):
+                raise OptionError(f"bad value '{value}' for engine (expected native or pyfuse3)")
+            extra["engine"] = value
+        elif name == "passthrough":
+            if value not in ("on", "off"):
+                raise OptionError(f"bad value '{value}' for passthrough (expected on or off)")
+            extra["passthrough"] = value == "on"
         elif name == "workers":
             if not value.isdigit() or not 1 <= int(value) <= 1000:
                 raise OptionError(f"bad value '{value}' for workers (expected 1 to 1000)")

@@ -1,0 +1,112 @@
+"""overlay.engine: the native FUSE engine (the default, engine=native).
+
+Three layers, each in its own module:
+
+* ``wire`` (Cython): the kernel's FUSE protocol on /dev/fuse: the ABI
+  (``abi.pxd``, protocol 7.45 negotiated down to 7.34), worker threads that
+  each read their own cloned fd with the GIL released, INIT, replies,
+  notifications, and the system calls mounting needs;
+* ``bridge`` (Cython): requests to overlay nodes: node ids, lookup counts,
+  file handles, backing ids; calls into overlay_core;
+* ``mount``: mount(2) as root, fusermount3 otherwise, and the watchdog.
+
+run_native() puts them together for one mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import threading
+from typing import Callable
+
+log = logging.getLogger("overlay.engine")
+
+# How long the kernel may take to send INIT after mount(2).
+INIT_TIMEOUT = 30.0
+# Worker threads when the options do not say (workers=N).
+DEFAULT_WORKERS = 2
+
+
+def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
+    """Mount config on mountpoint and serve until it is unmounted, or until
+    SIGTERM, SIGINT or SIGHUP (which unmount). Calls on_ready() once the
+    mount answers requests."""
+    from overlay import serve
+    from overlay.engine import mount as mnt
+    from overlay.engine.bridge import OverlayFS
+    from overlay.idmap import IdMap
+
+    state = {"stop": False, "fs": None, "mount": None}
+
+    def on_signal(sig, frame):
+        log.info("signal %d: unmounting", sig)
+        state["stop"] = True
+        if state["mount"] is not None:
+            state["mount"].unmount(lazy=True)
+        if state["fs"] is not None:
+            state["fs"].stop()
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        # before anything is mounted: a signal in the middle of mounting
+        # must still end in a clean unmount
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            old[sig] = signal.signal(sig, on_signal)
+    try:
+        serve.raise_fd_limit()
+        core = serve.build_core(config)
+        try:
+            fs = OverlayFS(
+                core,
+                entry_timeout=config.entry_timeout,
+                attr_timeout=config.attr_timeout,
+                uidmap=IdMap.parse(config.uidmapping, "uidmapping") if config.uidmapping else None,
+                gidmap=IdMap.parse(config.gidmapping, "gidmapping") if config.gidmapping else None,
+                squash_to_root=config.squash_to_root,
+            )
+            fs.want_writeback = config.writeback
+            fs.want_passthrough = False
+            fs.debug = config.debug
+            flags = mnt.mount_flags(config.ignored, config.read_only)
+            m = mnt.mount(mountpoint, fsname=config.fsname, subtype="overlay", flags=flags,
+                          allow_other=config.allow_other, root_mode=stat.S_IFDIR)
+            state["mount"] = m
+            state["fs"] = fs
+            _serve(fs, m, config, mountpoint, on_ready, state)
+        finally:
+            core.close()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _serve(fs, m, config, mountpoint, on_ready, state) -> None:
+    from overlay import serve
+
+    clean = False
+    try:
+        m.start_watchdog()
+        fs.start(m.fd, config.workers or DEFAULT_WORKERS)
+        if state["stop"]:
+            return
+        if not fs.wait_init(INIT_TIMEOUT):
+            raise OSError(110, f"the kernel sent no INIT within {INIT_TIMEOUT:g} s")
+        if fs.init_error:
+            raise OSError(71, fs.init_error)
+        os.statvfs(mountpoint)          # a request answered: the mount is live
+        serve.set_readahead(mountpoint)
+        if state["stop"]:
+            return
+        on_ready()
+        while not fs.wait(1.0):
+            pass
+        clean = True
+    finally:
+        if not clean or state["stop"]:
+            m.unmount(lazy=True)
+        fs.stop()
+        fs.close()
+        m.finish()

@@ -1,0 +1,717 @@
+# cython: language_level=3
+"""overlay.engine.wire: the FUSE kernel protocol on /dev/fuse.
+
+The lowest layer of the native engine: it owns the /dev/fuse file
+descriptors, runs the worker threads, answers INIT and writes replies and
+notifications. It knows nothing of overlays: each request other than INIT
+goes to Session.handle(), which the bridge (bridge.pyx) implements.
+
+Threads: worker 0 reads the fd the mount was made with; every other worker
+opens /dev/fuse anew and clones the connection onto it (FUSE_DEV_IOC_CLONE),
+so each reads its own fd, with the GIL released, and answers on that same fd
+(the kernel looks a reply up in the queue of the fd that read the request).
+A reply that fails with ENOENT found its request gone (interrupted); the
+caller undoes what the reply would have handed over.
+
+Notifications (inval_inode, inval_entry) are queued and written by a thread
+of their own: written from a request's handler they could deadlock on locks
+the kernel holds for that request.
+
+Ending: ENODEV from read() means the connection is gone (unmounted or
+aborted); every worker then stops. stop() makes the workers return from a
+blocked read() with a signal (SIGUSR2, handled by a no-op, no SA_RESTART).
+
+Also here: the few system calls mounting needs (mount, umount2, the
+/dev/fuse ioctls), and the watchdog that unmounts a mount whose daemon died.
+"""
+
+import errno as _errno
+import logging
+import os
+import queue
+import threading
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENODEV, ENOSYS, EIO, EPROTO
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset, memcpy, strlen
+from posix.unistd cimport read, write, close, _exit, fork
+
+from overlay.engine.abi cimport *
+
+log = logging.getLogger("overlay.engine")
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_open "open"(const char *path, int flags, ...)
+    int O_RDWR
+    int O_CLOEXEC
+    int O_RDONLY
+
+cdef extern from "<sys/mount.h>" nogil:
+    int c_mount "mount"(const char *source, const char *target, const char *fstype,
+                        unsigned long flags, const void *data)
+    int c_umount2 "umount2"(const char *target, int flags)
+    int MNT_DETACH
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs_t "statfs":
+        long f_type
+    int c_statfs "statfs"(const char *path, statfs_t *buf)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    int pthread_kill(pthread_t thread, int sig)
+
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    ctypedef struct sigaction_t "struct sigaction":
+        void (*sa_handler)(int)
+        int sa_flags
+        sigset_t sa_mask
+    int sigemptyset(sigset_t *s)
+    int c_sigaction "sigaction"(int sig, const sigaction_t *act, sigaction_t *old)
+    int SIGUSR2
+
+cdef extern from "<sys/prctl.h>" nogil:
+    int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)
+    int PR_SET_PDEATHSIG
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long syscall(long number, ...)
+    long SYS_close_range
+
+cdef extern from "<unistd.h>" nogil:
+    int dup2(int oldfd, int newfd)
+    unsigned int sleep(unsigned int s)
+
+
+# ---------------------------------------------------------------- sizes
+
+def _check_abi():
+    """The struct sizes of protocol 7.45; a mismatch is a bug in abi.pxd."""
+    sizes = {
+        "fuse_in_header": (sizeof(fuse_in_header), 40),
+        "fuse_out_header": (sizeof(fuse_out_header), 16),
+        "fuse_attr": (sizeof(fuse_attr), 88),
+        "fuse_entry_out": (sizeof(fuse_entry_out), 128),
+        "fuse_attr_out": (sizeof(fuse_attr_out), 104),
+        "fuse_open_out": (sizeof(fuse_open_out), 16),
+        "fuse_read_in": (sizeof(fuse_read_in), 40),
+        "fuse_write_in": (sizeof(fuse_write_in), 40),
+        "fuse_write_out": (sizeof(fuse_write_out), 8),
+        "fuse_init_in": (sizeof(fuse_init_in), 64),
+        "fuse_init_out": (sizeof(fuse_init_out), 64),
+        "fuse_backing_map": (sizeof(fuse_backing_map), 16),
+        "fuse_forget_one": (sizeof(fuse_forget_one), 16),
+        "fuse_dirent": (sizeof(fuse_dirent), 24),
+        "fuse_direntplus": (sizeof(fuse_direntplus), 152),
+        "fuse_statfs_out": (sizeof(fuse_statfs_out), 80),
+        "fuse_statx_out": (sizeof(fuse_statx_out), 288),
+        "fuse_setattr_in": (sizeof(fuse_setattr_in), 88),
+        "fuse_lseek_in": (sizeof(fuse_lseek_in), 24),
+        "fuse_fallocate_in": (sizeof(fuse_fallocate_in), 32),
+        "fuse_copy_file_range_in": (sizeof(fuse_copy_file_range_in), 56),
+        "fuse_setxattr_in": (sizeof(fuse_setxattr_in), 16),
+        "fuse_create_in": (sizeof(fuse_create_in), 16),
+        "fuse_mknod_in": (sizeof(fuse_mknod_in), 16),
+        "fuse_lk_in": (sizeof(fuse_lk_in), 48),
+        "fuse_statx_in": (sizeof(fuse_statx_in), 24),
+    }
+    bad = {k: v for k, v in sizes.items() if v[0] != v[1]}
+    if bad:
+        raise ImportError(f"overlay.engine.abi: struct sizes differ from protocol 7.45: {bad}")
+
+
+_check_abi()
+
+
+# ---------------------------------------------------------------- syscalls
+
+cdef object _oserr(int err, what=None):
+    if what is None:
+        return OSError(err, os.strerror(err))
+    return OSError(err, os.strerror(err), what)
+
+
+def sys_mount(bytes source, bytes target, bytes fstype, unsigned long flags, bytes data):
+    """mount(2); raises OSError."""
+    cdef int ret
+    cdef const char *s = source
+    cdef const char *t = target
+    cdef const char *f = fstype
+    cdef const char *d = data
+    with nogil:
+        ret = c_mount(s, t, f, flags, d)
+    if ret != 0:
+        raise _oserr(errno, os.fsdecode(target))
+
+
+def sys_umount2(bytes target, int flags=0):
+    cdef int ret
+    cdef const char *t = target
+    with nogil:
+        ret = c_umount2(t, flags)
+    if ret != 0:
+        raise _oserr(errno, os.fsdecode(target))
+
+
+def dev_clone(int master):
+    """A new /dev/fuse fd attached to the connection of master."""
+    cdef int fd
+    cdef uint32_t m = master
+    fd = c_open(b"/dev/fuse", O_RDWR | O_CLOEXEC)
+    if fd < 0:
+        raise _oserr(errno, "/dev/fuse")
+    if ioctl(fd, FUSE_DEV_IOC_CLONE, &m) != 0:
+        err = errno
+        close(fd)
+        raise _oserr(err, "FUSE_DEV_IOC_CLONE")
+    return fd
+
+
+def backing_open(int devfd, int fd):
+    """Register fd (a regular file, O_PATH is fine) as a passthrough backing
+    file; returns its backing id (> 0). Needs CAP_SYS_ADMIN."""
+    cdef fuse_backing_map m
+    cdef int ret
+    memset(&m, 0, sizeof(m))
+    m.fd = fd
+    with nogil:
+        ret = ioctl(devfd, FUSE_DEV_IOC_BACKING_OPEN, &m)
+    if ret < 0:
+        raise _oserr(errno, "FUSE_DEV_IOC_BACKING_OPEN")
+    return ret
+
+
+def backing_close(int devfd, int backing_id):
+    cdef uint32_t bid = backing_id
+    cdef int ret
+    with nogil:
+        ret = ioctl(devfd, FUSE_DEV_IOC_BACKING_CLOSE, &bid)
+    if ret < 0:
+        raise _oserr(errno, "FUSE_DEV_IOC_BACKING_CLOSE")
+
+
+def fs_type(path) -> int:
+    """statfs(2) f_type of the filesystem holding path."""
+    cdef statfs_t st
+    p = os.fsencode(path)
+    if c_statfs(p, &st) != 0:
+        raise _oserr(errno, os.fsdecode(p))
+    return st.f_type
+
+
+# ---------------------------------------------------------------- watchdog
+
+# the watchdog child reads mountinfo into this (no malloc after fork)
+cdef char _mountinfo[1 << 20]
+
+
+cdef bint _mount_is(const char *target, const char *devid) noexcept nogil:
+    """Does /proc/self/mountinfo show devid ("MAJ:MIN") on top of target?
+    Plain C: runs in a forked child. Paths with escaped characters never
+    match (the watchdog then leaves the mount alone)."""
+    cdef char *buf = _mountinfo
+    cdef ssize_t n, got = 0
+    cdef int fd
+    cdef char *line
+    cdef char *end
+    cdef char *f[5]
+    cdef char *p
+    cdef int i
+    cdef bint found = False
+    fd = c_open(b"/proc/self/mountinfo", O_RDONLY | O_CLOEXEC)
+    if fd < 0:
+        return False
+    while got < (1 << 20) - 1:
+        n = read(fd, buf + got, (1 << 20) - 1 - got)
+        if n <= 0:
+            break
+        got += n
+    close(fd)
+    buf[got] = 0
+    line = buf
+    while line[0] != 0:
+        end = line
+        while end[0] != 0 and end[0] != b'\n':
+            end += 1
+        # fields: id parent MAJ:MIN root mountpoint ...
+        p = line
+        for i in range(5):
+            f[i] = p
+            while p < end and p[0] != b' ':
+                p += 1
+            if p < end:
+                p[0] = 0
+                p += 1
+        if _streq(f[4], target):
+            found = _streq(f[2], devid)     # the last line for target is the top
+        if end[0] == 0:
+            break
+        line = end + 1
+    return found
+
+
+cdef inline bint _streq(const char *a, const char *b) noexcept nogil:
+    cdef size_t i = 0
+    while a[i] != 0 and a[i] == b[i]:
+        i += 1
+    return a[i] == b[i]
+
+
+cdef char _statbuf[4096]
+
+
+cdef void _retitle(const char *title) noexcept nogil:
+    """Overwrite this process's command line (the arg area /proc/PID/stat
+    names as fields 48 and 49) with title, so the watchdog child is not
+    mistaken for the daemon by pgrep or a test. Plain C, after fork."""
+    cdef int fd = c_open(b"/proc/self/stat", O_RDONLY | O_CLOEXEC)
+    cdef ssize_t n
+    cdef char *p
+    cdef int field = 2
+    cdef unsigned long start = 0, end = 0, v
+    cdef size_t i, tl
+    if fd < 0:
+        return
+    n = read(fd, _statbuf, sizeof(_statbuf) - 1)
+    close(fd)
+    if n <= 0:
+        return
+    _statbuf[n] = 0
+    p = _statbuf + n - 1
+    while p > _statbuf and p[0] != b')':      # comm may hold spaces: skip it
+        p -= 1
+    p += 1
+    while p[0] != 0 and field < 49:
+        if p[0] == b' ':
+            field += 1
+            p += 1
+            v = 0
+            while p[0] >= c'0' and p[0] <= c'9':
+                v = v * 10 + (p[0] - c'0')
+                p += 1
+            if field == 48:
+                start = v
+            elif field == 49:
+                end = v
+        else:
+            p += 1
+    if start == 0 or end <= start:
+        return
+    tl = strlen(title)
+    for i in range(end - start):
+        (<char*>start)[i] = title[i] if i < tl else 0
+    prctl(15, <unsigned long>title, 0, 0, 0)     # PR_SET_NAME
+
+
+def start_watchdog(bytes target, bytes devid):
+    """Fork a child that lazily unmounts target if this process dies without
+    saying goodbye (SIGKILL), so no "Transport endpoint is not connected"
+    mount stays behind. Returns (pid, fd): write b"x" to fd before a clean
+    exit, which lets the child go without touching the mount.
+
+    The child keeps no other fd open (so it holds no layer), gets SIGKILL
+    when we die (PR_SET_PDEATHSIG is not used: it fires on the death of the
+    forking thread, not the process), and runs only system calls."""
+    cdef int rfd, wfd, pid
+    cdef char c
+    cdef ssize_t n
+    cdef const char *t = target
+    cdef const char *d = devid
+    cdef statfs_t st
+    rfd, wfd = os.pipe()
+    os.set_inheritable(rfd, False)
+    with nogil:
+        pid = fork()
+    if pid == 0:
+        with nogil:
+            _retitle(b"overlay-watchdog")
+            dup2(rfd, 0)
+            syscall(SYS_close_range, 1, <unsigned int>0xffffffff, 0)
+            n = -1
+            while True:
+                n = read(0, &c, 1)
+                if n < 0 and errno == EINTR:
+                    continue
+                break
+            if n == 1:
+                _exit(0)        # clean exit: the daemon unmounted itself
+            # the daemon is gone: unmount if the dead mount is still ours
+            if c_statfs(t, &st) != 0 and errno == 107 and _mount_is(t, d):   # ENOTCONN
+                c_umount2(t, MNT_DETACH)
+            _exit(0)
+    os.close(rfd)
+    if pid < 0:
+        os.close(wfd)
+        raise OSError(_errno.EAGAIN, "fork failed")
+    return pid, wfd
+
+
+# ---------------------------------------------------------------- stopping
+
+cdef void _wakeup(int sig) noexcept nogil:
+    pass
+
+
+cdef bint _wakeup_installed = False
+
+
+cdef _install_wakeup():
+    global _wakeup_installed
+    cdef sigaction_t sa
+    if _wakeup_installed:
+        return
+    memset(&sa, 0, sizeof(sa))
+    sa.sa_handler = _wakeup
+    sa.sa_flags = 0             # no SA_RESTART: a blocked read() returns EINTR
+    sigemptyset(&sa.sa_mask)
+    if c_sigaction(SIGUSR2, &sa, NULL) != 0:
+        raise _oserr(errno, "sigaction")
+    _wakeup_installed = True
+
+
+# ---------------------------------------------------------------- the session
+
+OPCODE_NAMES = {
+    1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 6: "SYMLINK",
+    8: "MKNOD", 9: "MKDIR", 10: "UNLINK", 11: "RMDIR", 12: "RENAME", 13: "LINK",
+    14: "OPEN", 15: "READ", 16: "WRITE", 17: "STATFS", 18: "RELEASE", 20: "FSYNC",
+    21: "SETXATTR", 22: "GETXATTR", 23: "LISTXATTR", 24: "REMOVEXATTR", 25: "FLUSH",
+    26: "INIT", 27: "OPENDIR", 28: "READDIR", 29: "RELEASEDIR", 30: "FSYNCDIR",
+    31: "GETLK", 32: "SETLK", 33: "SETLKW", 34: "ACCESS", 35: "CREATE", 36: "INTERRUPT",
+    37: "BMAP", 38: "DESTROY", 39: "IOCTL", 40: "POLL", 41: "NOTIFY_REPLY",
+    42: "BATCH_FORGET", 43: "FALLOCATE", 44: "READDIRPLUS", 45: "RENAME2", 46: "LSEEK",
+    47: "COPY_FILE_RANGE", 48: "SETUPMAPPING", 49: "REMOVEMAPPING", 50: "SYNCFS",
+    51: "TMPFILE", 52: "STATX", 53: "COPY_FILE_RANGE_64",
+}
+
+
+cdef inline bint _no_reply(uint32_t opcode) noexcept nogil:
+    return opcode == FUSE_FORGET or opcode == FUSE_BATCH_FORGET or opcode == FUSE_NOTIFY_REPLY
+
+
+cdef class Session:
+    """One FUSE connection: its fds, workers, INIT and replies."""
+
+    def __cinit__(self):
+        self.devfd = -1
+        self.nworkers = 0
+        self.stack_depth = 1
+        for i in range(MAX_WORKERS):
+            self.wfds[i] = -1
+            self.tids[i] = 0
+
+    def __init__(self):
+        self._notify_q = queue.SimpleQueue()
+        self._threads = []
+        self._done = threading.Event()
+        self._ready = threading.Event()
+        self.init_error = None
+
+    # ------------------------------------------------------------ replies
+
+    cdef int reply_err(self, int fd, uint64_t unique, int err) noexcept nogil:
+        """An error reply (err > 0 is an errno); 0 or -errno of the write."""
+        cdef fuse_out_header oh
+        oh.len = sizeof(fuse_out_header)
+        oh.error = -err
+        oh.unique = unique
+        if write(fd, &oh, sizeof(oh)) < 0:
+            return -errno
+        return 0
+
+    cdef int reply(self, int fd, uint64_t unique, const void *data, size_t size) noexcept nogil:
+        return self.reply2(fd, unique, data, size, NULL, 0)
+
+    cdef int reply2(self, int fd, uint64_t unique, const void *a, size_t alen,
+                    const void *b, size_t blen) noexcept nogil:
+        """A success reply of a then b; 0 or -errno of the write."""
+        cdef fuse_out_header oh
+        cdef iovec iov[3]
+        cdef int cnt = 1
+        oh.len = sizeof(fuse_out_header) + alen + blen
+        oh.error = 0
+        oh.unique = unique
+        iov[0].iov_base = &oh
+        iov[0].iov_len = sizeof(oh)
+        if alen:
+            iov[cnt].iov_base = <void*>a
+            iov[cnt].iov_len = alen
+            cnt += 1
+        if blen:
+            iov[cnt].iov_base = <void*>b
+            iov[cnt].iov_len = blen
+            cnt += 1
+        if writev(fd, iov, cnt) < 0:
+            return -errno
+        return 0
+
+    # ------------------------------------------------------------ notifications
+
+    def notify_inval_inode(self, uint64_t nodeid, int64_t off=-1, int64_t length=0,
+                           bint now=False):
+        """Drop what the kernel caches of nodeid: its attributes, and with
+        off >= 0 its pages from off (length 0: to the end).
+
+        now=True writes the notification at once, from the calling thread
+        (attributes only: that takes no lock a request could hold, so the
+        reply to the request that made the change can follow it); else it
+        is queued for the notifier thread."""
+        cdef fuse_notify_inval_inode_out o
+        cdef fuse_out_header oh
+        cdef iovec iov[2]
+        cdef ssize_t n
+        o.ino = nodeid
+        o.off = off
+        o.len = length
+        if now and off < 0:
+            oh.len = sizeof(oh) + sizeof(o)
+            oh.error = FUSE_NOTIFY_INVAL_INODE
+            oh.unique = 0
+            iov[0].iov_base = &oh
+            iov[0].iov_len = sizeof(oh)
+            iov[1].iov_base = &o
+            iov[1].iov_len = sizeof(o)
+            with nogil:
+                n = writev(self.devfd, iov, 2)
+            if n < 0 and errno != ENOENT and errno != ENODEV:
+                log.debug("inval_inode(%d) failed: %s", nodeid, os.strerror(errno))
+            return
+        self._notify_q.put((FUSE_NOTIFY_INVAL_INODE, (<char*>&o)[:sizeof(o)]))
+
+    def notify_inval_entry(self, uint64_t parent, bytes name):
+        """Drop the kernel's dentry of name under parent."""
+        cdef fuse_notify_inval_entry_out o
+        o.parent = parent
+        o.namelen = len(name)
+        o.flags = 0
+        self._notify_q.put((FUSE_NOTIFY_INVAL_ENTRY, (<char*>&o)[:sizeof(o)] + name + b"\0"))
+
+    def _notifier(self):
+        cdef fuse_out_header oh
+        cdef iovec iov[2]
+        cdef bytes body
+        cdef ssize_t n
+        while True:
+            item = self._notify_q.get()
+            if item is None:
+                return
+            code, body = item
+            oh.len = sizeof(oh) + len(body)
+            oh.error = code
+            oh.unique = 0
+            iov[0].iov_base = &oh
+            iov[0].iov_len = sizeof(oh)
+            iov[1].iov_base = PyBytes_AS_STRING(body)
+            iov[1].iov_len = PyBytes_GET_SIZE(body)
+            with nogil:
+                n = writev(self.devfd, iov, 2)
+            if n < 0:
+                err = errno
+                # ENOENT: the kernel no longer knows that inode or entry
+                if err == ENODEV:
+                    return
+                if err != ENOENT:
+                    log.debug("notification %d failed: %s", code, os.strerror(err))
+
+    # ------------------------------------------------------------ INIT
+
+    cdef int _init(self, int fd, const fuse_in_header *h, const char *arg,
+                   size_t arglen) except -1:
+        cdef const fuse_init_in *i = <const fuse_init_in*>arg
+        cdef fuse_init_out o
+        cdef uint32_t want, want2, flags2 = 0
+        memset(&o, 0, sizeof(o))
+        o.major = FUSE_KERNEL_VERSION
+        o.minor = FUSE_KERNEL_MINOR_VERSION
+        if arglen < 16:
+            self.init_error = "short INIT request"
+            self.reply_err(fd, h.unique, EPROTO)
+            self._ready.set()
+            return 0
+        if i.major != FUSE_KERNEL_VERSION:
+            self.init_error = (f"the kernel speaks FUSE protocol {i.major}.{i.minor}; "
+                               f"this engine speaks {FUSE_KERNEL_VERSION}.x")
+            self.reply_err(fd, h.unique, EPROTO)
+            self._ready.set()
+            return 0
+        if i.minor < FUSE_MIN_MINOR_VERSION:
+            self.init_error = (f"the kernel's FUSE protocol 7.{i.minor} is too old: "
+                               f"the native engine needs 7.{FUSE_MIN_MINOR_VERSION} "
+                               f"(Linux 5.15) or newer (try engine=pyfuse3)")
+            self.reply_err(fd, h.unique, EPROTO)
+            self._ready.set()
+            return 0
+        if i.minor < FUSE_KERNEL_MINOR_VERSION:
+            o.minor = i.minor
+        if i.minor >= 36 and arglen >= sizeof(fuse_init_in) and i.flags & FUSE_INIT_EXT:
+            flags2 = i.flags2
+        want = (FUSE_ASYNC_READ | FUSE_PARALLEL_DIROPS | FUSE_DO_READDIRPLUS
+                | FUSE_READDIRPLUS_AUTO | FUSE_MAX_PAGES | FUSE_BIG_WRITES
+                | FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_HANDLE_KILLPRIV_V2
+                | FUSE_SETXATTR_EXT | FUSE_POSIX_ACL | FUSE_ABORT_ERROR)
+        want2 = 0
+        if self.want_writeback:
+            want |= FUSE_WRITEBACK_CACHE
+        elif self.want_passthrough:
+            want2 |= FUSE2_PASSTHROUGH
+        if flags2:
+            want |= FUSE_INIT_EXT
+        o.flags = want & i.flags
+        if o.flags & FUSE_INIT_EXT:
+            o.flags |= FUSE_INIT_EXT
+            o.flags2 = want2 & flags2
+        o.max_readahead = i.max_readahead
+        o.max_background = 64
+        o.congestion_threshold = 48
+        o.max_write = MAX_WRITE
+        o.time_gran = 1
+        o.max_pages = MAX_WRITE // 4096
+        if o.flags2 & FUSE2_PASSTHROUGH:
+            o.max_stack_depth = self.stack_depth
+        self.proto_minor = o.minor
+        self.max_write = MAX_WRITE if o.flags & FUSE_MAX_PAGES else 32 * 4096
+        o.max_write = self.max_write
+        self.passthrough = bool(o.flags2 & FUSE2_PASSTHROUGH)
+        self.writeback_cache = bool(o.flags & FUSE_WRITEBACK_CACHE)
+        self.expire_only = bool(flags2 & FUSE2_HAS_EXPIRE_ONLY)
+        self.setxattr_ext = bool(o.flags & FUSE_SETXATTR_EXT)
+        log.debug("INIT: kernel 7.%d flags %#x flags2 %#x -> 7.%d flags %#x flags2 %#x",
+                  i.minor, i.flags, flags2, o.minor, o.flags, o.flags2)
+        self.initialized = True
+        self.reply(fd, h.unique, &o, sizeof(o))
+        self._ready.set()
+        return 0
+
+    # ------------------------------------------------------------ the loop
+
+    cdef int handle(self, int fd, fuse_in_header *h, char *arg,
+                    size_t arglen) except -1:
+        """Answer one request (the bridge overrides this)."""
+        if not _no_reply(h.opcode):
+            self.reply_err(fd, h.unique, ENOSYS)
+        return 0
+
+    cdef _serve(self, int index):
+        cdef int fd = self.wfds[index]
+        cdef char *buf = <char*>malloc(READ_BUFFER)
+        cdef ssize_t n
+        cdef int err
+        cdef fuse_in_header *h
+        cdef size_t arglen, ext
+        if buf == NULL:
+            raise MemoryError()
+        self.tids[index] = pthread_self()
+        try:
+            while not self.stopping:
+                with nogil:
+                    n = read(fd, buf, READ_BUFFER)
+                    err = errno
+                if n < 0:
+                    if err == EINTR or err == EAGAIN or err == ENOENT:
+                        continue
+                    if err != ENODEV:
+                        log.error("reading /dev/fuse: %s", os.strerror(err))
+                    break
+                if n < <ssize_t>sizeof(fuse_in_header):
+                    log.error("short request (%d bytes) ignored", n)
+                    continue
+                h = <fuse_in_header*>buf
+                if h.len != <uint32_t>n:
+                    log.error("request length %d differs from the read (%d)", h.len, n)
+                    continue
+                ext = h.total_extlen * 8
+                if ext > n - sizeof(fuse_in_header):
+                    ext = 0
+                arglen = n - sizeof(fuse_in_header) - ext
+                if self.debug:
+                    log.debug("<- %s unique=%d node=%d len=%d", OPCODE_NAMES.get(h.opcode, h.opcode),
+                              h.unique, h.nodeid, h.len)
+                try:
+                    if h.opcode == FUSE_INIT:
+                        self._init(fd, h, buf + sizeof(fuse_in_header), arglen)
+                    elif h.opcode == FUSE_DESTROY:
+                        self.reply_err(fd, h.unique, 0)
+                    else:
+                        self.handle(fd, h, buf + sizeof(fuse_in_header), arglen)
+                except BaseException:
+                    log.error("unexpected error in request handler (%s)",
+                              OPCODE_NAMES.get(h.opcode, h.opcode), exc_info=True)
+                    if not _no_reply(h.opcode):
+                        self.reply_err(fd, h.unique, EIO)
+        finally:
+            free(buf)
+            self.tids[index] = 0
+            self._done.set()
+
+    def _worker(self, int index):
+        try:
+            self._serve(index)
+        except BaseException:
+            log.exception("worker %d failed", index)
+            self._done.set()
+
+    def start(self, int devfd, int nworkers):
+        """Serve the connection on devfd with nworkers threads."""
+        if not 1 <= nworkers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1 to {MAX_WORKERS}")
+        _install_wakeup()
+        self.devfd = devfd
+        self.wfds[0] = devfd
+        for k in range(1, nworkers):
+            self.wfds[k] = dev_clone(devfd)
+        self.nworkers = nworkers
+        t = threading.Thread(target=self._notifier, name="fuse-notify", daemon=True)
+        t.start()
+        self._notify_thread = t
+        for k in range(nworkers):
+            t = threading.Thread(target=self._worker, args=(k,), name=f"fuse-{k}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def wait_init(self, timeout):
+        """Wait for INIT to be answered; True once it has been."""
+        return self._ready.wait(timeout)
+
+    def wait(self, timeout=None):
+        """Wait until a worker saw the end of the connection (or stop())."""
+        return self._done.wait(timeout)
+
+    def stop(self):
+        """Make every worker return (a signal wakes those blocked in read)."""
+        self.stopping = True
+        self._done.set()
+        cdef int k
+        me = threading.current_thread()
+        for _ in range(200):
+            alive = [t for t in self._threads if t.is_alive() and t is not me]
+            if not alive:
+                break
+            for k in range(self.nworkers):
+                if self.tids[k]:
+                    pthread_kill(self.tids[k], SIGUSR2)
+            for t in alive:
+                t.join(0.01)
+        self._notify_q.put(None)
+
+    def close(self):
+        """Close the fds (after stop()): the kernel ends the connection."""
+        cdef int k
+        for k in range(self.nworkers):
+            if self.wfds[k] >= 0:
+                close(self.wfds[k])
+                self.wfds[k] = -1
+        self.devfd = -1
