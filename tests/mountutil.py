@@ -28,7 +28,9 @@ Environment knobs:
   our filesystem's default behaviour.
 * ``OVERLAY_TEST_ENGINE=pyfuse3`` (or ``native``) adds ``engine=...`` to
   every mount of ours (``engine()`` tells which engine is under test; the
-  default is our default, the native engine);
+  default is our default, the native engine); ``OVERLAY_TEST_OPTS=a,b``
+  adds those options too (e.g. ``passthrough=off``); ``passthrough()``
+  tells whether our mounts serve file data with FUSE passthrough;
 * ``OVERLAY_PYTHON`` overrides the interpreter used to run ``-m overlay``
   (default: ``sys.executable``); ``OVERLAY_SRC`` the source dir put first on
   its PYTHONPATH (default: this repo's ``src``), e.g. to test a frozen,
@@ -118,6 +120,19 @@ def ours_is_kernel() -> bool:
 def engine() -> str:
     """The engine of ours under test: native (the default) or pyfuse3."""
     return os.environ.get("OVERLAY_TEST_ENGINE", "").strip().lower() or "native"
+
+
+def test_opts() -> tuple:
+    """Extra options for every mount of ours (OVERLAY_TEST_OPTS)."""
+    return tuple(o for o in os.environ.get("OVERLAY_TEST_OPTS", "").split(",") if o.strip())
+
+
+def passthrough(opts=()) -> bool:
+    """Do mounts of ours with opts use FUSE passthrough for file data? (The
+    native engine as root does, unless passthrough=off or writeback.)"""
+    opts = tuple(opts) + test_opts()
+    return (engine() == "native" and os.geteuid() == 0 and not ours_is_kernel()
+            and "passthrough=off" not in opts and "writeback" not in opts)
 
 
 def require_ours():
@@ -231,6 +246,7 @@ def mount_ours(lowers, upper, work, mp, opts=()):
         return mount_kernel(lowers, upper, work, mp, opts)
     if os.environ.get("OVERLAY_TEST_ENGINE") and not any(o.startswith("engine=") for o in opts):
         opts = tuple(opts) + (f"engine={engine()}",)
+    opts = tuple(opts) + test_opts()
     optstr = overlay_option_string(lowers, upper, work, opts)
     env = dict(os.environ)
     src = os.environ.get("OVERLAY_SRC") or str(REPO / "src")

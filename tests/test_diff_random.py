@@ -87,7 +87,8 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
     pair = DiffPair(tmp, stack, tracker, label=label, kernel_opts=kernel_opts, ours_opts=ours_opts)
     pair.mount()
     gen = O.OpGenerator(rng, extra_names=L.all_names(stack), resolve_root=pair.mp_k,
-                        safe_setxattr=tolerate.on("no-failing-setxattr"))
+                        safe_setxattr=tolerate.on("no-failing-setxattr"),
+                        extended=mountutil.engine() != "pyfuse3")
     tree = O.list_tree(pair.mp_k)
     pair.check_trees("initial")
     for i in range(nops):

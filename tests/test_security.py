@@ -302,6 +302,8 @@ def _append(path, data):
 
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _FDPATH = re.compile(r'\b\d+<([^<>]*)>')
+# a quoted string argument (data written or read): fd annotations are never inside
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"(?:\.\.\.)?')
 # syscall -> indexes of its quoted-string arguments that are paths
 _PATH_ARGS = {
     "openat": (0,), "openat2": (0,), "open": (0,), "creat": (0,),
@@ -355,7 +357,7 @@ def check_strace(lines, inside, canary) -> list[str]:
         if not m:
             continue
         call, rest = m.group(1), m.group(2)
-        for fdp in _FDPATH.findall(rest):
+        for fdp in _FDPATH.findall(_STRING.sub('""', rest)):
             if not fd_ok(fdp):
                 bad.append(f"fd outside the layers: {line}")
         if call in _PATH_ARGS:

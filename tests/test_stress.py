@@ -7,14 +7,17 @@
   by whiteouts), while keeping an in-memory model of what every file must
   hold.  After every operation the file(s) it touched are read back whole
   and compared with the model (and through every fd kept open on them:
-  fds opened before a copy-up must follow the copy).  Shared files are
+  fds opened before a copy-up must follow the copy, except, with FUSE
+  passthrough, read-only fds opened while the file was still in a lower
+  layer: those keep reading the lower file, as the README says).  Shared files are
   changed under one lock (a multiprocessing lock; their model lives in a
   manager dict) so the model stays deterministic.  At the end every file and
   directory listing is checked once more, then the upper dir is mounted by
   the kernel overlay and checked against the model again.  Zero mismatches
   are allowed.  CI-sized: REL_STRESS_SECONDS (default 15) per configuration;
-  two configurations: the defaults, and ``workers=4,timeout=0`` (requests
-  served concurrently, nothing cached by the kernel).
+  three configurations: the defaults, ``workers=4,timeout=0`` (requests
+  served concurrently, nothing cached by the kernel) and ``passthrough=off``
+  (file data through the daemon).
 * ``test_lookup_memory_bounded``: lookups and opens over a tree of 20,000
   files (fewer if the hard RLIMIT_NOFILE cannot hold an fd per file) (stat and open/close of random files from 2 processes, mounted with
   ``timeout=0`` so every lookup reaches the daemon): the daemon's peak RSS
@@ -157,28 +160,32 @@ def _diff(expected: bytes, actual: bytes) -> str:
 class Worker:
     """One fsx-like process. Private files: mix/w{id}-* and own{id}/a*."""
 
-    def __init__(self, wid, mp, expect, seed, lock, shared):
+    def __init__(self, wid, mp, expect, seed, lock, shared, passthrough=False):
         self.wid = wid
+        self.passthrough = passthrough  # read-only fds on lower files keep the lower file
         self.mp = mp
         self.rnd = random.Random(seed)
         self.lock = lock
         self.shared = shared           # manager dict: rel -> bytes (absent: missing)
         self.names = {}                # rel -> obj id
         self.objs = {}                 # obj id -> bytearray
-        self.fds = {}                  # fd -> (obj id, writable)
+        self.fds = {}                  # fd -> (obj id, writable, frozen content or None)
+        self.copied = set()            # obj ids that are (or were created) in the upper layer
         self.next_obj = 0
         self.cands = [f"mix/w{wid}-{k}" for k in range(NPRIV)] + [f"own{wid}/a{k}" for k in range(NPRIV)]
         for rel in self.cands:
             if expect.get(rel) is not None:
-                self.names[rel] = self._new_obj(expect[rel])
+                self.names[rel] = self._new_obj(expect[rel], copied=False)
         self.ops = 0
         self.mismatches = []
         self.counts = {}
         self.last = []
 
-    def _new_obj(self, data=b"") -> int:
+    def _new_obj(self, data=b"", copied=True) -> int:
         self.next_obj += 1
         self.objs[self.next_obj] = bytearray(data)
+        if copied:
+            self.copied.add(self.next_obj)
         return self.next_obj
 
     def path(self, rel):
@@ -223,13 +230,16 @@ class Worker:
             self.check_fds(obj)
 
     def check_fds(self, obj):
-        for fd, (o, _) in list(self.fds.items()):
+        for fd, (o, _, frozen) in list(self.fds.items()):
             if o != obj:
                 continue
             actual = _pread_all(fd)
-            if actual != self.objs[obj]:
-                self.fail(f"fd {fd} (obj {obj}): {_diff(bytes(self.objs[obj]), actual)}")
-                self.objs[obj] = bytearray(actual)
+            want = frozen if frozen is not None else self.objs[obj]
+            if actual != want:
+                self.fail(f"fd {fd} (obj {obj}{', lower' if frozen is not None else ''}): "
+                          f"{_diff(bytes(want), actual)}")
+                if frozen is None:
+                    self.objs[obj] = bytearray(actual)
 
     def resync(self, rel):
         try:
@@ -242,7 +252,7 @@ class Worker:
         self.objs[self.names[rel]] = bytearray(data)
 
     def gc(self):
-        live = set(self.names.values()) | {o for o, _ in self.fds.values()}
+        live = set(self.names.values()) | {o for o, _, _ in self.fds.values()}
         for o in list(self.objs):
             if o not in live:
                 del self.objs[o]
@@ -284,6 +294,7 @@ class Worker:
             if exists and r.random() < 0.5:
                 fd = os.open(p, os.O_WRONLY | os.O_TRUNC)      # O_TRUNC on an existing file
                 obj = self.names[rel]
+                self.copied.add(obj)
                 self.objs[obj][:] = b""
             else:
                 if exists:
@@ -313,6 +324,7 @@ class Worker:
             self.check_private(rel)
         elif kind in ("write", "append"):
             obj = self.names[rel]
+            self.copied.add(obj)
             buf = self.objs[obj]
             data = _rand(r, r.randrange(1, 32 * 1024))
             if kind == "append":
@@ -332,6 +344,7 @@ class Worker:
             self.check_private(rel)
         elif kind == "truncate":
             obj = self.names[rel]
+            self.copied.add(obj)
             size = r.randrange(0, MAXLEN // 2)
             if r.random() < 0.5:
                 os.truncate(p, size)
@@ -346,6 +359,7 @@ class Worker:
         elif kind == "rename":
             dst = r.choice(self.cands)
             os.rename(p, self.path(dst))
+            self.copied.add(self.names[rel])
             if dst != rel:
                 self.names[dst] = self.names.pop(rel)
             self.check_private(dst)
@@ -355,6 +369,7 @@ class Worker:
             del self.names[rel]
             self.check_private(rel)
         elif kind == "fsync":
+            self.copied.add(self.names[rel])
             fd = os.open(p, os.O_RDWR)
             try:
                 os.fsync(fd) if r.random() < 0.5 else os.fdatasync(fd)
@@ -385,9 +400,15 @@ class Worker:
         elif kind == "fdopen":
             if len(self.fds) < 6:
                 writable = r.random() < 0.3
+                obj = self.names[rel]
                 fd = os.open(p, os.O_RDWR if writable else os.O_RDONLY)
-                self.fds[fd] = (self.names[rel], writable)
-                self.check_fds(self.names[rel])
+                if writable:
+                    self.copied.add(obj)
+                frozen = None
+                if self.passthrough and not writable and obj not in self.copied:
+                    frozen = bytes(self.objs[obj])
+                self.fds[fd] = (obj, writable, frozen)
+                self.check_fds(obj)
         elif kind == "fdclose":
             if self.fds:
                 fd = r.choice(list(self.fds))
@@ -398,7 +419,7 @@ class Worker:
                 fd = r.choice(list(self.fds))
                 self.check_fds(self.fds[fd][0])
         elif kind == "fdwrite":
-            w = [fd for fd, (_, wr) in self.fds.items() if wr]
+            w = [fd for fd, (_, wr, _) in self.fds.items() if wr]
             if w:
                 fd = r.choice(w)
                 obj = self.fds[fd][0]
@@ -535,9 +556,9 @@ class Worker:
                 "counts": self.counts, "cands": self.cands}
 
 
-def _worker_main(wid, mp, expect, seed, seconds, lock, shared, q):
+def _worker_main(wid, mp, expect, seed, seconds, lock, shared, q, passthrough=False):
     try:
-        w = Worker(wid, mp, expect, seed, lock, shared)
+        w = Worker(wid, mp, expect, seed, lock, shared, passthrough)
         q.put((wid, w.run(seconds)))
     except BaseException:   # noqa: BLE001
         q.put((wid, {"ops": 0, "mismatches": ["worker crashed: " + traceback.format_exc()],
@@ -606,7 +627,8 @@ def run_fsx(base, seconds, nworkers=NWORKERS, opts=(), seed=None, tracker=None, 
             lock = ctx.Lock()
             q = ctx.Queue()
             procs = [ctx.Process(target=_worker_main,
-                                 args=(i, mp, expect, seed * 100 + i, seconds, lock, shared, q))
+                                 args=(i, mp, expect, seed * 100 + i, seconds, lock, shared, q,
+                                       mountutil.passthrough(opts)))
                      for i in range(nworkers)]
             t0 = time.monotonic()
             for p in procs:
@@ -652,7 +674,8 @@ def run_fsx(base, seconds, nworkers=NWORKERS, opts=(), seed=None, tracker=None, 
             tracker.close()
 
 
-@pytest.mark.parametrize("opts", [(), ("workers=4", "timeout=0")], ids=["defaults", "workers4-nocache"])
+@pytest.mark.parametrize("opts", [(), ("workers=4", "timeout=0"), ("passthrough=off",)],
+                         ids=["defaults", "workers4-nocache", "no-passthrough"])
 def test_fsx_stress(reltmp, relmounts, opts):
     mountutil.require_ours()
     figures = run_fsx(reltmp, STRESS_SECONDS, opts=opts, tracker=relmounts,

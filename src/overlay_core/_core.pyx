@@ -190,8 +190,8 @@ cdef class Overlay:
     cdef readonly Node root
     cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
     cdef public dict counters          # copy-ups, bytes copied, lookups... (overlay stats)
-    cdef public list renumbered        # Nodes whose st_ino or nlink changed behind
-                                       # the kernel's back (the adapter drains it)
+    cdef public list renumbered        # Nodes whose attributes changed behind the
+                                       # kernel's back: copied up (the adapter drains it)
     cdef object _dev_index             # st_dev -> small int, when layers span filesystems
     cdef bint _samefs
     cdef object _tmp_counter
@@ -731,7 +731,7 @@ cdef class Overlay:
             return n
         # Same object seen again (maybe under another name): keep the
         # known Node, which may carry state (copy-up done elsewhere).
-        if (old.parent, old.name) != (n.parent, n.name):
+        if old.parent is not None and (old.parent, old.name) != (n.parent, n.name):
             self._add_alias(old, old.parent, old.name)
         old.parent = n.parent
         old.name = n.name
@@ -778,9 +778,9 @@ cdef class Overlay:
         n.upper = fd
         if not keep_ino and n.ino != self.map_ino(st):
             n.ino = self.map_ino(st)
-            self.renumbered.append(n)
-        elif n.is_dir:
-            self.renumbered.append(n)       # now merged: nlink reads 1
+        # what the adapter told the kernel may be stale: st_ino (a split
+        # hard link), nlink (a dir now merged), the birth time (a new file)
+        self.renumbered.append(n)
         key = (st.st_dev, st.st_ino)
         n.real = key
         if self.nodes.get(n.key) is n:
@@ -1239,6 +1239,43 @@ cdef class Overlay:
         return self._create(parent, name, S.S_IFREG, S.S_IMODE(mode), 0, None, uid, gid,
                             open_flags=flags & ~(os.O_CREAT | os.O_EXCL))
 
+    def tmpfile(self, Node parent, int flags, int mode, int uid, int gid):
+        """An unnamed regular file in parent's upper dir (O_TMPFILE), opened
+        with flags: (fd, Node). The Node has no name (parent None, so the fd
+        cache never closes its fd) until link() gives it one."""
+        cdef Node n
+        self._need_upper()
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        self.copy_up(parent)
+        uid, gid, _ = self._parent_owner(parent, uid, gid)
+        f = (flags & ~(os.O_CREAT | os.O_TRUNC | os.O_NOCTTY | O_NOFOLLOW)) | os.O_TMPFILE | O_CLOEXEC
+        fd = os.open(_proc(parent.upper), f, mode & 0o7777)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode & 0o7777)    # chown may clear set-id bits
+            opath = os.open(_proc(fd), O_PATH | O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            raise
+        st = sys_fstat(opath)
+        n = Node()
+        n.parent = None
+        n.name = b""
+        n.is_dir = False
+        n.upper = opath
+        n.key = (st.st_dev, st.st_ino)
+        n.real = n.key
+        n.ino = self.map_ino(st)
+        n.st = st
+        n.ov = self
+        return fd, n
+
+    def statx(self, Node n, unsigned int mask):
+        """statx(2) of the real object (birth time included where the
+        layer's filesystem records it)."""
+        return sys_statx(n.fd, mask)
+
     def link(self, Node src, Node parent, bytes name):
         if src.is_dir:
             raise _err(errno.EPERM, name)
@@ -1550,6 +1587,16 @@ cdef class Overlay:
                 self.release(new)
 
     # ------------------------------------------------------------ misc
+
+    def syncfs(self):
+        """syncfs(2) of the upper layer's filesystem (not with volatile)."""
+        if self.no_sync or self.upper_root < 0:
+            return
+        fd = os.open(_proc(self.upper_root), os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        try:
+            sys_syncfs(fd)
+        finally:
+            os.close(fd)
 
     def statfs(self):
         fd = self.upper_root if self.upper_root >= 0 else self.lower_roots[0]

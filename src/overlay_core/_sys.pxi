@@ -178,10 +178,19 @@ cdef int _copy_range(int src, int dst, off_t start, off_t end) noexcept nogil:
     return err
 
 
+# The kernel overlay copies up in chunks of this size, looking for a hole
+# only between chunks (ovl_copy_up_file): we do the same, so an upper file
+# we write has the kernel's layout of holes (SEEK_HOLE shows it).
+DEF COPY_UP_CHUNK = 1024 * 1024
+
+
 cdef int _copy_data(int src, int dst, off_t size, bint try_reflink) noexcept nogil:
-    """Copy file data keeping holes: reflink, else each data extent in turn."""
+    """Copy file data as the kernel overlay does: a reflink where the
+    filesystem can, else 1 MiB chunks, skipping a hole that starts where a
+    chunk would (holes inside a copied chunk are written as zeros)."""
     global _reflink_broken
-    cdef off_t data, hole, off
+    cdef off_t pos = 0, data_pos = -1, left = size, this_len
+    cdef bint skip_hole = True
     cdef int err
     if try_reflink and not _reflink_broken:
         if ioctl(dst, FICLONE, src) == 0:
@@ -191,24 +200,23 @@ cdef int _copy_data(int src, int dst, off_t size, bint try_reflink) noexcept nog
                 _reflink_broken = True
         else:
             return c_errno
-    off = 0
-    while off < size:
-        data = lseek(src, off, SEEK_DATA)
-        if data < 0:
-            if c_errno == ENXIO:
-                break          # only a hole remains
-            data = off         # no SEEK_DATA support: copy everything
-            hole = size
-        else:
-            hole = lseek(src, data, SEEK_HOLE)
-            if hole < 0 or hole > size:
-                hole = size
-        if data >= size:
-            break
-        err = _copy_range(src, dst, data, hole)
+    while left > 0:
+        this_len = left if left < COPY_UP_CHUNK else COPY_UP_CHUNK
+        if skip_hole and data_pos < pos:
+            data_pos = lseek(src, pos, SEEK_DATA)
+            if data_pos > pos:
+                left -= data_pos - pos
+                pos = data_pos
+                continue
+            elif data_pos < 0:
+                if c_errno == ENXIO:
+                    break          # only a hole remains
+                skip_hole = False  # no SEEK_DATA here: copy everything
+        err = _copy_range(src, dst, pos, pos + this_len)
         if err:
             return err
-        off = hole
+        pos += this_len
+        left -= this_len
     if ftruncate(dst, size) != 0:
         return c_errno
     return 0
@@ -221,6 +229,18 @@ def sys_copy_data(int src, int dst, off_t size, bint try_reflink=True):
         err = _copy_data(src, dst, size, try_reflink)
     if err:
         raise _oserror(err)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int c_syncfs "syncfs"(int fd)
+
+
+def sys_syncfs(int fd):
+    cdef int ret
+    with nogil:
+        ret = c_syncfs(fd)
+    if ret != 0:
+        raise _oserror(c_errno)
 
 
 def sys_fsync(int fd, bint datasync=False):
@@ -319,4 +339,74 @@ def blind_stat(unsigned int mode, unsigned long long ino):
     r.st_ino = ino
     r.st_nlink = 1
     r.st_blksize = 4096
+    return r
+
+
+cdef extern from "<sys/stat.h>" nogil:
+    struct statx_timestamp:
+        long long tv_sec
+        unsigned int tv_nsec
+    struct statx:
+        unsigned int stx_mask
+        unsigned int stx_blksize
+        unsigned long long stx_attributes
+        unsigned int stx_nlink
+        unsigned int stx_uid
+        unsigned int stx_gid
+        unsigned short stx_mode
+        unsigned long long stx_ino
+        unsigned long long stx_size
+        unsigned long long stx_blocks
+        unsigned long long stx_attributes_mask
+        statx_timestamp stx_atime
+        statx_timestamp stx_btime
+        statx_timestamp stx_ctime
+        statx_timestamp stx_mtime
+        unsigned int stx_rdev_major
+        unsigned int stx_rdev_minor
+        unsigned int stx_dev_major
+        unsigned int stx_dev_minor
+    int c_statx "statx"(int dirfd, const char *path, int flags, unsigned int mask, statx *buf)
+
+
+cdef class StatX:
+    """A statx(2) result: the fields FUSE_STATX carries."""
+    cdef readonly unsigned int stx_mask, stx_blksize, stx_nlink, stx_uid, stx_gid, stx_mode
+    cdef readonly unsigned long long stx_attributes, stx_attributes_mask
+    cdef readonly unsigned long long stx_ino, stx_size, stx_blocks
+    cdef readonly long long stx_atime_sec, stx_btime_sec, stx_ctime_sec, stx_mtime_sec
+    cdef readonly unsigned int stx_atime_nsec, stx_btime_nsec, stx_ctime_nsec, stx_mtime_nsec
+    cdef readonly unsigned int stx_rdev_major, stx_rdev_minor
+
+
+def sys_statx(int fd, unsigned int mask):
+    """statx(2) of the object behind (O_PATH) fd, without following it."""
+    cdef statx b
+    cdef int ret
+    with nogil:
+        ret = c_statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, mask, &b)
+    if ret != 0:
+        raise _oserror(c_errno)
+    cdef StatX r = StatX.__new__(StatX)
+    r.stx_mask = b.stx_mask
+    r.stx_blksize = b.stx_blksize
+    r.stx_nlink = b.stx_nlink
+    r.stx_uid = b.stx_uid
+    r.stx_gid = b.stx_gid
+    r.stx_mode = b.stx_mode
+    r.stx_attributes = b.stx_attributes
+    r.stx_attributes_mask = b.stx_attributes_mask
+    r.stx_ino = b.stx_ino
+    r.stx_size = b.stx_size
+    r.stx_blocks = b.stx_blocks
+    r.stx_atime_sec = b.stx_atime.tv_sec
+    r.stx_atime_nsec = b.stx_atime.tv_nsec
+    r.stx_btime_sec = b.stx_btime.tv_sec
+    r.stx_btime_nsec = b.stx_btime.tv_nsec
+    r.stx_ctime_sec = b.stx_ctime.tv_sec
+    r.stx_ctime_nsec = b.stx_ctime.tv_nsec
+    r.stx_mtime_sec = b.stx_mtime.tv_sec
+    r.stx_mtime_nsec = b.stx_mtime.tv_nsec
+    r.stx_rdev_major = b.stx_rdev_major
+    r.stx_rdev_minor = b.stx_rdev_minor
     return r

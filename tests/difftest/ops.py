@@ -34,6 +34,36 @@ _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_cha
 _renameat2.restype = ctypes.c_int
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_libc.syncfs.argtypes = [ctypes.c_int]
+AT_EMPTY_PATH = 0x1000
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 1, 2, 0x10
+# the fallocate modes a FUSE server is given (collapse/insert/unshare never
+# reach one: see the README); the generator draws from these
+FALLOC_MODES = (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+
+
+def _check(ret: int, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), what)
+
+
+def seeks(fd) -> tuple:
+    """SEEK_DATA and SEEK_HOLE from the start, the middle and the last byte."""
+    size = os.fstat(fd).st_size
+    out = []
+    for off in (0, size // 2, max(size - 1, 0)):
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+            try:
+                out.append(os.lseek(fd, off, whence))
+            except OSError as e:
+                out.append(errno.errorcode.get(e.errno, str(e.errno)))
+    return tuple(out)
+
+
 def renameat2(src: str, dst: str, flags: int = 0):
     if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
         e = ctypes.get_errno()
@@ -286,6 +316,58 @@ def _do(root: str, op: tuple):
     if name == "access":
         _, path, amode = op
         return os.access(P(path), amode)
+    if name == "seek":
+        # SEEK_DATA / SEEK_HOLE: the real file's holes (lower, or upper)
+        fd = os.open(P(op[1]), os.O_RDONLY)
+        try:
+            return seeks(fd)
+        finally:
+            os.close(fd)
+    if name == "fallocate":
+        _, path, mode, off, length = op
+        fd = os.open(P(path), os.O_RDWR)
+        try:
+            _check(_libc.fallocate(fd, mode, off, length), path)
+            # (no read here: pages cached over unwritten extents count as data
+            # for SEEK_HOLE, and FUSE's readahead caches other pages than the
+            # kernel overlay's; the content is compared by read ops and trees)
+            return (os.fstat(fd).st_size, seeks(fd))
+        finally:
+            os.close(fd)
+    if name == "copy_range":
+        # copy_file_range(2) from src to dst (dst opened for writing: copy-up)
+        _, src, dst, off_in, off_out, length = op
+        fi = os.open(P(src), os.O_RDONLY)
+        try:
+            fo = os.open(P(dst), os.O_WRONLY)
+            try:
+                n = os.copy_file_range(fi, fo, length, off_in, off_out)
+                return (n, os.fstat(fo).st_size)
+            finally:
+                os.close(fo)
+        finally:
+            os.close(fi)
+    if name == "tmpfile":
+        # O_TMPFILE in a dir, written, then linked at a name (or not)
+        _, path, data, link = op
+        fd = os.open(P(path), os.O_TMPFILE | os.O_RDWR, 0o640)
+        try:
+            _write_all(fd, data)
+            st = os.fstat(fd)
+            res = (st.st_nlink, oct(stat.S_IMODE(st.st_mode)), st.st_size)
+            if link is not None:
+                _check(_libc.linkat(fd, b"", AT_FDCWD, os.fsencode(P(link)), AT_EMPTY_PATH), link)
+                res += (os.fstat(fd).st_nlink,)
+            return res
+        finally:
+            os.close(fd)
+    if name == "syncfs":
+        fd = os.open(P(op[1]), os.O_RDONLY)
+        try:
+            _check(_libc.syncfs(fd), op[1])
+            return None
+        finally:
+            os.close(fd)
     raise ValueError(f"unknown op {name!r}")
 
 
@@ -300,7 +382,7 @@ def execute(root: str, op: tuple):
 MUTATING = {
     "open", "create", "open_trunc", "write", "append", "rw", "ro_then_write", "truncate", "chmod", "chown", "utime",
     "setxattr", "removexattr", "mkdir", "rmdir", "rmtree", "unlink", "rename", "link", "symlink",
-    "mkfifo", "mknod",
+    "mkfifo", "mknod", "fallocate", "copy_range", "tmpfile",
 }
 
 
@@ -370,7 +452,10 @@ OP_WEIGHTS = {
     "listxattr": 3, "mkdir": 6, "rmdir": 5, "rmtree": 2, "unlink": 6, "rename": 9, "rename_noreplace": 3,
     "rename_exchange": 4, "link": 4, "symlink": 3, "mkfifo": 2, "mknod": 2, "readdir": 5,
     "stat": 4, "lstat": 3, "readlink": 2,
+    # the operations the pyfuse3 engine could not pass on (EXTENDED_OPS)
+    "seek": 2, "fallocate": 3, "copy_range": 3, "tmpfile": 2, "syncfs": 1,
 }
+EXTENDED_OPS = ("seek", "fallocate", "copy_range", "tmpfile", "syncfs")
 
 XATTR_NAMES = ["user.k0", "user.k1", "user.k2", "user.new", "trusted.foo", "trusted.bar"]
 
@@ -379,11 +464,15 @@ class OpGenerator:
     """Draw random ops; ``next(tree)`` needs the current tree listing."""
 
     def __init__(self, rng: random.Random, extra_names=(), weights=None, resolve_root=None,
-                 safe_setxattr=False):
+                 safe_setxattr=False, extended=True):
         self.rng = rng
         self.safe_setxattr = safe_setxattr
         self.names = sorted(set(NAMES) | set(extra_names) | {"n1", "n2", "x"})
-        w = weights or OP_WEIGHTS
+        w = dict(weights or OP_WEIGHTS)
+        if not extended:
+            # pyfuse3 cannot pass these on (its differences are documented)
+            for k in EXTENDED_OPS:
+                w.pop(k, None)
         self.kinds = list(w)
         self.cum = []
         tot = 0
@@ -472,6 +561,16 @@ class OpGenerator:
             if p in tree and tree[p][0] in ("p", "c", "b"):
                 continue
             if self._resolved_type(p) in ("p", "c", "b"):
+                continue
+            return p
+        return "nonexistent-file"
+
+    def file_like(self, tree, p_exist=0.9):
+        """Mostly a regular file (or a symlink to one): for seek, fallocate and
+        copy_range, whose results on a directory are no one's business."""
+        for _ in range(20):
+            p = self.path(tree, types=("f", "f", "f", "f", "l"), p_exist=p_exist)
+            if self._resolved_type(p) in ("p", "c", "b", "d"):
                 continue
             return p
         return "nonexistent-file"
@@ -593,4 +692,23 @@ class OpGenerator:
             return ("lstat", self.path(tree, allow_root=True))
         if k == "readlink":
             return ("readlink", self.path(tree, types=("l", "l", "l", "f")))
+        if k == "seek":
+            return ("seek", self.file_like(tree))
+        if k == "fallocate":
+            p = self.file_like(tree, p_exist=0.85)
+            size = tree[p][1].st_size if p in tree else 0
+            off = rng.choice([0, 4096, size, rng.randrange(0, size + 8192)])
+            return ("fallocate", p, rng.choice(FALLOC_MODES), off, rng.choice([1, 4096, 3 * 4096 + 7, 70000]))
+        if k == "copy_range":
+            src = self.file_like(tree)
+            dst = self.file_like(tree)
+            size = tree[src][1].st_size if src in tree else 0
+            return ("copy_range", src, dst, rng.randrange(0, size + 10), rng.choice([0, 100, 5000]),
+                    rng.choice([1, 100, 70000]))
+        if k == "tmpfile":
+            d = self.path(tree, types=("d", "d", "d", "f"), allow_root=True)
+            link = self.path(tree, p_exist=0.1, p_new=0.8) if rng.random() < 0.7 else None
+            return ("tmpfile", d, self.data(), link)
+        if k == "syncfs":
+            return ("syncfs", self.openable(tree, p_exist=0.9))
         raise AssertionError(k)

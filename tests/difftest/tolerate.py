@@ -1,8 +1,9 @@
 """Opt-in tolerances for known kernel-vs-ours differences.
 
 By default every difference fails except the ones the README documents as
-intended (``DOCUMENTED`` below: with engine=pyfuse3 a failing setxattr does
-not copy up in ours).
+intended (``DOCUMENTED`` below: with passthrough, a read-only fd opened before
+a copy-up keeps reading the lower file; with engine=pyfuse3 a failing
+setxattr does not copy up in ours).
 ``DIFF_TOLERATE=a,b,...`` (or ``all``; ``none`` for strictly nothing) replaces
 that default and masks known classes so that a random run can look past them
 for new bugs:
@@ -18,8 +19,9 @@ for new bugs:
   one side has is ignored (the kernel marks new dirs created in merged dirs
   opaque, but not in userxattr mode; the "kernel over our upper" check still
   verifies that the merged view is the same);
-* ``ro-fd``: for ``ro_then_write`` only the first read is compared (ours: a
-  read-only fd opened before a copy-up keeps reading the lower file);
+* ``ro-fd``: for ``ro_then_write`` only the first read is compared (ours
+  with FUSE passthrough: a read-only fd opened before a copy-up keeps
+  reading the lower file);
 * ``lower-hardlinks``: the generator makes no hardlinks in the layers (the
   kernel without index breaks a lower hardlink on copy-up, ours keeps the
   aliases one inode).  NOTE: this changes the generated stacks, so seeds
@@ -52,9 +54,15 @@ ALL = tuple(k for k in KNOWN if k not in GENERATION)
 # README "Differences from the kernel overlayfs": with engine=pyfuse3 a
 # failed setxattr with XATTR_CREATE/XATTR_REPLACE does not copy up (pyfuse3
 # checks the flags itself); the native engine does as the kernel.
+# With FUSE passthrough (the native engine's default as root), a read-only fd
+# opened on a lower file before its copy-up keeps reading the lower file
+# (the kernel overlay switches it to the copy): "ro-fd".
 PYFUSE3_ONLY = ("no-failing-setxattr", "setxattr-copyup")
 _ENGINE = os.environ.get("OVERLAY_TEST_ENGINE", "").strip().lower() or "native"
-DOCUMENTED = PYFUSE3_ONLY if _ENGINE == "pyfuse3" else ()
+_OPTS = os.environ.get("OVERLAY_TEST_OPTS", "").split(",")
+_PASSTHROUGH = (_ENGINE == "native" and os.geteuid() == 0 and "passthrough=off" not in _OPTS
+                and os.environ.get("DIFF_IMPL", "") != "kernel")
+DOCUMENTED = PYFUSE3_ONLY if _ENGINE == "pyfuse3" else (("ro-fd",) if _PASSTHROUGH else ())
 
 
 def _parse():

@@ -68,7 +68,11 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                 squash_to_root=config.squash_to_root,
             )
             fs.want_writeback = config.writeback
-            fs.want_passthrough = False
+            # passthrough needs CAP_SYS_ADMIN (BACKING_OPEN) and excludes
+            # the writeback cache
+            fs.want_passthrough = (config.passthrough and not config.writeback
+                                   and mnt.can_mount())
+            fs.stack_depth = _stack_depth(config)
             fs.debug = config.debug
             flags = mnt.mount_flags(config.ignored, config.read_only)
             m = mnt.mount(mountpoint, fsname=config.fsname, subtype="overlay", flags=flags,
@@ -81,6 +85,25 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+OVERLAYFS_MAGIC = 0x794C7630
+FUSE_MAGIC = 0x65735546
+
+
+def _stack_depth(config) -> int:
+    """max_stack_depth for passthrough: 2 when a layer is itself on an
+    overlay or FUSE filesystem (then this mount cannot be a layer of a
+    kernel overlay), else 1."""
+    from overlay.engine.wire import fs_type
+
+    for path in [*config.lowers, *([config.upper] if config.upper else [])]:
+        try:
+            if fs_type(path) in (OVERLAYFS_MAGIC, FUSE_MAGIC):
+                return 2
+        except OSError:
+            pass
+    return 1
 
 
 def _serve(fs, m, config, mountpoint, on_ready, state) -> None:

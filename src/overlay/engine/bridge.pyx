@@ -64,6 +64,15 @@ cdef inline unsigned long _decode_dev(uint32_t d) noexcept:
     return c_makedev((d & 0xfff00) >> 8, (d & 0xff) | ((d >> 12) & 0xfff00))
 
 
+cdef extern from "<fcntl.h>" nogil:
+    int c_fallocate "fallocate"(int fd, int mode, long long offset, long long length)
+
+cdef extern from "<unistd.h>" nogil:
+    long long c_lseek "lseek64"(int fd, long long offset, int whence)
+    ssize_t c_copy_file_range "copy_file_range"(int fd_in, long long *off_in, int fd_out,
+                                               long long *off_out, size_t length, unsigned int flags)
+
+
 cdef inline size_t _align8(size_t n) noexcept nogil:
     return (n + 7) & ~(<size_t>7)
 
@@ -78,6 +87,14 @@ cdef class _Handle:
     cdef public object node
     cdef public int flags
     cdef public bint lower       # opened before any copy-up: follows it
+    cdef public uint64_t backing_key   # node id whose backing this open uses, or 0
+
+
+cdef class _Backing:
+    """A passthrough backing file registered for one node id."""
+    cdef public int id           # the kernel's backing id
+    cdef public int opens        # passthrough opens using it
+    cdef public object real      # (st_dev, st_ino) of the file it stands for
 
 
 cdef class _DirHandle:
@@ -100,6 +117,8 @@ cdef class OverlayFS(Session):
     cdef object uidmap, gidmap
     cdef bint squash
     cdef uint64_t counts[FUSE_OPCODE_MAX]
+    cdef dict backings            # node id -> _Backing
+    cdef public bint passthrough_broken   # BACKING_OPEN refused: serve data ourselves
 
     def __init__(self, core, *, double entry_timeout=300.0, double attr_timeout=300.0,
                  uidmap=None, gidmap=None, bint squash_to_root=False):
@@ -121,6 +140,7 @@ cdef class OverlayFS(Session):
         self.gidmap = gidmap or None
         self.squash = squash_to_root
         memset(self.counts, 0, sizeof(self.counts))
+        self.backings = {}
 
     # ------------------------------------------------------------ tables
 
@@ -158,8 +178,11 @@ cdef class OverlayFS(Session):
             return
         self.nlookup.pop(nodeid, None)
         node = self.inodes.pop(nodeid, None)
-        if node is not None:
-            self.core.forget(node)
+        if node is None:
+            return
+        if node.fuse_id != nodeid and node.fuse_id in self.inodes:
+            return      # the node lives on under a newer id (see _passthrough)
+        self.core.forget(node)
 
     def stats(self):
         """The counters `overlay stats` shows."""
@@ -170,7 +193,8 @@ cdef class OverlayFS(Session):
                 req[OPCODE_NAMES.get(i, str(i)).lower()] = self.counts[i]
         return {"requests": req, "core": dict(self.core.counters),
                 "inodes_known": len(self.inodes), "open_files": len(self.handles),
-                "engine": "native", "passthrough": self.passthrough,
+                "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,
+                "backing_files": len(self.backings),
                 "workers": self.nworkers}
 
     # ------------------------------------------------------------ attributes
@@ -333,6 +357,21 @@ cdef class OverlayFS(Session):
                 self.op_setxattr(fd, h, arg, n)
             elif op == FUSE_REMOVEXATTR:
                 self.op_removexattr(fd, h, arg, n)
+            elif op == FUSE_FALLOCATE:
+                self.op_fallocate(fd, h, arg, n)
+            elif op == FUSE_LSEEK:
+                self.op_lseek(fd, h, arg, n)
+            elif op == FUSE_COPY_FILE_RANGE or op == FUSE_COPY_FILE_RANGE_64:
+                self.op_copy_file_range(fd, h, arg, n, op == FUSE_COPY_FILE_RANGE_64)
+            elif op == FUSE_STATX:
+                self.op_statx(fd, h, arg, n)
+            elif op == FUSE_TMPFILE:
+                self.op_tmpfile(fd, h, arg, n)
+            elif op == FUSE_SYNCFS:
+                with self.lock:
+                    core = self.core
+                core.syncfs()
+                self.reply_err(fd, unique, 0)
             elif op == FUSE_INTERRUPT:
                 pass        # requests run to completion; the kernel needs no reply
             elif op == FUSE_NOTIFY_REPLY:
@@ -523,18 +562,80 @@ cdef class OverlayFS(Session):
                 flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    cdef int _reply_open(self, int fd, uint64_t unique, int rfd, node, int flags,
-                         fuse_entry_out *entry) except -1:
+    cdef int _passthrough(self, uint64_t nodeid, node) except -2:
+        """The backing id an open of nodeid uses (0: none, data through us;
+        -1: answer ESTALE).
+
+        One backing file per node id while passthrough opens exist. An open
+        of a file whose lower copy still backs opens of this id (opened
+        before a copy-up) can neither use that (writes would reach the lower
+        layer, reads would miss them) nor register another (EBUSY): the node
+        gets a new id for its next lookup and the open is answered ESTALE,
+        which makes the kernel revalidate the name and open the new id. The
+        earlier opens keep reading the lower file, as it was."""
+        cdef _Backing bk
+        if not self.passthrough or self.passthrough_broken or not node.fuse_id:
+            return 0
+        bk = self.backings.get(nodeid)
+        if bk is not None and bk.opens > 0:
+            if bk.real == node.real:
+                bk.opens += 1
+                return bk.id
+            node.fuse_id = 0
+            return -1
+        st = self.core.getattr(node)
+        if not S.S_ISREG(st.st_mode) or st.st_mode & (S.S_ISUID | S.S_ISGID):
+            # set-id files: their writes come to us, so the kill hint can
+            # clear the bits as the kernel overlay does
+            return 0
+        from overlay.engine.wire import backing_open
+        try:
+            bid = backing_open(self.devfd, node.fd)
+        except OSError as e:
+            log.warning("passthrough off: BACKING_OPEN failed (%s)", e.strerror)
+            self.passthrough_broken = True
+            return 0
+        bk = _Backing()
+        bk.id = bid
+        bk.opens = 1
+        bk.real = node.real
+        self.backings[nodeid] = bk
+        return bid
+
+    cdef _unback(self, uint64_t key):
+        """One passthrough open of node id key is gone."""
+        cdef _Backing bk = self.backings.get(key)
+        if bk is None:
+            return
+        bk.opens -= 1
+        if bk.opens <= 0:
+            del self.backings[key]
+            from overlay.engine.wire import backing_close
+            try:
+                backing_close(self.devfd, bk.id)
+            except OSError as e:
+                log.debug("BACKING_CLOSE %d: %s", bk.id, e.strerror)
+
+    cdef int _reply_open(self, int fd, uint64_t unique, uint64_t nodeid, int rfd, node,
+                         int flags, fuse_entry_out *entry) except -1:
         """Make a handle for rfd and reply (with entry first for CREATE)."""
         cdef fuse_open_out o
-        cdef _Handle hd = _Handle()
-        cdef uint64_t fh = self.next_fh
-        cdef int r
+        cdef _Handle hd
+        cdef uint64_t fh
+        cdef int r, bid
+        bid = self._passthrough(nodeid, node)
+        if bid < 0:
+            os.close(rfd)
+            self.reply_err(fd, unique, E.ESTALE)
+            return 0
+        fh = self.next_fh
         self.next_fh += 1
+        hd = _Handle()
         hd.fd = rfd
         hd.node = node
         hd.flags = flags
         hd.lower = node.upper < 0
+        hd.backing_key = nodeid if bid > 0 else 0
         self.handles[fh] = hd
         node.pins += 1          # keeps its fds: fstat must work after an unlink
         keep = True
@@ -543,13 +644,17 @@ cdef class OverlayFS(Session):
             now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if node.cached is not None and node.cached != now and node.fuse_id:
                 # the lower file was changed behind the mount: drop what the
-                # kernel cached of it (attributes and pages)
+                # kernel cached of it (attributes, and pages: no KEEP_CACHE)
                 keep = False
                 self.notify_inval_inode(node.fuse_id, -1, 0, True)
             node.cached = now
         memset(&o, 0, sizeof(o))
         o.fh = fh
-        o.open_flags = FOPEN_NOFLUSH | (FOPEN_KEEP_CACHE if keep else 0)
+        if bid > 0:
+            o.open_flags = FOPEN_PASSTHROUGH | FOPEN_NOFLUSH
+            o.backing_id = bid
+        else:
+            o.open_flags = FOPEN_NOFLUSH | (FOPEN_KEEP_CACHE if keep else 0)
         if entry != NULL:
             r = self.reply2(fd, unique, entry, sizeof(fuse_entry_out), &o, sizeof(o))
         else:
@@ -578,7 +683,7 @@ cdef class OverlayFS(Session):
                     self._renumbered()
             else:
                 rfd, node = self.core.open(node, flags)
-            self._reply_open(fd, h.unique, rfd, node, flags, NULL)
+            self._reply_open(fd, h.unique, h.nodeid, rfd, node, flags, NULL)
         return 0
 
     cdef int op_create(self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
@@ -596,7 +701,7 @@ cdef class OverlayFS(Session):
             st, node.st = node.st, None
             self._fill_entry(&e, node, st)
             self._ref(node)
-            self._reply_open(fd, h.unique, rfd, node, flags, &e)
+            self._reply_open(fd, h.unique, e.nodeid, rfd, node, flags, &e)
         return 0
 
     cdef int _fd(self, _Handle hd) except -1:
@@ -693,6 +798,8 @@ cdef class OverlayFS(Session):
         if hd is None:
             return
         os.close(hd.fd)
+        if hd.backing_key:
+            self._unback(hd.backing_key)
         node = hd.node
         node.pins -= 1
         if not node.pins and node.fuse_id not in self.inodes:
@@ -820,6 +927,130 @@ cdef class OverlayFS(Session):
             with self.lock:
                 for k in keys:
                     self._forget(k, 1)
+        return 0
+
+    # ------------------------------------------------------------ what pyfuse3 could not do
+
+    cdef int op_fallocate(self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+        """fallocate(2) on the real file (the handle is open for writing, so
+        the file is in the upper layer already)."""
+        cdef fuse_fallocate_in *a = <fuse_fallocate_in*>arg
+        cdef int rfd, ret, mode = a.mode
+        cdef long long off = a.offset, length = a.length
+        with self.lock:
+            rfd = self._fd(self.handles[a.fh])
+        with nogil:
+            ret = c_fallocate(rfd, mode, off, length)
+        if ret != 0:
+            raise OSError(errno, os.strerror(errno))
+        self.reply_err(fd, h.unique, 0)
+        return 0
+
+    cdef int op_lseek(self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+        """SEEK_DATA / SEEK_HOLE on the real file: the lower one before a
+        copy-up, the upper one after."""
+        cdef fuse_lseek_in *a = <fuse_lseek_in*>arg
+        cdef fuse_lseek_out o
+        cdef int rfd, whence = a.whence
+        cdef long long off = a.offset, r
+        with self.lock:
+            rfd = self._fd(self.handles[a.fh])
+        with nogil:
+            r = c_lseek(rfd, off, whence)
+        if r < 0:
+            raise OSError(errno, os.strerror(errno))
+        o.offset = r
+        self.reply(fd, h.unique, &o, sizeof(o))
+        return 0
+
+    cdef int op_copy_file_range(self, int fd, fuse_in_header *h, char *arg, size_t n,
+                                bint wide) except -1:
+        """copy_file_range(2) between the real files, in the kernel (a
+        reflink or a server-side copy where the filesystem can)."""
+        cdef fuse_copy_file_range_in *a = <fuse_copy_file_range_in*>arg
+        cdef fuse_write_out o
+        cdef fuse_copy_file_range_out o64
+        cdef int fin, fout
+        cdef long long oin = a.off_in, oout = a.off_out
+        cdef size_t length = a.len
+        cdef unsigned int flags = a.flags
+        cdef ssize_t r
+        with self.lock:
+            fin = self._fd(self.handles[a.fh_in])
+            fout = self._fd(self.handles[a.fh_out])
+        if not wide and length > 0xfffff000:
+            length = 0xfffff000
+        with nogil:
+            r = c_copy_file_range(fin, &oin, fout, &oout, length, flags)
+        if r < 0:
+            raise OSError(errno, os.strerror(errno))
+        if wide:
+            o64.bytes_copied = r
+            self.reply(fd, h.unique, &o64, sizeof(o64))
+        else:
+            o.size = r
+            o.padding = 0
+            self.reply(fd, h.unique, &o, sizeof(o))
+        return 0
+
+    cdef int op_statx(self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+        """statx(2): the real object's, birth time included, with the
+        overlay's st_ino, nlink and ids, as for GETATTR."""
+        cdef fuse_statx_in *a = <fuse_statx_in*>arg
+        cdef fuse_statx_out o
+        cdef uint32_t mask = a.sx_mask
+        memset(&o, 0, sizeof(o))
+        with self.lock:
+            node = self._node(h.nodeid)
+            x = self.core.statx(node, mask | 0x7ff)       # STATX_BASIC_STATS too
+            merged = node.merged
+            o.stat.ino = node.ino
+            ghost = node.ghost
+        o.attr_valid = 0 if ghost else self.attr_sec
+        o.attr_valid_nsec = 0 if ghost else self.attr_nsec
+        o.stat.mask = x.stx_mask
+        o.stat.blksize = x.stx_blksize
+        o.stat.attributes = x.stx_attributes
+        o.stat.attributes_mask = x.stx_attributes_mask
+        o.stat.nlink = 1 if merged else x.stx_nlink
+        if self.squash:
+            o.stat.uid = o.stat.gid = 0
+        else:
+            o.stat.uid = self.uidmap.shown(x.stx_uid) if self.uidmap else x.stx_uid
+            o.stat.gid = self.gidmap.shown(x.stx_gid) if self.gidmap else x.stx_gid
+        o.stat.mode = x.stx_mode
+        o.stat.size = x.stx_size
+        o.stat.blocks = x.stx_blocks
+        o.stat.atime.tv_sec = x.stx_atime_sec
+        o.stat.atime.tv_nsec = x.stx_atime_nsec
+        o.stat.btime.tv_sec = x.stx_btime_sec
+        o.stat.btime.tv_nsec = x.stx_btime_nsec
+        o.stat.ctime.tv_sec = x.stx_ctime_sec
+        o.stat.ctime.tv_nsec = x.stx_ctime_nsec
+        o.stat.mtime.tv_sec = x.stx_mtime_sec
+        o.stat.mtime.tv_nsec = x.stx_mtime_nsec
+        o.stat.rdev_major = x.stx_rdev_major
+        o.stat.rdev_minor = x.stx_rdev_minor
+        self.reply(fd, h.unique, &o, sizeof(o))
+        return 0
+
+    cdef int op_tmpfile(self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+        """O_TMPFILE: an unnamed file in the upper dir, linked by a later
+        linkat(2) (LINK) if at all."""
+        cdef fuse_create_in *a = <fuse_create_in*>arg
+        cdef int flags = self._backing_flags(a.flags)
+        cdef fuse_entry_out e
+        with self.lock:
+            uid, gid = self._ids(h.uid, h.gid)
+            try:
+                rfd, node = self.core.tmpfile(self._node(h.nodeid), flags,
+                                              S.S_IMODE(a.mode) & ~a.umask, uid, gid)
+            finally:
+                self._renumbered()
+            st, node.st = node.st, None
+            self._fill_entry(&e, node, st)
+            self._ref(node)
+            self._reply_open(fd, h.unique, e.nodeid, rfd, node, flags, &e)
         return 0
 
     # ------------------------------------------------------------ misc

@@ -164,7 +164,7 @@ def mount_dev(mountpoint: str) -> str | None:
     return found
 
 
-def _can_mount() -> bool:
+def can_mount() -> bool:
     """Do we have CAP_SYS_ADMIN (mount(2) works)?"""
     try:
         with open("/proc/self/status") as f:
@@ -183,7 +183,7 @@ def mount(mountpoint: str, *, fsname: str, subtype: str, flags: int,
     if method not in ("", "mount", "fusermount3"):
         raise MountFailed(errno.EINVAL, f"OVERLAY_MOUNT_METHOD={method}: expected mount or fusermount3")
     if not method:
-        method = "mount" if _can_mount() else "fusermount3"
+        method = "mount" if can_mount() else "fusermount3"
     if method == "mount":
         return _mount_direct(mountpoint, fsname, subtype, flags, allow_other, root_mode)
     return _mount_fusermount(mountpoint, fsname, subtype, flags, allow_other)
