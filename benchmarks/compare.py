@@ -384,8 +384,8 @@ def render_markdown(res: dict) -> str:
         out.append(f"| {s} | {st.get('version', '')} | "
                    f"{'ok' if st.get('available') else 'missing (' + str(st.get('reason')) + ')'} |")
     out += ["", "Sizes: " + ", ".join(f"{k}={v}" for k, v in meta["sizes"].items()), "",
-            "| workload | kernel | fuse-overlayfs | ours | ours/kernel | ours/fuse | targets | pass |",
-            "|---|---:|---:|---:|---:|---:|---|---|"]
+            "| workload | " + " | ".join(ORDER) + " | ours/kernel | ours/fuse | targets | pass |",
+            "|---|" + "---:|" * len(ORDER) + "---:|---:|---|---|"]
     for r in res["rows"]:
         cells = []
         for s in ORDER:

@@ -7,10 +7,11 @@
   every layer relative to ``DIR`` (run from there); a string that is still too
   long raises ``Missing("limit ...")``.
 * ``fuse-overlayfs``: the ``fuse-overlayfs`` binary.
-* ``ours``: ``python -m overlay mount``, with the interpreter of the repo's
-  ``.venv`` (or ``$OVERLAY_PYTHON``); ``$OVERLAY_SRC`` puts another source
-  tree first on its ``PYTHONPATH`` (e.g. a frozen copy, so a run is not
-  disturbed by edits to ``src/``).
+* ``ours``: ``python -m overlay mount`` (the native engine, our default), with
+  the interpreter of the repo's ``.venv`` (or ``$OVERLAY_PYTHON``);
+  ``$OVERLAY_SRC`` puts another source tree first on its ``PYTHONPATH`` (e.g.
+  a frozen copy, so a run is not disturbed by edits to ``src/``);
+* ``ours-pyfuse3``: the same with ``engine=pyfuse3`` (the older adapter).
 
 Every ``mount`` returns once the mount is live; ``umount`` unmounts (lazily as
 a last resort) and waits for the FUSE daemon to exit. ``drop_caches()`` is
@@ -231,13 +232,19 @@ class Ours(System):
             env["PYTHONPATH"] = src + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return env
 
+    module = "overlay.engine.bridge"
+    extra = ""
+
+    def options(self, lowers, upper, work) -> str:
+        return super().options(lowers, upper, work) + self.extra
+
     def missing_reason(self):
         if not os.path.exists("/dev/fuse"):
             return "no /dev/fuse"
-        r = subprocess.run([self.python(), "-c", "import overlay.fs, overlay_core"],
+        r = subprocess.run([self.python(), "-c", f"import {self.module}, overlay_core"],
                            env=self.env(), capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
-            return "cannot import overlay.fs: " + _last_line(r.stderr)
+            return f"cannot import {self.module}: " + _last_line(r.stderr)
         return None
 
     def version(self):
@@ -257,5 +264,12 @@ class Ours(System):
         return [self.python(), "-m", "overlay", "mount", "-o", opts, mp]
 
 
-SYSTEMS: dict[str, System] = {s.name: s for s in (KernelOverlay(), FuseOverlayfs(), Ours())}
-ORDER = ["kernel", "fuse-overlayfs", "ours"]
+class OursPyfuse3(Ours):
+    name = "ours-pyfuse3"
+    label = "ours (engine=pyfuse3)"
+    module = "overlay.fs"
+    extra = ",engine=pyfuse3"
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in (KernelOverlay(), FuseOverlayfs(), Ours(), OursPyfuse3())}
+ORDER = ["kernel", "fuse-overlayfs", "ours", "ours-pyfuse3"]

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import compare, macro  # noqa: E402
 
-SYSTEMS = ["kernel", "fuse-overlayfs", "ours"]
+SYSTEMS = ["kernel", "fuse-overlayfs", "ours", "ours-pyfuse3"]
 TINY = ["--quick", "--reps", "1", "--files", "60", "--dirs", "6", "--stat-paths", "20",
         "--big-mib", "1", "--create", "20", "--untar", "30", "--stacks", "1,3",
         "--bottom", "5", "--mount-layers", "4"]
@@ -53,7 +53,8 @@ def _check_structure(res: dict, md: str) -> None:
     for c in res["targets"]:
         assert set(c) >= {"id", "description", "value", "limit", "passed"}
     assert res["summary"]["targets"] == len(res["targets"])
-    assert "| workload | kernel | fuse-overlayfs | ours | ours/kernel | ours/fuse | targets | pass |" in md
+    assert ("| workload | kernel | fuse-overlayfs | ours | ours-pyfuse3 | ours/kernel | ours/fuse | targets | pass |"
+            in md)
     assert "## Targets" in md
     for s, st in res["systems"].items():
         if not st["available"]:
@@ -72,7 +73,8 @@ def test_render_without_mounts(tmp_path):
                "mount_500": {"kernel": [0.01], "ours": [0.5]}}
     status = {"kernel": {"available": True, "reason": None, "version": "k"},
               "fuse-overlayfs": {"available": False, "reason": "not installed", "version": ""},
-              "ours": {"available": True, "reason": None, "version": "o"}}
+              "ours": {"available": True, "reason": None, "version": "o"},
+              "ours-pyfuse3": {"available": False, "reason": "not installed", "version": ""}}
     args = SimpleNamespace(sizes=macro.Sizes(stacks=(1, 500), mount_layers=500))
     meta = {"date": "d", "host": "h", "kernel": "k", "cpus": 2, "quick": True, "reps": 3,
             "sizes": args.sizes.describe(), "command": "c"}
@@ -80,7 +82,8 @@ def test_render_without_mounts(tmp_path):
     md = compare.render_markdown(res)
     _check_structure(res, md)
     rows = {r["id"]: r for r in res["rows"]}
-    assert rows["find_warm"]["median"] == {"kernel": 2.0, "fuse-overlayfs": None, "ours": 2.0}
+    assert rows["find_warm"]["median"] == {"kernel": 2.0, "fuse-overlayfs": None, "ours": 2.0,
+                                           "ours-pyfuse3": None}
     assert rows["find_warm"]["ours_over_kernel"] == 1.0
     assert rows["find_warm"]["ours_over_fuse"] is None
     assert rows["find_warm"]["pass"] is None          # fuse-overlayfs target not measurable

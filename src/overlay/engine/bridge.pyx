@@ -97,10 +97,6 @@ cdef class _Backing:
     cdef public object real      # (st_dev, st_ino) of the file it stands for
 
 
-cdef class _DirHandle:
-    cdef public object node
-    cdef public list entries     # [(name, Node, (attr bytes))], built at offset 0
-
 
 cdef class OverlayFS(Session):
     """The request handlers of one overlay mount."""
@@ -108,7 +104,7 @@ cdef class OverlayFS(Session):
     cdef dict inodes              # node id -> Node
     cdef dict nlookup             # node id -> kernel lookup count
     cdef dict handles             # fh -> _Handle
-    cdef dict dirs                # fh -> _DirHandle
+    cdef dict listings            # dir node id -> [(name, Node, Stat)] being read
     cdef uint64_t next_id
     cdef uint64_t next_fh
     cdef object lock
@@ -127,7 +123,7 @@ cdef class OverlayFS(Session):
         self.inodes = {FUSE_ROOT_ID: core.root}
         self.nlookup = {FUSE_ROOT_ID: 1}
         self.handles = {}
-        self.dirs = {}
+        self.listings = {}
         core.root.fuse_id = FUSE_ROOT_ID
         self.next_id = FUSE_ROOT_ID + 1
         self.next_fh = 1
@@ -177,6 +173,7 @@ cdef class OverlayFS(Session):
             self.nlookup[nodeid] = left
             return
         self.nlookup.pop(nodeid, None)
+        self.listings.pop(nodeid, None)
         node = self.inodes.pop(nodeid, None)
         if node is None:
             return
@@ -324,8 +321,6 @@ cdef class OverlayFS(Session):
             elif op == FUSE_OPENDIR:
                 self.op_opendir(fd, h, arg, n)
             elif op == FUSE_RELEASEDIR:
-                with self.lock:
-                    self.dirs.pop((<fuse_release_in*>arg).fh, None)
                 self.reply_err(fd, unique, 0)
             elif op == FUSE_CREATE:
                 self.op_create(fd, h, arg, n)
@@ -816,7 +811,7 @@ cdef class OverlayFS(Session):
         cdef bint datasync = a.fsync_flags & FUSE_FSYNC_FDATASYNC
         if isdir:
             with self.lock:
-                node = self.dirs[a.fh].node
+                node = self._node(h.nodeid)
                 if node.upper < 0:
                     self.reply_err(fd, h.unique, 0)
                     return 0
@@ -835,29 +830,16 @@ cdef class OverlayFS(Session):
     # ------------------------------------------------------------ directories
 
     cdef int op_opendir(self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
-        cdef fuse_open_out o
-        cdef _DirHandle d
-        cdef uint64_t fh
-        with self.lock:
-            node = self._node(h.nodeid)
-            if not node.is_dir:
-                raise OSError(E.ENOTDIR, "not a directory")
-            fh = self.next_fh
-            self.next_fh += 1
-            d = _DirHandle()
-            d.node = node
-            d.entries = None
-            self.dirs[fh] = d
-        memset(&o, 0, sizeof(o))
-        o.fh = fh
-        if self.reply(fd, h.unique, &o, sizeof(o)) == -E.ENOENT:
-            with self.lock:
-                self.dirs.pop(fh, None)
+        """No directory handles: ENOSYS makes the kernel open every dir without
+        asking (and without RELEASEDIR), keep the listings it reads in its
+        page cache (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR) and start over when
+        the dir's mtime or version changes, as any change through the mount
+        does. Warm find and ls -R then never reach us."""
+        self.reply_err(fd, h.unique, E.ENOSYS)
         return 0
 
-    cdef list _listing(self, _DirHandle d):
+    cdef list _listing(self, node):
         """[(name, Node, Stat)] of the dir, with . and .. first."""
-        node = d.node
         parent = node.parent if node.parent is not None else node
         core = self.core
         entries = [(b".", node, core.getattr(node)), (b"..", parent, core.getattr(parent))]
@@ -880,17 +862,21 @@ cdef class OverlayFS(Session):
         cdef size_t used = 0, reclen, namelen
         cdef fuse_direntplus *dp
         cdef fuse_dirent *de
-        cdef _DirHandle d
         cdef Py_ssize_t i, count
         cdef bytes name
         cdef list counted = []
         if size > READ_BUFFER - sizeof(fuse_out_header):
             size = READ_BUFFER - sizeof(fuse_out_header)
         with self.lock:
-            d = self.dirs[a.fh]
-            if d.entries is None or start == 0:
-                d.entries = self._listing(d)
-            entries = d.entries
+            # the listing is built at offset 0 and kept while the kernel
+            # reads on (an interrupted reader may come back to any offset)
+            entries = self.listings.get(h.nodeid) if start else None
+            if entries is None:
+                node = self._node(h.nodeid)
+                if not node.is_dir:
+                    raise OSError(E.ENOTDIR, "not a directory")
+                entries = self._listing(node)
+                self.listings[h.nodeid] = entries
             count = len(entries)
             i = start
             while i < count:
@@ -922,6 +908,8 @@ cdef class OverlayFS(Session):
                 memcpy((<char*>de) + sizeof(fuse_dirent), PyBytes_AS_STRING(name), namelen)
                 used += reclen
                 i += 1
+            if start >= count:
+                self.listings.pop(h.nodeid, None)   # read to the end: the kernel has it
             keys = [self._ref(c) for c in counted]
         if self.reply(fd, unique, out, used) == -E.ENOENT and keys:
             with self.lock:
