@@ -55,6 +55,8 @@ NAME_MAX = 255
 FD_CACHE_MAX = 4096
 EVICTED = -3
 
+# a copy-up of a file bigger than this lets other threads run (set_lock)
+COPY_LOCKED_MAX = 256 * 1024
 # dirs with this many lower dirs get a name index after a few lookups
 INDEX_MIN_LAYERS = 8
 # OCI image layers (option oci_whiteouts): .wh.NAME whites out NAME in the
@@ -200,6 +202,7 @@ cdef class Overlay:
     cdef public int fd_cache_max
     cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
     cdef object _private_dirs          # {(st_dev, st_ino)} of the upper and work dirs
+    cdef object _cond                  # threading.Condition on the callers' lock, or None
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False):
@@ -1032,11 +1035,29 @@ cdef class Overlay:
         index=on (each name of such a file is a Node of its own)."""
         if n.upper >= 0:
             return n
+        self._wait_idle(n)      # another thread copies it up: use its copy
+        if n.upper >= 0:
+            return n
         n.busy = True           # the fd cache must not close its fds meanwhile
         try:
             return self._copy_up(n, data)
         finally:
             n.busy = False
+            if self._cond is not None:
+                self._cond.notify_all()
+
+    def set_lock(self, lock):
+        """Callers from several threads: they hold `lock` (a threading.Lock)
+        around every call. The core then lets go of it while it copies the
+        data of a big file up (other requests go on meanwhile) and makes
+        changes to a Node being copied up wait for that copy."""
+        self._cond = threading.Condition(lock)
+
+    def _wait_idle(self, Node n):
+        """Wait (letting go of the lock) while n is being copied up."""
+        if self._cond is not None:
+            while n.busy:
+                self._cond.wait()
 
     cdef _copy_up(self, Node n, bint data):
         cdef Node p
@@ -1072,14 +1093,23 @@ cdef class Overlay:
                 wfd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600, dir_fd=wd)
                 created = True
                 try:
-                    if data and st.st_size:
-                        rfd = os.open(_proc(src), os.O_RDONLY | O_CLOEXEC)
-                        try:
-                            sys_copy_data(rfd, wfd, st.st_size, True)
-                        finally:
-                            os.close(rfd)
-                    if not self.no_sync:
-                        sys_fsync(wfd)
+                    # a big file: other threads go on while its data are copied
+                    # (n is busy: changes to it wait, see _wait_idle)
+                    unlock = self._cond is not None and data and st.st_size > COPY_LOCKED_MAX
+                    if unlock:
+                        self._cond.release()
+                    try:
+                        if data and st.st_size:
+                            rfd = os.open(_proc(src), os.O_RDONLY | O_CLOEXEC)
+                            try:
+                                sys_copy_data(rfd, wfd, st.st_size, True)
+                            finally:
+                                os.close(rfd)
+                        if not self.no_sync:
+                            sys_fsync(wfd)
+                    finally:
+                        if unlock:
+                            self._cond.acquire()
                 finally:
                     os.close(wfd)
                 tfd = self._opath(wd, t, False)
@@ -1410,6 +1440,7 @@ cdef class Overlay:
         n = self.lookup(parent, name)
         if n.is_dir:
             raise _err(errno.EISDIR, name)
+        self._wait_idle(n)
         self._remove(parent, name, n)
         self._drop_alias(n, parent, name)
         if (n.parent, n.name) == (parent, name):
@@ -1496,10 +1527,13 @@ cdef class Overlay:
         if len(nname) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG, nname)
         old = self.lookup(op, oname)
+        self._wait_idle(old)
         try:
             new = self.lookup(np, nname)
         except FileNotFoundError:
             new = None
+        if new is not None:
+            self._wait_idle(new)
         exchange = bool(flags & RENAME_EXCHANGE)
         overwrite = not exchange
         if new is not None and flags & RENAME_NOREPLACE:

@@ -45,9 +45,6 @@ log = logging.getLogger("overlay.engine")
 # (overlay stats); it is never stored and cannot be set.
 STATS_XATTR = b"user.overlay-fuse.stats"
 
-# Regular files up to this size are copied up while holding the lock.
-COPY_UP_INLINE = 256 * 1024
-
 cdef extern from "<sys/sysmacros.h>" nogil:
     unsigned int c_major "major"(unsigned long dev)
     unsigned int c_minor "minor"(unsigned long dev)
@@ -128,6 +125,7 @@ cdef class OverlayFS(Session):
         self.next_id = FUSE_ROOT_ID + 1
         self.next_fh = 1
         self.lock = threading.Lock()
+        core.set_lock(self.lock)    # the core lets go of it during long copy-ups
         self.entry_sec = <uint64_t>entry_timeout
         self.entry_nsec = <uint32_t>((entry_timeout - self.entry_sec) * 1e9)
         self.attr_sec = <uint64_t>attr_timeout
