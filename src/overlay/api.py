@@ -90,13 +90,13 @@ def fuse_unavailable_reason() -> str | None:
 
 def _is_mountpoint(path: str) -> bool:
     """True if ``path`` (absolute, canonical) is a mount point in our namespace."""
-    from overlay.cli import find_mount  # noqa: PLC0415 - light module, lazy anyway
+    from overlay.mounttable import find_mount  # noqa: PLC0415 - light module, lazy anyway
 
     return find_mount(path) is not None
 
 
 def _mounts_below(path: str) -> list[str]:
-    from overlay.cli import iter_mounts  # noqa: PLC0415
+    from overlay.mounttable import iter_mounts  # noqa: PLC0415
 
     prefix = path.rstrip("/") + "/"
     return [m.mountpoint for m in iter_mounts() if (m.mountpoint + "/").startswith(prefix)]

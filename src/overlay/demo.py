@@ -145,7 +145,7 @@ def _read(path: str) -> str | None:
 
 
 def _is_mounted(mountpoint: str) -> bool:
-    from overlay.cli import find_mount  # noqa: PLC0415 - avoid an import cycle
+    from overlay.mounttable import find_mount  # noqa: PLC0415
 
     return find_mount(mountpoint) is not None
 
@@ -334,7 +334,7 @@ class Demo:
 
     def force_unmount(self) -> None:
         """Last resort in cleanup: lazy unmount of our own mount."""
-        from overlay.cli import _unmount  # noqa: PLC0415
+        from overlay.mounttable import unmount as _unmount  # noqa: PLC0415
 
         ok, error = _unmount(self.paths["merge"], lazy=True)
         if not ok:

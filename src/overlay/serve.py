@@ -15,7 +15,6 @@ Importing this module loads neither engine nor the core.
 from __future__ import annotations
 
 import logging
-import os
 import resource
 from typing import Callable
 

@@ -266,11 +266,7 @@ cdef extern from "<errno.h>" nogil:
 
 cdef class Stat:
     """The fields of a stat(2) result that the overlay reports; built from a
-    C struct without the cost of an os.stat_result."""
-    cdef readonly unsigned long long st_dev, st_ino, st_rdev, st_nlink
-    cdef readonly unsigned int st_mode, st_uid, st_gid
-    cdef readonly long long st_size, st_blksize, st_blocks
-    cdef readonly long long st_atime_ns, st_mtime_ns, st_ctime_ns
+    C struct without the cost of an os.stat_result (fields: _core.pxd)."""
 
 
 cdef Stat _mkstat(struct_stat *s):
@@ -370,13 +366,7 @@ cdef extern from "<sys/stat.h>" nogil:
 
 
 cdef class StatX:
-    """A statx(2) result: the fields FUSE_STATX carries."""
-    cdef readonly unsigned int stx_mask, stx_blksize, stx_nlink, stx_uid, stx_gid, stx_mode
-    cdef readonly unsigned long long stx_attributes, stx_attributes_mask
-    cdef readonly unsigned long long stx_ino, stx_size, stx_blocks
-    cdef readonly long long stx_atime_sec, stx_btime_sec, stx_ctime_sec, stx_mtime_sec
-    cdef readonly unsigned int stx_atime_nsec, stx_btime_nsec, stx_ctime_nsec, stx_mtime_nsec
-    cdef readonly unsigned int stx_rdev_major, stx_rdev_minor
+    """A statx(2) result: the fields FUSE_STATX carries (fields: _core.pxd)."""
 
 
 def sys_statx(int fd, unsigned int mask):

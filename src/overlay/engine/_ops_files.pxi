@@ -1,0 +1,353 @@
+"""Part of overlay.engine.bridge (included by bridge.pyx): open files: open,
+create and O_TMPFILE (with FUSE passthrough of their data where the kernel
+gives it), read and write when the data come through us, release, fsync,
+fallocate, lseek and copy_file_range."""
+
+
+cdef _backing_flags(OverlayFS self, int flags):
+    """With the writeback cache the kernel handles O_APPEND itself and may
+    read pages of a file opened write-only: open the real file so."""
+    if self.writeback_cache:
+        flags &= ~os.O_APPEND
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return flags
+
+
+cdef int _passthrough(OverlayFS self, uint64_t nodeid, node) except -2:
+    """The backing id an open of nodeid uses (0: none, data through us;
+    -1: answer ESTALE).
+
+    One backing file per node id while passthrough opens exist. An open
+    of a file whose lower copy still backs opens of this id (opened
+    before a copy-up) can neither use that (writes would reach the lower
+    layer, reads would miss them) nor register another (EBUSY): the node
+    gets a new id for its next lookup and the open is answered ESTALE,
+    which makes the kernel revalidate the name and open the new id. The
+    earlier opens keep reading the lower file, as it was."""
+    cdef _Backing bk
+    if not self.passthrough or self.passthrough_broken or not node.fuse_id:
+        return 0
+    bk = self.backings.get(nodeid)
+    if bk is not None and bk.opens > 0:
+        if bk.real == node.real:
+            bk.opens += 1
+            return bk.id
+        node.fuse_id = 0
+        return -1
+    st = self.core.getattr(node)
+    if not S.S_ISREG(st.st_mode) or st.st_mode & (S.S_ISUID | S.S_ISGID):
+        # set-id files: their writes come to us, so the kill hint can
+        # clear the bits as the kernel overlay does
+        return 0
+    from overlay.engine.wire import backing_open
+    try:
+        bid = backing_open(self.devfd, node.fd)
+    except OSError as e:
+        log.warning("passthrough off: BACKING_OPEN failed (%s)", e.strerror)
+        self.passthrough_broken = True
+        return 0
+    bk = _Backing()
+    bk.id = bid
+    bk.opens = 1
+    bk.real = node.real
+    self.backings[nodeid] = bk
+    return bid
+
+
+cdef _unback(OverlayFS self, uint64_t key):
+    """One passthrough open of node id key is gone."""
+    cdef _Backing bk = self.backings.get(key)
+    if bk is None:
+        return
+    bk.opens -= 1
+    if bk.opens <= 0:
+        del self.backings[key]
+        from overlay.engine.wire import backing_close
+        try:
+            backing_close(self.devfd, bk.id)
+        except OSError as e:
+            log.debug("BACKING_CLOSE %d: %s", bk.id, e.strerror)
+
+
+cdef int _reply_open(OverlayFS self, int fd, uint64_t unique, uint64_t nodeid, int rfd, node,
+                     int flags, fuse_entry_out *entry) except -1:
+    """Make a handle for rfd and reply (with entry first for CREATE)."""
+    cdef fuse_open_out o
+    cdef _Handle hd
+    cdef uint64_t fh
+    cdef int r, bid
+    bid = _passthrough(self, nodeid, node)
+    if bid < 0:
+        os.close(rfd)
+        self.reply_err(fd, unique, E.ESTALE)
+        return 0
+    fh = self.next_fh
+    self.next_fh += 1
+    hd = _Handle()
+    hd.fd = rfd
+    hd.node = node
+    hd.flags = flags
+    hd.lower = node.upper < 0
+    hd.backing_key = nodeid if bid > 0 else 0
+    self.handles[fh] = hd
+    node.pins += 1          # keeps its fds: fstat must work after an unlink
+    keep = True
+    if node.upper < 0:
+        st = os.fstat(rfd)
+        now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if node.cached is not None and node.cached != now and node.fuse_id:
+            # the lower file was changed behind the mount: drop what the
+            # kernel cached of it (attributes, and pages: no KEEP_CACHE)
+            keep = False
+            self.notify_inval_inode(node.fuse_id, -1, 0, True)
+        node.cached = now
+    memset(&o, 0, sizeof(o))
+    o.fh = fh
+    if bid > 0:
+        o.open_flags = FOPEN_PASSTHROUGH | FOPEN_NOFLUSH
+        o.backing_id = bid
+    else:
+        o.open_flags = FOPEN_NOFLUSH | (FOPEN_KEEP_CACHE if keep else 0)
+    if entry != NULL:
+        r = self.reply2(fd, unique, entry, sizeof(fuse_entry_out), &o, sizeof(o))
+    else:
+        r = self.reply(fd, unique, &o, sizeof(o))
+    if r == -E.ENOENT:
+        # the request is gone: so is the handle (and the lookup)
+        self._release(fh)
+        if entry != NULL:
+            self._forget(entry.nodeid, 1)
+    return 0
+
+
+cdef int op_open(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_open_in *a = <fuse_open_in*>arg
+    cdef int flags = _backing_flags(self, a.flags)
+    cdef uint32_t oflags = a.open_flags
+    with self.lock:
+        node = self._node(h.nodeid)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            try:
+                self.core._need_upper()
+                node = self._copy_up(node, not flags & os.O_TRUNC)
+                rfd, node = self.core.open(node, flags)
+                if oflags & FUSE_OPEN_KILL_SUIDGID:
+                    self._kill_suidgid(node)
+            finally:
+                self._renumbered()
+        else:
+            rfd, node = self.core.open(node, flags)
+        _reply_open(self, fd, h.unique, h.nodeid, rfd, node, flags, NULL)
+    return 0
+
+
+cdef int op_create(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_create_in *a = <fuse_create_in*>arg
+    cdef int flags = _backing_flags(self, a.flags)
+    cdef fuse_entry_out e
+    name = _cstr(arg + sizeof(fuse_create_in), n - sizeof(fuse_create_in))
+    with self.lock:
+        uid, gid = self._ids(h.uid, h.gid)
+        try:
+            rfd, node = self.core.create(self._node(h.nodeid), name, flags,
+                                         S.S_IMODE(a.mode) & ~a.umask, uid, gid)
+        finally:
+            self._renumbered()
+        st, node.st = node.st, None
+        self._fill_entry(&e, node, st)
+        self._ref(node)
+        _reply_open(self, fd, h.unique, e.nodeid, rfd, node, flags, &e)
+    return 0
+
+
+cdef int op_read(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_read_in *a = <fuse_read_in*>arg
+    cdef uint64_t unique = h.unique
+    cdef uint64_t off = a.offset
+    cdef size_t size = a.size
+    cdef ssize_t got, r
+    cdef size_t done = 0
+    cdef int rfd, err = 0
+    cdef char *out = (<char*>h) + sizeof(fuse_out_header)
+    cdef fuse_out_header *oh = <fuse_out_header*>h
+    hd = self.handles[a.fh]
+    if (<_Handle>hd).lower:
+        with self.lock:
+            rfd = self._fd(hd)
+    else:
+        rfd = (<_Handle>hd).fd
+    if size > READ_BUFFER - sizeof(fuse_out_header):
+        size = READ_BUFFER - sizeof(fuse_out_header)
+    with nogil:
+        # a short read is EOF to the kernel: read until size or EOF
+        while done < size:
+            r = pread(rfd, out + done, size - done, off + done)
+            if r < 0:
+                if errno == 4:      # EINTR
+                    continue
+                err = errno
+                break
+            if r == 0:
+                break
+            done += r
+        if err == 0 or done > 0:
+            oh.len = sizeof(fuse_out_header) + done
+            oh.error = 0
+            oh.unique = unique
+            write(fd, oh, oh.len)
+    if err and done == 0:
+        self.reply_err(fd, unique, err)
+    return 0
+
+
+cdef int op_write(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_write_in *a = <fuse_write_in*>arg
+    cdef const char *data = arg + sizeof(fuse_write_in)
+    cdef size_t size = a.size
+    cdef uint64_t off = a.offset
+    cdef size_t done = 0
+    cdef ssize_t r
+    cdef int rfd, err = 0
+    cdef fuse_write_out o
+    if size > n - sizeof(fuse_write_in):
+        size = n - sizeof(fuse_write_in)
+    hd = self.handles[a.fh]
+    if (<_Handle>hd).lower:
+        with self.lock:
+            rfd = self._fd(hd)
+    else:
+        rfd = (<_Handle>hd).fd
+    if a.write_flags & FUSE_WRITE_KILL_SUIDGID:
+        with self.lock:
+            self._kill_suidgid((<_Handle>hd).node)
+    with nogil:
+        while done < size:
+            r = pwrite(rfd, data + done, size - done, off + done)
+            if r < 0:
+                if errno == 4:
+                    continue
+                err = errno
+                break
+            done += r
+    if err and done == 0:
+        self.reply_err(fd, h.unique, err)
+        return 0
+    o.size = done
+    o.padding = 0
+    self.reply(fd, h.unique, &o, sizeof(o))
+    return 0
+
+
+cdef int op_release(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    with self.lock:
+        self._release((<fuse_release_in*>arg).fh)
+    self.reply_err(fd, h.unique, 0)
+    return 0
+
+
+cdef int op_fsync(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n, bint isdir) except -1:
+    cdef fuse_fsync_in *a = <fuse_fsync_in*>arg
+    cdef bint datasync = a.fsync_flags & FUSE_FSYNC_FDATASYNC
+    if isdir:
+        with self.lock:
+            node = self._node(h.nodeid)
+            if node.upper < 0:
+                self.reply_err(fd, h.unique, 0)
+                return 0
+            dfd = os.open(f"/proc/self/fd/{node.upper}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.core.fsync(dfd, datasync)
+        finally:
+            os.close(dfd)
+    else:
+        with self.lock:
+            rfd = self._fd(self.handles[a.fh])
+        self.core.fsync(rfd, datasync)
+    self.reply_err(fd, h.unique, 0)
+    return 0
+
+
+cdef int op_fallocate(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    """fallocate(2) on the real file (the handle is open for writing, so
+    the file is in the upper layer already)."""
+    cdef fuse_fallocate_in *a = <fuse_fallocate_in*>arg
+    cdef int rfd, ret, mode = a.mode
+    cdef long long off = a.offset, length = a.length
+    with self.lock:
+        rfd = self._fd(self.handles[a.fh])
+    with nogil:
+        ret = c_fallocate(rfd, mode, off, length)
+    if ret != 0:
+        raise OSError(errno, os.strerror(errno))
+    self.reply_err(fd, h.unique, 0)
+    return 0
+
+
+cdef int op_lseek(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    """SEEK_DATA / SEEK_HOLE on the real file: the lower one before a
+    copy-up, the upper one after."""
+    cdef fuse_lseek_in *a = <fuse_lseek_in*>arg
+    cdef fuse_lseek_out o
+    cdef int rfd, whence = a.whence
+    cdef long long off = a.offset, r
+    with self.lock:
+        rfd = self._fd(self.handles[a.fh])
+    with nogil:
+        r = c_lseek(rfd, off, whence)
+    if r < 0:
+        raise OSError(errno, os.strerror(errno))
+    o.offset = r
+    self.reply(fd, h.unique, &o, sizeof(o))
+    return 0
+
+
+cdef int op_copy_file_range(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n,
+                            bint wide) except -1:
+    """copy_file_range(2) between the real files, in the kernel (a
+    reflink or a server-side copy where the filesystem can)."""
+    cdef fuse_copy_file_range_in *a = <fuse_copy_file_range_in*>arg
+    cdef fuse_write_out o
+    cdef fuse_copy_file_range_out o64
+    cdef int fin, fout
+    cdef long long oin = a.off_in, oout = a.off_out
+    cdef size_t length = a.len
+    cdef unsigned int flags = a.flags
+    cdef ssize_t r
+    with self.lock:
+        fin = self._fd(self.handles[a.fh_in])
+        fout = self._fd(self.handles[a.fh_out])
+    if not wide and length > 0xfffff000:
+        length = 0xfffff000
+    with nogil:
+        r = c_copy_file_range(fin, &oin, fout, &oout, length, flags)
+    if r < 0:
+        raise OSError(errno, os.strerror(errno))
+    if wide:
+        o64.bytes_copied = r
+        self.reply(fd, h.unique, &o64, sizeof(o64))
+    else:
+        o.size = r
+        o.padding = 0
+        self.reply(fd, h.unique, &o, sizeof(o))
+    return 0
+
+
+cdef int op_tmpfile(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    """O_TMPFILE: an unnamed file in the upper dir, linked by a later
+    linkat(2) (LINK) if at all."""
+    cdef fuse_create_in *a = <fuse_create_in*>arg
+    cdef int flags = _backing_flags(self, a.flags)
+    cdef fuse_entry_out e
+    with self.lock:
+        uid, gid = self._ids(h.uid, h.gid)
+        try:
+            rfd, node = self.core.tmpfile(self._node(h.nodeid), flags,
+                                          S.S_IMODE(a.mode) & ~a.umask, uid, gid)
+        finally:
+            self._renumbered()
+        st, node.st = node.st, None
+        self._fill_entry(&e, node, st)
+        self._ref(node)
+        _reply_open(self, fd, h.unique, e.nodeid, rfd, node, flags, &e)
+    return 0

@@ -1,0 +1,290 @@
+"""Part of overlay.engine.bridge (included by bridge.pyx): the requests on
+names and attributes: lookup, forget, getattr, setattr, mknod, mkdir,
+symlink, link, unlink, rmdir, rename, statfs, statx and the xattrs. Each
+handler takes the request as the wire gives it and calls into the core."""
+
+
+cdef int op_lookup(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    name = _cstr(arg, n)
+    with self.lock:
+        node = self.core.lookup(self._node(h.nodeid), name)
+        self._reply_entry(fd, h.unique, node)
+    return 0
+
+
+cdef int op_batch_forget(OverlayFS self, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_batch_forget_in *b = <fuse_batch_forget_in*>arg
+    cdef fuse_forget_one *one = <fuse_forget_one*>(arg + sizeof(fuse_batch_forget_in))
+    cdef uint32_t i, count = b.count
+    if sizeof(fuse_batch_forget_in) + count * sizeof(fuse_forget_one) > n:
+        count = (n - sizeof(fuse_batch_forget_in)) // sizeof(fuse_forget_one)
+    with self.lock:
+        for i in range(count):
+            self._forget(one[i].nodeid, one[i].nlookup)
+    return 0
+
+
+cdef int op_getattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    with self.lock:
+        node = self._node(h.nodeid)
+        self._reply_attr(fd, h.unique, node)
+    return 0
+
+
+cdef int op_setattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_setattr_in *a = <fuse_setattr_in*>arg
+    cdef uint32_t valid = a.valid
+    kw = {}
+    if valid & FATTR_MODE:
+        kw["mode"] = a.mode
+    if valid & FATTR_UID:
+        kw["uid"] = self.uidmap.host(a.uid) if self.uidmap else a.uid
+    if valid & FATTR_GID:
+        kw["gid"] = self.gidmap.host(a.gid) if self.gidmap else a.gid
+    if valid & FATTR_ATIME_NOW:
+        kw["atime_ns"] = time.time_ns()
+    elif valid & FATTR_ATIME:
+        kw["atime_ns"] = a.atime * 1000000000 + a.atimensec
+    if valid & FATTR_MTIME_NOW:
+        kw["mtime_ns"] = time.time_ns()
+    elif valid & FATTR_MTIME:
+        kw["mtime_ns"] = a.mtime * 1000000000 + a.mtimensec
+    with self.lock:
+        node = self._node(h.nodeid)
+        if valid & FATTR_SIZE:
+            kw["size"] = a.size
+            if valid & FATTR_FH:
+                hd = self.handles.get(a.fh)
+                if hd is not None:
+                    kw["fh"] = self._fd(hd)
+        if kw:
+            try:
+                self.core._need_upper()
+                node = self._copy_up(node, kw.get("size", 1) != 0)
+                self.core.setattr(node, **kw)
+                if valid & FATTR_KILL_SUIDGID and "mode" not in kw:
+                    self._kill_suidgid(node)
+            finally:
+                self._renumbered()
+        self._reply_attr(fd, h.unique, node)
+    return 0
+
+
+cdef int op_mknod(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_mknod_in *a = <fuse_mknod_in*>arg
+    name = _cstr(arg + sizeof(fuse_mknod_in), n - sizeof(fuse_mknod_in))
+    with self.lock:
+        uid, gid = self._ids(h.uid, h.gid)
+        try:
+            node = self.core.mknod(self._node(h.nodeid), name, a.mode & ~a.umask,
+                                   _decode_dev(a.rdev), uid, gid)
+        finally:
+            self._renumbered()
+        self._reply_entry(fd, h.unique, node)
+    return 0
+
+
+cdef int op_mkdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_mkdir_in *a = <fuse_mkdir_in*>arg
+    name = _cstr(arg + sizeof(fuse_mkdir_in), n - sizeof(fuse_mkdir_in))
+    with self.lock:
+        uid, gid = self._ids(h.uid, h.gid)
+        try:
+            node = self.core.mkdir(self._node(h.nodeid), name,
+                                   S.S_IMODE(a.mode) & ~a.umask, uid, gid)
+        finally:
+            self._renumbered()
+        self._reply_entry(fd, h.unique, node)
+    return 0
+
+
+cdef int op_symlink(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    name = _cstr(arg, n)
+    cdef size_t off = len(name) + 1
+    target = _cstr(arg + off, n - off) if off < n else b""
+    with self.lock:
+        uid, gid = self._ids(h.uid, h.gid)
+        try:
+            node = self.core.symlink(self._node(h.nodeid), name, target, uid, gid)
+        finally:
+            self._renumbered()
+        self._reply_entry(fd, h.unique, node)
+    return 0
+
+
+cdef int op_link(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_link_in *a = <fuse_link_in*>arg
+    name = _cstr(arg + sizeof(fuse_link_in), n - sizeof(fuse_link_in))
+    with self.lock:
+        try:
+            src = self._copy_up(self._node(a.oldnodeid))
+            node = self.core.link(src, self._node(h.nodeid), name)
+        finally:
+            self._renumbered()
+        self._reply_entry(fd, h.unique, node)
+    return 0
+
+
+cdef int op_remove(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n, bint isdir) except -1:
+    name = _cstr(arg, n)
+    with self.lock:
+        try:
+            if isdir:
+                self.core.rmdir(self._node(h.nodeid), name)
+            else:
+                self.core.unlink(self._node(h.nodeid), name)
+        finally:
+            self._renumbered()
+    self.reply_err(fd, h.unique, 0)
+    return 0
+
+
+cdef int op_rename(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n, bint v2) except -1:
+    cdef uint64_t newdir
+    cdef uint32_t flags = 0
+    cdef size_t off
+    if v2:
+        newdir = (<fuse_rename2_in*>arg).newdir
+        flags = (<fuse_rename2_in*>arg).flags
+        off = sizeof(fuse_rename2_in)
+    else:
+        newdir = (<fuse_rename_in*>arg).newdir
+        off = sizeof(fuse_rename_in)
+    oldname = _cstr(arg + off, n - off)
+    off += len(oldname) + 1
+    newname = _cstr(arg + off, n - off) if off < n else b""
+    with self.lock:
+        try:
+            self.core.rename(self._node(h.nodeid), oldname, self._node(newdir), newname, flags)
+        finally:
+            self._renumbered()
+    self.reply_err(fd, h.unique, 0)
+    return 0
+
+
+cdef int op_statx(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    """statx(2): the real object's, birth time included, with the
+    overlay's st_ino, nlink and ids, as for GETATTR."""
+    cdef fuse_statx_in *a = <fuse_statx_in*>arg
+    cdef fuse_statx_out o
+    cdef uint32_t mask = a.sx_mask
+    memset(&o, 0, sizeof(o))
+    with self.lock:
+        node = self._node(h.nodeid)
+        x = self.core.statx(node, mask | 0x7ff)       # STATX_BASIC_STATS too
+        merged = node.merged
+        o.stat.ino = node.ino
+        ghost = node.ghost
+    o.attr_valid = 0 if ghost else self.attr_sec
+    o.attr_valid_nsec = 0 if ghost else self.attr_nsec
+    o.stat.mask = x.stx_mask
+    o.stat.blksize = x.stx_blksize
+    o.stat.attributes = x.stx_attributes
+    o.stat.attributes_mask = x.stx_attributes_mask
+    o.stat.nlink = 1 if merged else x.stx_nlink
+    if self.squash:
+        o.stat.uid = o.stat.gid = 0
+    else:
+        o.stat.uid = self.uidmap.shown(x.stx_uid) if self.uidmap else x.stx_uid
+        o.stat.gid = self.gidmap.shown(x.stx_gid) if self.gidmap else x.stx_gid
+    o.stat.mode = x.stx_mode
+    o.stat.size = x.stx_size
+    o.stat.blocks = x.stx_blocks
+    o.stat.atime.tv_sec = x.stx_atime_sec
+    o.stat.atime.tv_nsec = x.stx_atime_nsec
+    o.stat.btime.tv_sec = x.stx_btime_sec
+    o.stat.btime.tv_nsec = x.stx_btime_nsec
+    o.stat.ctime.tv_sec = x.stx_ctime_sec
+    o.stat.ctime.tv_nsec = x.stx_ctime_nsec
+    o.stat.mtime.tv_sec = x.stx_mtime_sec
+    o.stat.mtime.tv_nsec = x.stx_mtime_nsec
+    o.stat.rdev_major = x.stx_rdev_major
+    o.stat.rdev_minor = x.stx_rdev_minor
+    self.reply(fd, h.unique, &o, sizeof(o))
+    return 0
+
+
+cdef int op_statfs(OverlayFS self, int fd, fuse_in_header *h) except -1:
+    cdef fuse_statfs_out o
+    memset(&o, 0, sizeof(o))
+    with self.lock:
+        v = self.core.statfs()
+    o.st.blocks = v.f_blocks
+    o.st.bfree = v.f_bfree
+    o.st.bavail = v.f_bavail
+    o.st.files = v.f_files
+    o.st.ffree = v.f_ffree
+    o.st.bsize = v.f_bsize
+    o.st.namelen = v.f_namemax
+    o.st.frsize = v.f_frsize
+    self.reply(fd, h.unique, &o, sizeof(o))
+    return 0
+
+
+cdef int _reply_sized(OverlayFS self, int fd, uint64_t unique, uint32_t size, bytes value) except -1:
+    """getxattr/listxattr: the size when asked with size 0, else the value
+    (ERANGE if it does not fit)."""
+    cdef fuse_getxattr_out o
+    if size == 0:
+        o.size = len(value)
+        o.padding = 0
+        self.reply(fd, unique, &o, sizeof(o))
+    elif <size_t>len(value) > size:
+        self.reply_err(fd, unique, E.ERANGE)
+    else:
+        self.reply(fd, unique, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+    return 0
+
+
+cdef int op_getxattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n, bint listing) except -1:
+    cdef fuse_getxattr_in *a = <fuse_getxattr_in*>arg
+    cdef uint32_t size = a.size
+    if listing:
+        with self.lock:
+            names = self.core.listxattr(self._node(h.nodeid))
+        value = b"".join(nm + b"\0" for nm in names)
+    else:
+        name = _cstr(arg + sizeof(fuse_getxattr_in), n - sizeof(fuse_getxattr_in))
+        if name == STATS_XATTR and h.nodeid == FUSE_ROOT_ID:
+            with self.lock:
+                value = json.dumps(self.stats()).encode()
+        else:
+            with self.lock:
+                value = self.core.getxattr(self._node(h.nodeid), name)
+    _reply_sized(self, fd, h.unique, size, value)
+    return 0
+
+
+cdef int op_setxattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_setxattr_in *a = <fuse_setxattr_in*>arg
+    cdef size_t off = sizeof(fuse_setxattr_in) if self.setxattr_ext else 8
+    cdef uint32_t vsize = a.size
+    cdef int xflags = a.flags
+    name = _cstr(arg + off, n - off)
+    off += len(name) + 1
+    if off + vsize > n:
+        raise OSError(E.EINVAL, "short setxattr")
+    value = PyBytes_FromStringAndSize(arg + off, vsize)
+    if name == STATS_XATTR:
+        raise OSError(E.EPERM, "reserved")
+    with self.lock:
+        try:
+            node = self._node(h.nodeid)
+            self.core._need_upper()
+            node = self._copy_up(node)
+            self.core.setxattr(node, name, value, xflags)
+        finally:
+            self._renumbered()
+    self.reply_err(fd, h.unique, 0)
+    return 0
+
+
+cdef int op_removexattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    name = _cstr(arg, n)
+    with self.lock:
+        try:
+            self.core.removexattr(self._node(h.nodeid), name)
+        finally:
+            self._renumbered()
+    self.reply_err(fd, h.unique, 0)
+    return 0

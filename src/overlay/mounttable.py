@@ -1,0 +1,100 @@
+"""overlay.mounttable: the mount table (/proc/self/mountinfo) and unmounting.
+
+Light helpers shared by the command line (overlay.cli), the walkthrough
+(overlay.demo) and the Python API (overlay.api): which mounts exist, the one
+on top of a mount point, and unmounting with fusermount3 or umount(8).
+Imports nothing of the filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+
+def unescape_mountinfo(field: str) -> str:
+    r"""Undo the octal escapes (``\040`` for a space, ...) of /proc mount tables."""
+    out: list[str] = []
+    i = 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    mount_id: int = -1
+
+
+def iter_mounts(mountinfo: str = "/proc/self/mountinfo") -> Iterator[MountEntry]:
+    """Yield the entries of a mountinfo file (see proc(5))."""
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            fields = line.split()
+            try:
+                sep = fields.index("-", 6)
+            except ValueError:
+                continue
+            yield MountEntry(
+                mountpoint=unescape_mountinfo(fields[4]),
+                fstype=fields[sep + 1],
+                source=unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "",
+                mount_id=int(fields[0]),
+            )
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The topmost mount on ``mountpoint`` (an absolute path), if any."""
+    found = None
+    for entry in iter_mounts():
+        if entry.mountpoint == mountpoint:
+            found = entry  # later lines are mounted on top of earlier ones
+    return found
+
+
+def mountpoint_path(path: str) -> str:
+    """Absolute, symlink-free path of a mount point without touching the fs below.
+
+    ``realpath`` on a dead FUSE mount would fail, so only the parent is resolved.
+    """
+    absolute = os.path.abspath(path)
+    parent, name = os.path.split(absolute)
+    if not name:
+        return absolute
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> tuple[bool, str]:
+    """Try fusermount3/fusermount, then (as root) umount(8). (ok, error text)."""
+    attempts: list[list[str]] = []
+    for tool in ("fusermount3", "fusermount"):
+        path = shutil.which(tool)
+        if path:
+            attempts.append([path, "-u", *(["-z"] if lazy else []), "--", mountpoint])
+            break
+    if os.geteuid() == 0 and shutil.which("umount"):
+        attempts.append(["umount", *(["-l"] if lazy else []), "--", mountpoint])
+    error = "no fusermount3 or umount found"
+    for cmd in attempts:
+        log.debug("running %s", cmd)
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode == 0:
+            return True, ""
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        error = lines[0] if lines else f"{os.path.basename(cmd[0])} failed ({proc.returncode})"
+    return False, error

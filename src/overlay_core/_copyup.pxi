@@ -1,0 +1,184 @@
+"""Part of overlay_core._core (included by _core.pyx): _Copier, copy-up. A
+lower object is prepared in the work dir (data, xattrs, owner, mode, times)
+and renamed into the upper dir when complete, parents first; big files are
+copied without the callers' lock (set_lock), so other threads go on."""
+
+
+cdef class _Copier(_Lister):
+    """Copy-up."""
+
+    def _copy_xattrs(self, int src_fd, bytes dst_path, bint nofollow=False):
+        """Copy every xattr except our own from the object behind src_fd."""
+        try:
+            names = os.listxattr(_proc(src_fd))
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise
+        for nm in names:
+            b = os.fsencode(nm)
+            if b.startswith(self.prefix) and not b.startswith(self.prefix + b"overlay."):
+                continue        # private; escaped user xattrs are copied
+            try:
+                v = os.getxattr(_proc(src_fd), b)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    continue
+                raise
+            try:
+                os.setxattr(dst_path, b, v, follow_symlinks=not nofollow)
+            except OSError as e:
+                # security.* may be refused by the upper fs; the kernel
+                # skips such names too when the fs does not support them
+                if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) or b.startswith(b"security."):
+                    log.debug("copy-up: xattr %r not copied: %s", b, e)
+                    continue
+                raise
+
+    # ------------------------------------------------------------ copy-up
+
+    def copy_up(self, Node n, bint data=True):
+        """Make n exist in the upper layer (parents first), preparing it in
+        the work dir and renaming it into place. Returns the Node to use from
+        now on: n itself, except for a lower file with several hard links,
+        where the copy gets a new inode number, as in the kernel without
+        index=on (each name of such a file is a Node of its own)."""
+        if n.upper >= 0:
+            return n
+        self._wait_idle(n)      # another thread copies it up: use its copy
+        if n.upper >= 0:
+            return n
+        n.busy = True           # the fd cache must not close its fds meanwhile
+        try:
+            return self._copy_up(n, data)
+        finally:
+            n.busy = False
+            if self._cond is not None:
+                self._cond.notify_all()
+
+    def set_lock(self, lock):
+        """Callers from several threads: they hold `lock` (a threading.Lock)
+        around every call. The core then lets go of it while it copies the
+        data of a big file up (other requests go on meanwhile) and makes
+        changes to a Node being copied up wait for that copy."""
+        self._cond = threading.Condition(lock)
+
+    def _wait_idle(self, Node n):
+        """Wait (letting go of the lock) while n is being copied up."""
+        if self._cond is not None:
+            while n.busy:
+                self._cond.wait()
+
+    cdef _copy_up(self, Node n, bint data):
+        cdef Node p
+        self._need_upper()
+        p = n.parent
+        if p is None:
+            raise _err(errno.EROFS)
+        self.copy_up(p)
+        # Someone (another Node of the same dir) may have done it already.
+        ust = self._upper_entry(p, n.name)
+        if ust is not None and not _is_whiteout_st(ust):
+            src_st = os.stat(n.fd)
+            if S.S_IFMT(ust.st_mode) == S.S_IFMT(src_st.st_mode):
+                self._adopt_upper(n, self._opath(p.upper, n.name, n.is_dir),
+                                  n.is_dir or src_st.st_nlink == 1)
+                return n
+            raise _err(errno.EEXIST, n.name)
+        src = n.lowers[0][1]
+        st = os.stat(src)
+        # the kernel keeps the parent's times across a copy-up into it
+        pst = os.stat(p.upper)
+        wd = self.work_fd
+        t = self._tmpname()
+        tpath = b"/proc/self/fd/%d/%s" % (wd, t)
+        fmt = S.S_IFMT(st.st_mode)
+        created = False
+        try:
+            if fmt == S.S_IFDIR:
+                os.mkdir(t, 0o700, dir_fd=wd)
+                created = True
+                tfd = self._opath(wd, t, True)
+            elif fmt == S.S_IFREG:
+                wfd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600, dir_fd=wd)
+                created = True
+                try:
+                    # a big file: other threads go on while its data are copied
+                    # (n is busy: changes to it wait, see _wait_idle)
+                    unlock = self._cond is not None and data and st.st_size > COPY_LOCKED_MAX
+                    if unlock:
+                        self._cond.release()
+                    try:
+                        if data and st.st_size:
+                            rfd = os.open(_proc(src), os.O_RDONLY | O_CLOEXEC)
+                            try:
+                                sys_copy_data(rfd, wfd, st.st_size, True)
+                            finally:
+                                os.close(rfd)
+                        if not self.no_sync:
+                            sys_fsync(wfd)
+                    finally:
+                        if unlock:
+                            self._cond.acquire()
+                finally:
+                    os.close(wfd)
+                tfd = self._opath(wd, t, False)
+            elif fmt == S.S_IFLNK:
+                target = os.readlink(b"", dir_fd=src)
+                os.symlink(target, t, dir_fd=wd)
+                created = True
+                tfd = self._opath(wd, t, False)
+            else:
+                os.mknod(t, fmt | 0o600, st.st_rdev, dir_fd=wd)
+                created = True
+                tfd = self._opath(wd, t, False)
+            try:
+                self._copy_xattrs(src, _proc(tfd))
+                ino_kept = False
+                if n.ino is not None and (fmt == S.S_IFDIR or st.st_nlink == 1):
+                    try:
+                        os.setxattr(_proc(tfd), self.x_ino, b"%d" % n.ino)
+                        ino_kept = True
+                    except OSError as e:
+                        # user.* xattrs are refused on symlinks and special
+                        # files (userxattr); the kernel then has no origin
+                        # either and reports the upper inode number
+                        if fmt == S.S_IFREG or fmt == S.S_IFDIR:
+                            raise
+                        log.debug("copy-up: no inode xattr on %r: %s", n.name, e)
+                os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
+                if fmt != S.S_IFLNK:
+                    os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
+                sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
+                sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
+            except BaseException:
+                os.close(tfd)
+                raise
+            try:
+                sys_utimens(_proc(p.upper), pst.st_atime_ns, pst.st_mtime_ns, False)
+            except OSError as e:
+                log.debug("copy-up: parent times not restored: %s", e)
+        except BaseException:
+            if created:
+                try:
+                    if fmt == S.S_IFDIR:
+                        os.rmdir(t, dir_fd=wd)
+                    else:
+                        os.unlink(t, dir_fd=wd)
+                except OSError:
+                    pass
+            raise
+        if n.upper >= 0:
+            os.close(tfd)     # a concurrent lookup already found the copy
+        else:
+            self._adopt_upper(n, tfd, ino_kept)
+        if not n.is_dir:
+            # the lower object is no longer needed once the copy is in place
+            for _, fd in n.lowers:
+                os.close(fd)
+            n.lowers = []
+        self.counters["copy_ups"] += 1
+        if fmt == S.S_IFREG and data:
+            self.counters["bytes_copied"] += st.st_size
+        log.debug("copied up %r (ino %s)", n.name, n.ino)
+        return n

@@ -1,0 +1,132 @@
+# cython: language_level=3
+"""Declarations of overlay_core._core: the fields and C-level methods of its
+classes, so that other Cython modules (the native FUSE engine's bridge) can
+use them without Python dispatch: `from overlay_core._core cimport ...`.
+
+The classes build on each other, one part each (see _core.pyx):
+_Stack (layers, identity) <- _Resolver (lookup) <- _Lister (readdir)
+<- _Copier (copy-up) <- Overlay (the changes to the tree).
+"""
+
+
+cdef class Stat:
+    """The fields of a stat(2) result the overlay reports (_sys.pxi)."""
+    cdef readonly unsigned long long st_dev, st_ino, st_rdev, st_nlink
+    cdef readonly unsigned int st_mode, st_uid, st_gid
+    cdef readonly long long st_size, st_blksize, st_blocks
+    cdef readonly long long st_atime_ns, st_mtime_ns, st_ctime_ns
+
+
+cdef class StatX:
+    """A statx(2) result: the fields FUSE_STATX carries (_sys.pxi)."""
+    cdef readonly unsigned int stx_mask, stx_blksize, stx_nlink, stx_uid, stx_gid, stx_mode
+    cdef readonly unsigned long long stx_attributes, stx_attributes_mask
+    cdef readonly unsigned long long stx_ino, stx_size, stx_blocks
+    cdef readonly long long stx_atime_sec, stx_btime_sec, stx_ctime_sec, stx_mtime_sec
+    cdef readonly unsigned int stx_atime_nsec, stx_btime_nsec, stx_ctime_nsec, stx_mtime_nsec
+    cdef readonly unsigned int stx_rdev_major, stx_rdev_minor
+
+
+cdef class Node:
+    """One object of the merged tree (_node.pxi)."""
+    cdef public object parent      # Node, None for the root (and an unlinked O_TMPFILE)
+    cdef public bytes name         # name under parent (last known alias)
+    cdef public bint is_dir
+    cdef int _upper                # O_PATH fd in the upper layer, or -1 (see upper)
+    cdef list _lowers              # [(layer index, O_PATH fd)], top first (see lowers)
+    cdef public bint evicted       # fds closed by the fd cache, reopened on first use
+    cdef public bint busy          # in use by a copy-up: never evicted
+    cdef public int pins           # open files on it (the adapter counts): never evicted
+    cdef public object ov          # the Overlay that reopens evicted fds
+    cdef public object real        # (st_dev, st_ino) of the real object behind the fds
+    cdef public list aliases       # other (parent, name) a non-dir is known by
+    cdef public list dircache      # [(name, Node, dir fd)] of its last listing, or None
+    cdef public bint opaque        # upper dir has <prefix>opaque=y
+    cdef public bytes redirect     # upper dir's <prefix>redirect, or None
+    cdef public object ino         # st_ino reported for this object
+    cdef public object cached      # (size, mtime_ns, ctime_ns) last reported
+    cdef public object key         # identity of the real object (see _Stack._intern)
+    cdef public object fuse_id     # the adapter's inode number for it, 0 if none
+    cdef public bint ghost         # a whiteout that readdir lists (see _Lister.readdir)
+    cdef public object st          # Stat found by the lookup that made/refreshed it
+    cdef public object lindex      # {name: [positions in lowers]} (see _build_index)
+    cdef public int nlookups       # lookups below it before lindex was built
+
+
+cdef class _Stack:
+    """The layers, the work dir and the identity of the Nodes (_stack.pxi)."""
+    cdef readonly list lower_paths
+    cdef readonly object upper_path
+    cdef readonly object work_path
+    cdef readonly list lower_roots     # O_PATH fds of lower layer roots
+    cdef readonly int upper_root       # O_PATH fd of upper root or -1
+    cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
+    cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."
+    cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
+    cdef readonly bint redirect_dir
+    cdef readonly bint userxattr
+    cdef readonly bint oci             # lower layers use OCI .wh. whiteouts
+    cdef readonly bint no_sync
+    cdef readonly Node root
+    cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
+    cdef public dict counters          # copy-ups, bytes copied, lookups... (overlay stats)
+    cdef public list renumbered        # Nodes whose attributes changed behind the
+                                       # kernel's back: copied up (the adapter drains it)
+    cdef object _dev_index             # st_dev -> small int, when layers span filesystems
+    cdef bint _samefs
+    cdef object _tmp_counter
+    cdef object _lock
+    cdef object _fdcache               # OrderedDict id -> non-dir Node holding fds
+    cdef public int fd_cache_max
+    cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
+    cdef object _private_dirs          # {(st_dev, st_ino)} of the upper and work dirs
+    cdef object _cond                  # threading.Condition on the callers' lock, or None
+
+    cdef object _getx(self, int fd, bytes name)
+    cdef int _opath(self, int dirfd, bytes name, bint directory) except -1
+    cdef bint _oci_whiteout(self, int dirfd, bytes name) except -1
+    cdef bint _oci_opaque(self, int dirfd) except -1
+    cdef bint _lower_whiteout(self, int dirfd, bytes name, st) except -1
+    cdef bint _lower_whiteout_c(self, int dirfd, bytes name, unsigned int mode,
+                                unsigned long long rdev, long long size) except -1
+    cdef _hold(self, Node n)
+    cdef _evict(self, Node n)
+    cdef _sync_upper(self, Node d)
+    cdef _add_alias(self, Node n, Node parent, bytes name)
+    cdef _rename_alias(self, Node n, Node op, bytes oname, Node np, bytes nname)
+    cdef Node _intern(self, Node n)
+    cdef _adopt_upper(self, Node n, int fd, bint keep_ino)
+    cdef object _upper_entry(self, Node parent, bytes name)
+    cdef bytes _tmpname(self)
+
+
+cdef class _Resolver(_Stack):
+    """Name lookup through the layers (_resolve.pxi)."""
+    cdef _walk_lower(self, int base, list comps)
+    cdef _check_redirect(self, bytes rd, bytes name, bint follow=*)
+    cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir)
+    cdef _build_index(self, Node d)
+
+
+cdef class _Lister(_Resolver):
+    """Directory listings (_listing.pxi)."""
+    cdef list _list(self, Node n, bint xwhiteouts=*)
+    cdef Node _blind_ghost(self, int dirfd, bytes name)
+    cdef Node _ghost(self, int dirfd, bytes name)
+
+
+cdef class _Copier(_Lister):
+    """Copy-up (_copyup.pxi)."""
+    cdef _copy_up(self, Node n, bint data)
+
+
+cdef class Overlay(_Copier):
+    """The changes to the merged tree (_namespace.pxi)."""
+    cdef object _parent_owner(self, Node parent, int uid, int gid)
+    cdef bytes _escape(self, bytes name)
+    cdef object _unescape(self, bytes stored)
+    cdef _only_whiteouts(self, int dirfd, bytes name)
+    cdef bint _merge_or_lower(self, Node n)
+    cdef bint _can_move(self, Node n)
+    cdef bytes _abs_redirect(self, Node n)
+    cdef _set_redirect(self, Node n, bint samedir)

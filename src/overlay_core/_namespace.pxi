@@ -1,0 +1,473 @@
+"""Part of overlay_core._core (included by _core.pyx): Overlay, the changes to
+the merged tree: create, mkdir, mknod, symlink, link, O_TMPFILE, open and
+setattr (copying up first), xattrs (the kernel's escaping of overlay.*
+names), unlink and rmdir (whiteouts, opaque dirs), rename (RENAME_NOREPLACE,
+RENAME_EXCHANGE, redirects), statfs, syncfs, fsync. The class the adapters
+use; everything before it is in its base classes."""
+
+
+cdef class Overlay(_Copier):
+    """The layer stack and every operation on the merged tree."""
+
+    # ------------------------------------------------------------ create
+
+    cdef object _parent_owner(self, Node parent, int uid, int gid):
+        pst = os.stat(parent.fd)
+        if pst.st_mode & S.S_ISGID:
+            return uid, pst.st_gid, True
+        return uid, gid, False
+
+    def _check_new(self, Node parent, bytes name):
+        """EEXIST if name shows in parent; returns whether the upper holds a whiteout."""
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, name)
+        try:
+            self.lookup(parent, name)
+        except FileNotFoundError:
+            pass
+        else:
+            raise _err(errno.EEXIST, name)
+        ust = self._upper_entry(parent, name)
+        return ust is not None and _is_whiteout_st(ust)
+
+    def _create(self, Node parent, bytes name, int kind, int mode, int rdev, bytes target,
+                int uid, int gid, Node link_src=None, int open_flags=-1):
+        """Create an object in the upper dir of parent: directly when no
+        whiteout is in the way, else prepared in the work dir and exchanged
+        with the whiteout (dirs made there are opaque)."""
+        self._need_upper()
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        over_whiteout = self._check_new(parent, name)
+        self.copy_up(parent)
+        parent.dircache = None
+        uid, gid, sgid = self._parent_owner(parent, uid, gid)
+        if kind == S.S_IFDIR and sgid:
+            mode |= S.S_ISGID
+        if over_whiteout:
+            dfd, dname = self.work_fd, self._tmpname()
+        else:
+            dfd, dname = parent.upper, name
+        ofd = -1
+        if link_src is not None:
+            link_src = self.copy_up(link_src)
+            os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
+        elif kind == S.S_IFDIR:
+            os.mkdir(dname, mode & 0o7777, dir_fd=dfd)
+        elif kind == S.S_IFREG and open_flags >= 0:
+            ofd = os.open(dname, (open_flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | O_CLOEXEC,
+                          mode & 0o7777, dir_fd=dfd)
+        elif kind == S.S_IFLNK:
+            os.symlink(target, dname, dir_fd=dfd)
+        else:
+            os.mknod(dname, kind | (mode & 0o7777), rdev, dir_fd=dfd)
+        try:
+            if link_src is None:
+                os.chown(dname, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                if kind != S.S_IFLNK:
+                    # chown may clear set-id bits: apply the mode after it
+                    os.chmod(b"/proc/self/fd/%d/%s" % (dfd, dname), mode & 0o7777)
+            if kind == S.S_IFDIR and (over_whiteout or (parent.lowers and not self.userxattr)):
+                # over a whiteout it must be opaque; in a merged parent the
+                # kernel marks it too (not with userxattr), so lookups skip
+                # the lower layers
+                os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), self.x_opaque, b"y")
+            if over_whiteout:
+                sys_renameat2(dfd, dname, parent.upper, name, RENAME_EXCHANGE)
+                os.unlink(dname, dir_fd=dfd)   # the whiteout, now in work
+        except BaseException:
+            if ofd >= 0:
+                os.close(ofd)
+            try:
+                if kind == S.S_IFDIR:
+                    os.rmdir(dname, dir_fd=dfd)
+                else:
+                    os.unlink(dname, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        node = self.lookup(parent, name)
+        return ofd, node
+
+    def mkdir(self, Node parent, bytes name, int mode, int uid, int gid):
+        return self._create(parent, name, S.S_IFDIR, mode, 0, None, uid, gid)[1]
+
+    def mknod(self, Node parent, bytes name, int mode, int rdev, int uid, int gid):
+        if S.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM, name)   # a whiteout cannot be made (as the kernel)
+        return self._create(parent, name, S.S_IFMT(mode), S.S_IMODE(mode), rdev, None, uid, gid)[1]
+
+    def symlink(self, Node parent, bytes name, bytes target, int uid, int gid):
+        return self._create(parent, name, S.S_IFLNK, 0o777, 0, target, uid, gid)[1]
+
+    def create(self, Node parent, bytes name, int flags, int mode, int uid, int gid):
+        """Create and open a regular file: (fd, Node)."""
+        return self._create(parent, name, S.S_IFREG, S.S_IMODE(mode), 0, None, uid, gid,
+                            open_flags=flags & ~(os.O_CREAT | os.O_EXCL))
+
+    def tmpfile(self, Node parent, int flags, int mode, int uid, int gid):
+        """An unnamed regular file in parent's upper dir (O_TMPFILE), opened
+        with flags: (fd, Node). The Node has no name (parent None, so the fd
+        cache never closes its fd) until link() gives it one."""
+        cdef Node n
+        self._need_upper()
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        self.copy_up(parent)
+        uid, gid, _ = self._parent_owner(parent, uid, gid)
+        f = (flags & ~(os.O_CREAT | os.O_TRUNC | os.O_NOCTTY | O_NOFOLLOW)) | os.O_TMPFILE | O_CLOEXEC
+        fd = os.open(_proc(parent.upper), f, mode & 0o7777)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode & 0o7777)    # chown may clear set-id bits
+            opath = os.open(_proc(fd), O_PATH | O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            raise
+        st = sys_fstat(opath)
+        n = Node()
+        n.parent = None
+        n.name = b""
+        n.is_dir = False
+        n.upper = opath
+        n.key = (st.st_dev, st.st_ino)
+        n.real = n.key
+        n.ino = self.map_ino(st)
+        n.st = st
+        n.ov = self
+        return fd, n
+
+    def link(self, Node src, Node parent, bytes name):
+        if src.is_dir:
+            raise _err(errno.EPERM, name)
+        return self._create(parent, name, 0, 0, 0, None, 0, 0, link_src=src)[1]
+
+    # ------------------------------------------------------------ open / setattr
+
+    def open(self, Node n, int flags):
+        """Open the real object; write access copies it up first.
+        Returns (fd, node): node differs from n after the copy-up of a
+        hard-linked lower file."""
+        acc = flags & os.O_ACCMODE
+        if acc != os.O_RDONLY or flags & os.O_TRUNC:
+            self._need_upper()
+            n = self.copy_up(n, data=not (flags & os.O_TRUNC))
+        f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | O_NOFOLLOW) | O_CLOEXEC
+        return os.open(_proc(n.fd), f), n
+
+    def setattr(self, Node n, mode=None, uid=None, gid=None, size=None,
+                atime_ns=None, mtime_ns=None, fh=None):
+        self._need_upper()
+        n = self.copy_up(n, data=size is None or size != 0)
+        path = _proc(n.upper)
+        if size is not None:
+            if fh is not None:
+                os.ftruncate(fh, size)
+            else:
+                os.truncate(path, size)
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.chmod(path, S.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            sys_utimens(path, atime_ns, mtime_ns, False)
+        return n
+
+    # ------------------------------------------------------------ xattrs
+
+    def _own(self, bytes name):
+        """One of the overlay's own xattr names (trusted.overlay.*, or
+        user.overlay.* with userxattr)."""
+        return name.startswith(self.prefix)
+
+    cdef bytes _escape(self, bytes name):
+        """The kernel's escaping (Linux 6.7): <prefix>X as seen through the
+        mount is stored as <prefix>overlay.X, so users can neither read nor
+        change the overlay's own <prefix>X."""
+        if name.startswith(self.prefix):
+            return self.prefix + b"overlay." + name[len(self.prefix):]
+        return name
+
+    cdef object _unescape(self, bytes stored):
+        """The name shown for a stored xattr, or None for a private one."""
+        if stored.startswith(self.prefix):
+            esc = self.prefix + b"overlay."
+            if stored.startswith(esc):
+                return self.prefix + stored[len(esc):]
+            return None
+        return stored
+
+    def getxattr(self, Node n, bytes name):
+        return os.getxattr(_proc(n.fd), self._escape(name))
+
+    def listxattr(self, Node n):
+        out = []
+        for nm in os.listxattr(_proc(n.fd)):
+            shown = self._unescape(os.fsencode(nm))
+            if shown is not None:
+                out.append(shown)
+        return out
+
+    def setxattr(self, Node n, bytes name, bytes value, int flags=0):
+        self._need_upper()
+        n = self.copy_up(n)
+        os.setxattr(_proc(n.upper), self._escape(name), value, flags)
+        return n
+
+    def removexattr(self, Node n, bytes name):
+        self._need_upper()
+        name = self._escape(name)
+        if n.upper < 0:
+            os.getxattr(_proc(n.fd), name)      # ENODATA without copy-up
+            n = self.copy_up(n)
+        os.removexattr(_proc(n.upper), name)
+        return n
+
+    # ------------------------------------------------------------ remove
+
+    cdef _only_whiteouts(self, int dirfd, bytes name):
+        """ENOTEMPTY unless the dir holds nothing but whiteouts: it is about to be
+        cleared, and a visible entry there would be lost."""
+        fd = self._opath(dirfd, name, True)
+        try:
+            for nm in _listdir(fd):
+                st = os.stat(nm, dir_fd=fd, follow_symlinks=False)
+                if not _is_whiteout_st(st):
+                    log.error("refusing to clear %r: it holds %r", name, nm)
+                    raise _err(errno.ENOTEMPTY, name)
+        finally:
+            os.close(fd)
+
+    def _clear_in_work(self, bytes tname):
+        """Remove a directory that was moved into the work dir."""
+        fd = self._opath(self.work_fd, tname, True)
+        try:
+            self._clean_dir(fd)
+        finally:
+            os.close(fd)
+        os.rmdir(tname, dir_fd=self.work_fd)
+
+    def _whiteout_over(self, Node parent, bytes name, bint exists_in_upper, bint is_dir):
+        """Replace name in parent's upper dir by a whiteout, atomically."""
+        if exists_in_upper and is_dir:
+            self._only_whiteouts(parent.upper, name)
+        t = self._make_whiteout()
+        try:
+            if exists_in_upper:
+                sys_renameat2(self.work_fd, t, parent.upper, name, RENAME_EXCHANGE)
+            else:
+                sys_renameat2(self.work_fd, t, parent.upper, name, RENAME_NOREPLACE)
+        except BaseException:
+            os.unlink(t, dir_fd=self.work_fd)
+            raise
+        if exists_in_upper:
+            if is_dir:
+                self._clear_in_work(t)
+            else:
+                os.unlink(t, dir_fd=self.work_fd)
+
+    def unlink(self, Node parent, bytes name):
+        self._need_upper()
+        n = self.lookup(parent, name)
+        if n.is_dir:
+            raise _err(errno.EISDIR, name)
+        self._wait_idle(n)
+        self._remove(parent, name, n)
+        self._drop_alias(n, parent, name)
+        if (n.parent, n.name) == (parent, name):
+            self.release(n)         # no name left: give its space back
+        return n
+
+    def rmdir(self, Node parent, bytes name):
+        self._need_upper()
+        n = self.lookup(parent, name)
+        if not n.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        if self.nonempty_names(n):
+            raise _err(errno.ENOTEMPTY, name)
+        self._remove(parent, name, n)
+        return n
+
+    def _remove(self, Node parent, bytes name, Node n):
+        parent.dircache = None
+        if n.upper >= 0:
+            lp = self.lower_positive(parent, name)
+        else:
+            lp = True
+        self.copy_up(parent)
+        if not lp:
+            if n.is_dir and n.lowers:
+                # a merged dir under a new name: move it out, then clean it
+                self._only_whiteouts(parent.upper, name)
+                t = self._tmpname()
+                sys_renameat2(parent.upper, name, self.work_fd, t, RENAME_NOREPLACE)
+                self._clear_in_work(t)
+            elif n.is_dir:
+                os.rmdir(name, dir_fd=parent.upper)
+            else:
+                os.unlink(name, dir_fd=parent.upper)
+        else:
+            self._whiteout_over(parent, name, n.upper >= 0, n.is_dir)
+
+    # ------------------------------------------------------------ rename
+
+    cdef bint _merge_or_lower(self, Node n):
+        return n.is_dir and (n.upper < 0 or len(n.lowers) > 0)
+
+    cdef bint _can_move(self, Node n):
+        return self.redirect_dir or not n.is_dir or not self._merge_or_lower(n)
+
+    cdef bytes _abs_redirect(self, Node n):
+        parts = []
+        cdef Node d = n
+        while d.parent is not None:
+            nm = d.redirect if d.redirect else d.name
+            parts.append(nm)
+            if nm.startswith(b"/"):
+                break
+            d = d.parent
+        else:
+            parts.append(b"")
+        s = b"/".join(reversed(parts))
+        if not s.startswith(b"/"):
+            s = b"/" + s
+        return s
+
+    cdef _set_redirect(self, Node n, bint samedir):
+        absolute = not samedir
+        if n.redirect and (not absolute or n.redirect.startswith(b"/")):
+            return
+        rd = self._abs_redirect(n) if absolute else n.name
+        if len(rd) > REDIRECT_MAX:
+            raise _err(errno.EXDEV, n.name)
+        try:
+            os.setxattr(_proc(n.upper), self.x_redirect, rd)
+        except OSError as e:
+            log.warning("failed to set redirect on %r: %s", n.name, e)
+            raise _err(errno.EXDEV, n.name)
+        n.redirect = rd
+
+    def rename(self, Node op, bytes oname, Node np, bytes nname, unsigned int flags=0):
+        """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE, as the kernel does it."""
+        cdef Node old, new
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        if (flags & RENAME_NOREPLACE) and (flags & RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        self._need_upper()
+        if len(nname) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, nname)
+        old = self.lookup(op, oname)
+        self._wait_idle(old)
+        try:
+            new = self.lookup(np, nname)
+        except FileNotFoundError:
+            new = None
+        if new is not None:
+            self._wait_idle(new)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        overwrite = not exchange
+        if new is not None and flags & RENAME_NOREPLACE:
+            raise _err(errno.EEXIST, nname)
+        if exchange and new is None:
+            raise _err(errno.ENOENT, nname)
+        if new is old:
+            return
+        if overwrite and new is not None:
+            if old.is_dir and not new.is_dir:
+                raise _err(errno.ENOTDIR, nname)
+            if not old.is_dir and new.is_dir:
+                raise _err(errno.EISDIR, nname)
+        if not self._can_move(old):
+            raise _err(errno.EXDEV, oname)
+        if not overwrite and not self._can_move(new):
+            raise _err(errno.EXDEV, nname)
+        need_clear = False
+        if overwrite and new is not None and new.is_dir and new.lowers:
+            if self.nonempty_names(new):
+                raise _err(errno.ENOTEMPTY, nname)
+            need_clear = new.upper >= 0
+            if need_clear:
+                self._only_whiteouts(np.upper, nname)
+        samedir = op is np
+        new_is_whiteout = False
+        if new is None:
+            ust = self._upper_entry(np, nname)
+            new_is_whiteout = ust is not None and _is_whiteout_st(ust)
+        rflags = RENAME_EXCHANGE if exchange else 0
+        cleanup_whiteout = False
+        if overwrite:
+            old_lp = self.lower_positive(op, oname) if old.upper >= 0 else True
+            if old_lp:
+                if not new_is_whiteout:
+                    rflags |= RENAME_WHITEOUT
+                else:
+                    rflags |= RENAME_EXCHANGE
+            elif old.is_dir and new_is_whiteout:
+                rflags |= RENAME_EXCHANGE
+                cleanup_whiteout = True
+        op.dircache = None
+        np.dircache = None
+        old = self.copy_up(old)
+        self.copy_up(np)
+        if not overwrite:
+            new = self.copy_up(new)
+        if need_clear:
+            # make the target an empty opaque dir first, as the kernel does
+            t = self._tmpname()
+            os.mkdir(t, 0o700, dir_fd=self.work_fd)
+            os.setxattr(b"/proc/self/fd/%d/%s" % (self.work_fd, t), self.x_opaque, b"y")
+            sys_renameat2(self.work_fd, t, np.upper, nname, RENAME_EXCHANGE)
+            self._clear_in_work(t)
+        if self._merge_or_lower(old):
+            self._set_redirect(old, samedir)
+        elif old.is_dir and not old.opaque and np.merged:
+            os.setxattr(_proc(old.upper), self.x_opaque, b"y")
+            old.opaque = True
+        if not overwrite:
+            if self._merge_or_lower(new):
+                self._set_redirect(new, samedir)
+            elif new.is_dir and not new.opaque and op.merged:
+                os.setxattr(_proc(new.upper), self.x_opaque, b"y")
+                new.opaque = True
+        if rflags & RENAME_WHITEOUT:
+            try:
+                sys_renameat2(op.upper, oname, np.upper, nname, rflags)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                # no RENAME_WHITEOUT on this fs: rename, then whiteout the source
+                sys_renameat2(op.upper, oname, np.upper, nname, rflags & ~RENAME_WHITEOUT)
+                self._whiteout_over(op, oname, False, False)
+        else:
+            sys_renameat2(op.upper, oname, np.upper, nname, rflags)
+        if cleanup_whiteout:
+            os.unlink(oname, dir_fd=op.upper)
+        self._rename_alias(old, op, oname, np, nname)
+        if exchange:
+            self._rename_alias(new, np, nname, op, oname)
+        elif new is not None:
+            self._drop_alias(new, np, nname)
+            if (new.parent, new.name) == (np, nname):
+                self.release(new)
+
+    # ------------------------------------------------------------ misc
+
+    def syncfs(self):
+        """syncfs(2) of the upper layer's filesystem (not with volatile)."""
+        if self.no_sync or self.upper_root < 0:
+            return
+        fd = os.open(_proc(self.upper_root), os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        try:
+            sys_syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def statfs(self):
+        fd = self.upper_root if self.upper_root >= 0 else self.lower_roots[0]
+        return os.statvfs(_proc(fd))
+
+    def fsync(self, int fd, bint datasync):
+        if self.no_sync:
+            return          # volatile: no sync reaches the upper fs (as the kernel)
+        sys_fsync(fd, datasync)

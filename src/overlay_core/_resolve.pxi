@@ -1,0 +1,261 @@
+"""Part of overlay_core._core (included by _core.pyx): _Resolver, the lookup of
+a name in a merged directory, as the kernel overlay does it: the upper
+entry, then the lower layers top first, stopped by whiteouts (0/0 char
+devices, xattr whiteouts, OCI .wh. names), opaque dirs and non-directories,
+following redirects (relative and absolute, checked as the kernel checks
+them), with a name index for dirs of deep stacks."""
+
+
+cdef class _Resolver(_Stack):
+    """Name lookup through the layers."""
+
+    cdef _walk_lower(self, int base, list comps):
+        """Resolve comps below base in one lower layer.
+        Returns (kind, fd, st): kind 0 missing, 1 stop (whiteout or a
+        non-directory on the way), 2 non-directory, 3 directory; st a Stat."""
+        cdef int fd = base
+        cdef int nfd, err
+        cdef Py_ssize_t j, n = len(comps)
+        cdef struct_stat st
+        cdef bytes comp
+        cdef bint last
+        owned = False
+        self._walk_stop = False
+        try:
+            for j in range(n):
+                comp = comps[j]
+                last = j == n - 1
+                if self.oci and comp.startswith(OCI_WH):
+                    return 0, -1, None      # markers are never entries
+                err = c_statat(fd, comp, &st)
+                if err:
+                    if err == ENOENT or err == ENOTDIR or err == ENAMETOOLONG:
+                        if self.oci and err == ENOENT and self._oci_whiteout(fd, comp):
+                            return 1, -1, None
+                        return 0, -1, None
+                    raise _err(err, comp)
+                if (S.S_ISCHR(st.st_mode) or (S.S_ISREG(st.st_mode) and st.st_size == 0)) \
+                        and self._lower_whiteout_c(fd, comp, st.st_mode, st.st_rdev, st.st_size):
+                    return 1, -1, None
+                if not S.S_ISDIR(st.st_mode):
+                    if last:
+                        return 2, self._opath(fd, comp, False), _mkstat(&st)
+                    return 1, -1, None
+                if (st.st_dev, st.st_ino) in self._private_dirs:
+                    raise _err(errno.ELOOP, comp)   # the upper or work dir
+                nfd = self._opath(fd, comp, True)
+                if owned:
+                    os.close(fd)
+                fd = nfd
+                owned = True
+                if not last and (self._getx(fd, self.x_opaque) == b"y"
+                                 or (self.oci and self._oci_opaque(fd))):
+                    # an opaque dir on the way: the layers below do not
+                    # count for this path (the kernel stops there too)
+                    self._walk_stop = True
+            owned = False
+            return 3, fd, _mkstat(&st)
+        finally:
+            if owned:
+                os.close(fd)
+
+    cdef _check_redirect(self, bytes rd, bytes name, bint follow=True):
+        """The kernel's checks on a redirect xattr: an absolute one is
+        /-separated non-empty names, a relative one a single name; `.` and
+        `..` are refused at lookup (EACCES)."""
+        if rd.startswith(b"/"):
+            comps = rd[1:].split(b"/")
+        else:
+            comps = [rd]
+        if not rd or any(not c for c in comps) or (not rd.startswith(b"/") and b"/" in rd):
+            log.warning("invalid redirect %r on %r", rd, name)
+            raise _err(errno.EINVAL, name)
+        if follow and any(c in (b".", b"..") for c in comps):
+            raise _err(errno.EACCES, name)
+
+    cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir):
+        """Search the lower layers for name below parent, following redirects.
+        Returns (nondir, dirs, st): nondir is (layer, fd, st) or None; dirs a
+        list of (layer, fd) of directories to merge, top first; st the Stat of
+        the top one."""
+        cdef int n = len(self.lower_roots)
+        cdef int idx
+        cdef Py_ssize_t j = 0
+        cdef list plan
+        path = redirect if redirect is not None else name
+        dirs = []
+        topst = None
+        # which layers to probe: (layer index, dir fd) in order
+        if path.startswith(b"/"):
+            plan = [(i, self.lower_roots[i]) for i in range(n)]
+        else:
+            plan = parent.lowers
+            if redirect is None and len(plan) >= INDEX_MIN_LAYERS:
+                if parent.lindex is None:
+                    parent.nlookups += 1
+                    if parent.nlookups >= INDEX_AFTER_LOOKUPS:
+                        self._build_index(parent)
+                if parent.lindex is not None:
+                    self.counters["name_index_hits"] += 1
+                    positions = parent.lindex.get(name)
+                    if positions is None:
+                        return None, dirs, None
+                    plan = [parent.lowers[k] for k in positions]
+        while j < len(plan):
+            idx, base = plan[j]
+            j += 1
+            if path.startswith(b"/"):
+                comps = [c for c in path.split(b"/") if c]
+                if not comps:
+                    break
+            else:
+                comps = path.split(b"/")
+            if any(c in (b"", b".", b"..") for c in comps):
+                log.warning("ignoring invalid redirect %r", path)
+                break
+            kind, fd, st = self._walk_lower(base, comps)
+            if kind == 0:
+                if self._walk_stop:
+                    break       # an opaque dir on the way: nothing below counts
+                continue
+            if kind == 1:
+                break
+            if kind == 2:
+                if not dirs and not have_upper_dir:
+                    return (idx, fd, st), dirs, st
+                os.close(fd)
+                break
+            if not dirs:
+                topst = st
+            dirs.append((idx, fd))
+            if idx == n - 1 or self._walk_stop:
+                break
+            op = self._getx(fd, self.x_opaque)
+            if op == b"y" or (self.oci and self._oci_opaque(fd)):
+                break
+            rd = self._getx(fd, self.x_redirect)
+            if rd is not None:
+                self._check_redirect(rd, name)
+                if rd.startswith(b"/"):
+                    path = rd
+                else:
+                    head, sep, _ = path.rpartition(b"/")
+                    path = head + sep + rd
+                # the rest of the search follows the new path
+                if path.startswith(b"/"):
+                    plan = [(i, self.lower_roots[i]) for i in range(idx + 1, n)]
+                else:
+                    plan = [(i, f) for i, f in parent.lowers if i > idx]
+                j = 0
+        return None, dirs, topst
+
+    cdef _build_index(self, Node d):
+        """Which of d's lower dirs hold each name: {name: [positions in
+        d.lowers]}. Lets lookups in a dir of a deep stack probe only the
+        layers that have the name. Like the kernel's caches, it does not see
+        lower dirs changed behind the mount."""
+        index = {}
+        cdef Py_ssize_t pos
+        for pos in range(len(d.lowers)):
+            for b in _listdir(d.lowers[pos][1]):
+                if self.oci and b.startswith(OCI_WH):
+                    if b == OCI_OPQ:
+                        continue
+                    b = b[len(OCI_WH):]     # a whiteout of b in this layer
+                where = index.setdefault(b, [])
+                if not where or where[-1] != pos:
+                    where.append(pos)
+        d.lindex = index
+        self.counters["name_indexes"] += 1
+
+    def lookup(self, Node parent, bytes name):
+        """Resolve name in the merged directory parent; returns the Node
+        (the same object for the same inode while it is known) or raises.
+        The Node's `st` holds the Stat found on the way (for the reply)."""
+        cdef struct_stat ust
+        cdef int err
+        cdef bint have_ust = False, have_upper_dir = False
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, name)
+        cdef Node n = Node()
+        n.parent = parent
+        n.name = name
+        redirect = None
+        st = None
+        if parent.upper >= 0:
+            err = c_statat(parent.upper, name, &ust)
+            if err == 0:
+                have_ust = True
+            elif err != ENOENT:
+                raise _err(err, name)
+            if have_ust:
+                if S.S_ISCHR(ust.st_mode) and ust.st_rdev == 0:
+                    raise _err(errno.ENOENT, name)
+                st = _mkstat(&ust)
+                if S.S_ISDIR(ust.st_mode):
+                    n.is_dir = True
+                    n.upper = self._opath(parent.upper, name, True)
+                    have_upper_dir = True
+                    n.opaque = self._getx(n.upper, self.x_opaque) == b"y"
+                    redirect = self._getx(n.upper, self.x_redirect)
+                    if redirect is not None:
+                        # its form is always checked; it is followed (and
+                        # its . and .. refused) only where there is a lower
+                        # layer to follow it into, as in the kernel
+                        follow = redirect.startswith(b"/") or bool(parent.lowers)
+                        self._check_redirect(redirect, name, follow)
+                        if not follow:
+                            redirect = None
+                    n.redirect = redirect
+                else:
+                    n.upper = self._opath(parent.upper, name, False)
+        if not have_ust or (have_upper_dir and not n.opaque):
+            nondir, dirs, lst = self._lookup_lowers(parent, name, redirect, have_upper_dir)
+            if nondir is not None:
+                n.is_dir = False
+                n.lowers = [(nondir[0], nondir[1])]
+            elif dirs:
+                n.is_dir = True
+                n.lowers = dirs
+            elif not have_ust:
+                raise _err(errno.ENOENT, name)
+        # identity and inode number
+        if n.upper >= 0:
+            n.key = (ust.st_dev, ust.st_ino)
+            x = self._getx(n.upper, self.x_ino)
+            if x is not None and x.isdigit() and 0 < len(x) < 20 and 1 < int(x) < 2**63:
+                n.ino = int(x)
+            else:
+                n.ino = self.map_ino(st)
+        else:
+            st = lst
+            n.ino = self.map_ino(lst)
+            if not n.is_dir and lst.st_nlink > 1:
+                n.key = ("alias", parent.ino, name)
+            else:
+                n.key = (lst.st_dev, lst.st_ino)
+        n.st = st
+        n.ov = self
+        if n.upper >= 0:
+            n.real = (ust.st_dev, ust.st_ino)
+        else:
+            n.real = (lst.st_dev, lst.st_ino)
+        return self._intern(n)
+
+    def lower_positive(self, Node parent, bytes name):
+        """Would a lower entry show at name if the upper had nothing there?"""
+        if self.oci and name.startswith(OCI_WH):
+            return False
+        for idx, fd in parent.lowers:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                if self.oci and self._oci_whiteout(fd, name):
+                    return False
+                continue
+            except OSError:
+                return True
+            return not self._lower_whiteout(fd, name, st)
+        return False

@@ -1,0 +1,400 @@
+"""Part of overlay_core._core (included by _core.pyx): _Stack, the layer stack.
+
+The layers' root fds and the work dir (emptied at mount), the overlay's
+xattr names, the small helpers every other part uses (xattrs on O_PATH fds,
+single-name opens, whiteout tests, the work dir's temporary names), and the
+identity of Nodes: the bounded fd cache, reopening evicted fds, the names a
+Node is known by, and interning (one Node per real object). Resolution,
+listing, copy-up and the namespace changes build on it, each a subclass in
+its own part; Overlay is the last of them. Fields: _core.pxd."""
+
+
+cdef class _Stack:
+    """The layers, the work dir and the identity of the Nodes on them."""
+
+    def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
+                 redirect_dir=True, no_sync=False, oci_whiteouts=False):
+        if not lowers:
+            raise ValueError("at least one lower layer is needed")
+        if (upper is None) != (work is None):
+            raise ValueError("upperdir and workdir go together")
+        self.lower_paths = [os.fsencode(p) for p in lowers]
+        self.upper_path = os.fsencode(upper) if upper is not None else None
+        self.work_path = os.fsencode(work) if work is not None else None
+        self.prefix = b"user.overlay." if userxattr else b"trusted.overlay."
+        self.x_opaque = self.prefix + b"opaque"
+        self.x_redirect = self.prefix + b"redirect"
+        self.x_whiteout = self.prefix + b"whiteout"
+        self.x_ino = self.prefix + b"fuse.ino"
+        self.redirect_dir = redirect_dir
+        self.userxattr = userxattr
+        self.oci = oci_whiteouts
+        self.no_sync = no_sync
+        self.nodes = {}
+        self.counters = {"lookups": 0, "lookups_known": 0, "copy_ups": 0, "bytes_copied": 0,
+                         "name_indexes": 0, "name_index_hits": 0}
+        self.renumbered = []
+        self._fdcache = collections.OrderedDict()
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        cap = FD_CACHE_MAX if soft == resource.RLIM_INFINITY else max(32, min(FD_CACHE_MAX, soft // 4))
+        self.fd_cache_max = int(os.environ.get("OVERLAY_FD_CACHE", cap))
+        self._tmp_counter = 0
+        self._lock = threading.Lock()
+        self.lower_roots = []
+        devs = []
+        for p in self.lower_paths:
+            fd = os.open(p, O_PATH | O_DIRECTORY | O_CLOEXEC)
+            self.lower_roots.append(fd)
+            devs.append(os.stat(fd).st_dev)
+        self.upper_root = -1
+        self.work_fd = -1
+        if self.upper_path is not None:
+            self.upper_root = os.open(self.upper_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+            devs.append(os.stat(self.upper_root).st_dev)
+            self._setup_work()
+        self._private_dirs = set()
+        for fd in (self.upper_root, self.work_fd):
+            if fd >= 0:
+                st = os.stat(fd)
+                self._private_dirs.add((st.st_dev, st.st_ino))
+        if self.work_path is not None:
+            st = os.stat(self.work_path)
+            self._private_dirs.add((st.st_dev, st.st_ino))
+        self._dev_index = {}
+        for d in devs:
+            self._dev_index.setdefault(d, len(self._dev_index))
+        self._samefs = len(self._dev_index) == 1
+        self.root = self._make_root()
+
+    # ------------------------------------------------------------ setup
+
+    def _setup_work(self):
+        """Prepare <work>/work (as the kernel names it) and empty it of
+        leftovers from an earlier run: half-made copy-ups are never visible
+        because they are only renamed into the upper dir when complete."""
+        wroot = os.open(self.work_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+        try:
+            try:
+                os.mkdir(b"work", 0o700, dir_fd=wroot)
+            except FileExistsError:
+                st = os.stat(b"work", dir_fd=wroot, follow_symlinks=False)
+                if not S.S_ISDIR(st.st_mode):
+                    # a leftover that is not a dir (never followed): replace it
+                    os.unlink(b"work", dir_fd=wroot)
+                    os.mkdir(b"work", 0o700, dir_fd=wroot)
+            fd = os.open(b"work", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=wroot)
+        finally:
+            os.close(wroot)
+        self.work_fd = fd
+        self._clean_dir(fd)
+
+    def _clean_dir(self, int dirfd):
+        """Remove everything below dirfd (never following symlinks)."""
+        for bname in _listdir(dirfd):
+            st = os.stat(bname, dir_fd=dirfd, follow_symlinks=False)
+            if S.S_ISDIR(st.st_mode):
+                sub = os.open(bname, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    self._clean_dir(sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(bname, dir_fd=dirfd)
+            else:
+                os.unlink(bname, dir_fd=dirfd)
+
+    def _make_root(self):
+        cdef Node n = Node()
+        n.parent = None
+        n.name = b""
+        n.is_dir = True
+        if self.upper_root >= 0:
+            n.upper = os.dup(self.upper_root)
+        for i, fd in enumerate(self.lower_roots):
+            n.lowers.append((i, os.dup(fd)))
+        n.ino = os.stat(n.fd).st_ino
+        return n
+
+    def close(self):
+        for fd in self.lower_roots:
+            os.close(fd)
+        self.lower_roots = []
+        if self.upper_root >= 0:
+            os.close(self.upper_root)
+            self.upper_root = -1
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
+            self.work_fd = -1
+
+    # ------------------------------------------------------------ xattr helpers
+
+    cdef object _getx(self, int fd, bytes name):
+        """Value of xattr *name* on the object behind O_PATH fd, or None."""
+        return c_getx(fd, name)
+
+    cdef int _opath(self, int dirfd, bytes name, bint directory) except -1:
+        cdef int flags = O_PATH | O_NOFOLLOW | O_CLOEXEC
+        if directory:
+            flags |= O_DIRECTORY
+        return os.open(name, flags, dir_fd=dirfd)
+
+    cdef bint _oci_whiteout(self, int dirfd, bytes name) except -1:
+        """OCI layers: is there a .wh.<name> next to (absent) name?"""
+        cdef struct_stat st
+        return c_statat(dirfd, OCI_WH + name, &st) == 0
+
+    cdef bint _oci_opaque(self, int dirfd) except -1:
+        """OCI layers: does the dir hold the opaque marker .wh..wh..opq?"""
+        cdef struct_stat st
+        return c_statat(dirfd, OCI_OPQ, &st) == 0
+
+    cdef bint _lower_whiteout(self, int dirfd, bytes name, st) except -1:
+        return self._lower_whiteout_c(dirfd, name, st.st_mode, st.st_rdev, st.st_size)
+
+    cdef bint _lower_whiteout_c(self, int dirfd, bytes name, unsigned int mode,
+                                unsigned long long rdev, long long size) except -1:
+        """Is this lower entry a whiteout? 0/0 char devices, and empty
+        regular files with <prefix>whiteout. (The parent's opaque=x mark only
+        tells readdir to look for the latter; lookup always does, as the
+        kernel's.)"""
+        if S.S_ISCHR(mode):
+            return rdev == 0
+        if S.S_ISREG(mode) and size == 0:
+            fd = self._opath(dirfd, name, False)
+            try:
+                return self._getx(fd, self.x_whiteout) is not None
+            finally:
+                os.close(fd)
+        return False
+
+    def map_ino(self, st):
+        if self._samefs:
+            return st.st_ino
+        return st.st_ino ^ (self._dev_index.get(st.st_dev, 0) << 56)
+
+    # ------------------------------------------------------------ fd cache
+
+    cdef _hold(self, Node n):
+        """n (a non-dir) holds open fds: keep it in the bounded fd cache."""
+        if n.is_dir or n.ghost or n.parent is None:
+            return
+        c = self._fdcache
+        k = id(n)
+        if k in c:
+            c.move_to_end(k)
+            return
+        c[k] = n
+        cdef Py_ssize_t tries = len(c)
+        cdef Node old
+        while len(c) > self.fd_cache_max and tries > 0:
+            tries -= 1
+            _, old = c.popitem(last=False)
+            if old.busy or old.pins or old.evicted:
+                if old.busy or old.pins:
+                    c[id(old)] = old
+                continue
+            self._evict(old)
+
+    cdef _evict(self, Node n):
+        if n._upper >= 0:
+            os.close(n._upper)
+            n._upper = EVICTED
+        lowers = []
+        for idx, fd in n._lowers:
+            if fd >= 0:
+                os.close(fd)
+            lowers.append((idx, EVICTED))
+        n._lowers = lowers
+        n.evicted = True
+
+    def _reopen(self, Node n):
+        """Reopen the fds of an evicted Node by name, under its parent dir or
+        one of its other names, checking it is still the same object."""
+        n.evicted = False
+        cdef Node p
+        names = [(n.parent, n.name)] + [a for a in n.aliases if a != (n.parent, n.name)]
+        why = []
+        for p, name in names:
+            try:
+                if n._upper == EVICTED:
+                    self._sync_upper(p)
+                    if p.upper < 0:
+                        why.append((p.name, name, "parent not in upper"))
+                        continue
+                    fd = self._opath(p.upper, name, n.is_dir)
+                else:
+                    idx = n._lowers[0][0]
+                    dirfd = -1
+                    for i, f in p.lowers:
+                        if i == idx:
+                            dirfd = f
+                    if dirfd < 0:
+                        why.append((p.name, name, "layer not below parent"))
+                        continue
+                    fd = self._opath(dirfd, name, n.is_dir)
+            except OSError as e:
+                why.append((p.name, name, e.strerror))
+                continue
+            st = os.stat(fd)
+            if (st.st_dev, st.st_ino) != n.real:
+                os.close(fd)
+                why.append((p.name, name, ("other object", st.st_ino)))
+                continue
+            if n._upper == EVICTED:
+                n._upper = fd
+            else:
+                n._lowers = [(n._lowers[0][0], fd)]
+            if (p, name) != (n.parent, n.name):
+                n.parent, n.name = p, name
+            self._hold(n)
+            return
+        n.evicted = True
+        log.warning("cannot reopen %r (real %s): %s", n.name, n.real, why)
+        raise _err(errno.ESTALE, n.name)
+
+    cdef _sync_upper(self, Node d):
+        """d, a dir, may have been copied up through another Node for it (one
+        the kernel looked up after forgetting d): find its upper dir."""
+        cdef struct_stat st
+        if d._upper >= 0 or d.parent is None or not d.is_dir:
+            return
+        self._sync_upper(d.parent)
+        pu = (<Node>d.parent)._upper
+        if pu < 0:
+            return
+        if c_statat(pu, d.name, &st) == 0 and S.S_ISDIR(st.st_mode):
+            d._upper = self._opath(pu, d.name, True)
+
+    cdef _add_alias(self, Node n, Node parent, bytes name):
+        if n.is_dir:
+            return
+        a = (parent, name)
+        if a not in n.aliases:
+            n.aliases.append(a)
+            if len(n.aliases) > 16:
+                del n.aliases[0]
+
+    cdef _rename_alias(self, Node n, Node op, bytes oname, Node np, bytes nname):
+        """n, known as oname under op, is now nname under np: that becomes its
+        primary name; its other names stay known."""
+        if (n.parent, n.name) != (op, oname):
+            self._add_alias(n, n.parent, n.name)
+        a = (op, oname)
+        if a in n.aliases:
+            n.aliases.remove(a)
+        n.parent = np
+        n.name = nname
+
+    def _drop_alias(self, Node n, Node parent, bytes name):
+        """name under parent no longer leads to n (unlinked or renamed away)."""
+        a = (parent, name)
+        if a in n.aliases:
+            n.aliases.remove(a)
+        if (n.parent, n.name) == a and n.aliases:
+            n.parent, n.name = n.aliases.pop()
+
+    cdef Node _intern(self, Node n):
+        """Return the known Node for n's object, refreshed from n, or n."""
+        cdef Node old = self.nodes.get(n.key)
+        self.counters["lookups"] += 1
+        if old is None or old is n:
+            self._hold(n)
+            return n
+        self.counters["lookups_known"] += 1
+        if old.is_dir != n.is_dir:
+            return n
+        # Same object seen again (maybe under another name): keep the
+        # known Node, which may carry state (copy-up done elsewhere).
+        if old.parent is not None and (old.parent, old.name) != (n.parent, n.name):
+            self._add_alias(old, old.parent, old.name)
+        old.parent = n.parent
+        old.name = n.name
+        old.st = n.st
+        if old.evicted:
+            # take the fds this lookup just opened instead of reopening
+            old._upper, old._lowers = n._upper, n._lowers
+            n._upper, n._lowers = -1, []
+            old.evicted = False
+            old.real = n.real
+            self._hold(old)
+            return old
+        if old.upper < 0 and n.upper >= 0:
+            old.upper = n.upper
+            n.upper = -1
+            if n.is_dir:
+                old.opaque = n.opaque
+                old.redirect = n.redirect
+        if n.is_dir and old.upper >= 0 and n.upper >= 0:
+            old.opaque = n.opaque
+            old.redirect = n.redirect
+        return old
+
+    def remember(self, Node n):
+        self.nodes[n.key] = n
+
+    def forget(self, Node n):
+        """The kernel forgot n: drop it, and close its fds unless in use."""
+        if self.nodes.get(n.key) is n:
+            del self.nodes[n.key]
+        self.release(n)
+
+    def release(self, Node n):
+        """Close the fds of a non-dir n that nothing uses now (an O_PATH fd
+        on a deleted file would keep its space)."""
+        if n.is_dir or n.pins or n.busy or n.evicted or n.parent is None:
+            return
+        self._fdcache.pop(id(n), None)
+        self._evict(n)
+
+    cdef _adopt_upper(self, Node n, int fd, bint keep_ino):
+        """n now lives in the upper layer at O_PATH fd: re-key it."""
+        st = os.stat(fd)
+        n.upper = fd
+        if not keep_ino and n.ino != self.map_ino(st):
+            n.ino = self.map_ino(st)
+        # what the adapter told the kernel may be stale: st_ino (a split
+        # hard link), nlink (a dir now merged), the birth time (a new file)
+        self.renumbered.append(n)
+        key = (st.st_dev, st.st_ino)
+        n.real = key
+        if self.nodes.get(n.key) is n:
+            del self.nodes[n.key]
+            self.nodes[key] = n
+        n.key = key
+        self._hold(n)
+
+    def getattr(self, Node n):
+        """Stat of the real object (the adapter reports n.ino and, for a
+        merged dir, nlink 1)."""
+        return sys_fstat(n.fd)
+
+    def statx(self, Node n, unsigned int mask):
+        """statx(2) of the real object (birth time included where the
+        layer's filesystem records it)."""
+        return sys_statx(n.fd, mask)
+
+    cdef object _upper_entry(self, Node parent, bytes name):
+        """stat of name in parent's upper dir, or None."""
+        if parent.upper < 0:
+            return None
+        try:
+            return os.stat(name, dir_fd=parent.upper, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------ work dir
+
+    cdef bytes _tmpname(self):
+        with self._lock:
+            self._tmp_counter += 1
+            return b"#%x-%x" % (os.getpid(), self._tmp_counter)
+
+    def _need_upper(self):
+        if self.upper_root < 0:
+            raise _err(errno.EROFS)
+
+    def _make_whiteout(self):
+        """Create a whiteout in the work dir; returns its temporary name."""
+        t = self._tmpname()
+        os.mknod(t, S.S_IFCHR | 0, os.makedev(0, 0), dir_fd=self.work_fd)
+        return t
