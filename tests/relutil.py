@@ -120,8 +120,9 @@ class Daemon:
     ``log``.  ``argv0`` lets a test run a wrapper script instead of
     ``-m overlay`` (it gets the same arguments)."""
 
-    def __init__(self, optstr: str, mp: str, log: str, *, argv=None, preexec_fn=None):
+    def __init__(self, optstr: str, mp: str, log: str, *, argv=None, preexec_fn=None, env=None):
         self.optstr = optstr
+        self.env = env          # extra environment variables
         self.mp = os.path.realpath(mp)
         self.log = log
         self.argv = argv or [PY, "-m", "overlay"]
@@ -143,7 +144,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [*self.argv, "mount", "-f", "-o", self.optstr, self.mp],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                env=overlay_env(), preexec_fn=self.preexec_fn,
+                env=overlay_env(self.env), preexec_fn=self.preexec_fn,
             )
         finally:
             logf.close()

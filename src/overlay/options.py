@@ -380,6 +380,9 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     elif redirect_dir and userxattr:
         raise OptionError("redirect_dir=on cannot be used with userxattr (as in the kernel)")
 
+    if extra.get("engine", "native") == "native" and extra.get("workers", 1) > 64:
+        raise OptionError(f"bad value '{extra['workers']}' for workers (expected 1 to 64 with engine=native)")
+
     config = MountConfig(
         lowers=lowers,
         upper=upper,

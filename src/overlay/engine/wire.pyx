@@ -314,7 +314,8 @@ cdef void _retitle(const char *title) noexcept nogil:
     tl = strlen(title)
     for i in range(end - start):
         (<char*>start)[i] = title[i] if i < tl else 0
-    prctl(15, <unsigned long>title, 0, 0, 0)     # PR_SET_NAME
+    cdef const char *comm = "ovl-watchdog"
+    prctl(15, <unsigned long>comm, 0, 0, 0)     # PR_SET_NAME
 
 
 def start_watchdog(bytes target, bytes devid):
@@ -332,13 +333,15 @@ def start_watchdog(bytes target, bytes devid):
     cdef const char *t = target
     cdef const char *d = devid
     cdef statfs_t st
+    cdef bytes title = b"overlay-watchdog for %s [daemon %d]" % (target, os.getpid())
+    cdef const char *ti = title
     rfd, wfd = os.pipe()
     os.set_inheritable(rfd, False)
     with nogil:
         pid = fork()
     if pid == 0:
         with nogil:
-            _retitle(b"overlay-watchdog")
+            _retitle(ti)
             dup2(rfd, 0)
             syscall(SYS_close_range, 1, <unsigned int>0xffffffff, 0)
             n = -1
@@ -349,8 +352,10 @@ def start_watchdog(bytes target, bytes devid):
                 break
             if n == 1:
                 _exit(0)        # clean exit: the daemon unmounted itself
-            # the daemon is gone: unmount if the dead mount is still ours
-            if c_statfs(t, &st) != 0 and errno == 107 and _mount_is(t, d):   # ENOTCONN
+            # the daemon is gone: unmount if the dead mount is still ours.
+            # A dead connection answers ENOTCONN, or ECONNABORTED (with
+            # FUSE_ABORT_ERROR) to a request that was queued before it died.
+            if c_statfs(t, &st) != 0 and (errno == 107 or errno == 103) and _mount_is(t, d):
                 c_umount2(t, MNT_DETACH)
             _exit(0)
     os.close(rfd)
