@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from . import data
-from .systems import Missing, System, drop_caches
+from .systems import Missing, System, daemon_pids, drop_caches
 
 CMD_TIMEOUT = 3600
 ENV_C = dict(os.environ, LC_ALL="C")
@@ -69,6 +69,8 @@ class Metric:
     group: str
     kernel_target: float | None = None    # ours/kernel must be <= this
     fuse_target: float | None = 1.0       # ours/fuse-overlayfs must be <= this
+    unit: str = "s"                       # "s" (time) or "B" (bytes)
+    abs_target: float | None = None       # ours must be <= this, in `unit`
 
 
 @dataclass
@@ -177,6 +179,49 @@ def op_untar(tar: str, dest: str) -> float:
     return timed_cmd(["tar", "-xf", tar, "-C", dest])
 
 
+def op_stat_each(paths: list[str], reps: int = 3) -> float:
+    """Seconds per stat() (the best of reps passes over paths)."""
+    best = None
+    for _ in range(reps):
+        t = op_stat(paths)
+        best = t if best is None else min(best, t)
+    return best / max(1, len(paths))
+
+
+def op_create_each(top: str, n: int) -> float:
+    """Seconds per create+close of an empty file (one dir)."""
+    os.mkdir(top)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(f"{top}/e{i:06d}", flags, 0o644))
+    return (time.perf_counter() - t0) / max(1, n)
+
+
+def op_git(repo: str) -> float:
+    """git init, add, commit and status twice in repo (a dir with files):
+    many small files read, hashed, written as objects, lock files renamed."""
+    env = dict(ENV_C, GIT_CONFIG_NOSYSTEM="1", HOME=repo, GIT_AUTHOR_NAME="b",
+               GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
+    t0 = time.perf_counter()
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "bench"], ["status", "--porcelain"],
+                 ["status", "--porcelain"]):
+        r = subprocess.run(["git", "-C", repo, *args], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                           timeout=CMD_TIMEOUT)
+        if r.returncode != 0:
+            raise RuntimeError(f"git {args[0]} exited {r.returncode}: {r.stderr.decode(errors='replace')[-200:]}")
+    return time.perf_counter() - t0
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
 # --------------------------------------------------------------- the bench
 
 class Bench:
@@ -263,13 +308,29 @@ class Bench:
                 Metric("stat_warm", f"stat {len(self._stat_paths):,} paths, warm", "tree",
                        kernel_target=1.5),
             ], self._tree_stat, {"tree"}))
+            ncopy = len(self._copy_files())
+            out.append(Workload("cpa", [
+                Metric("cpa", f"cp -a of {ncopy:,} lower files", "tree"),
+                Metric("rm_copy", f"rm -rf of that copy ({ncopy:,} upper files)", "tree"),
+                Metric("rm_lower", f"rm -rf of {ncopy:,} lower files (whiteouts)", "tree"),
+            ], self._cp_rm, {"tree"}))
+            out.append(Workload("git", [
+                Metric("git", f"git add, commit, status x2 of {ncopy:,} lower files", "tree")],
+                self._git, {"tree"}))
+            out.append(Workload("latency", [
+                Metric("lat_stat", "µs per stat that reaches the daemon (timeout=0)", "tree"),
+            ], self._lat_stat, {"tree"}))
+            out.append(Workload("meminode", [
+                Metric("mem_inode", f"daemon memory per inode it knows ({len(self.tree.files):,} stat()ed)",
+                       "tree", unit="B", abs_target=400),
+            ], self._mem_inode, {"tree"}))
         if self.big is not None:
             big = _fmt_bytes(s.big)
             out.append(Workload("read", [
-                Metric("read_fresh", f"read {big}, fresh", "big"),
-                Metric("read_warm", f"read {big}, warm", "big"),
+                Metric("read_fresh", f"read {big}, fresh", "big", kernel_target=1.2),
+                Metric("read_warm", f"read {big}, warm", "big", kernel_target=1.2),
             ], self._big_read, {"big"}))
-            out.append(Workload("write", [Metric("write", f"write new {big} file", "big")],
+            out.append(Workload("write", [Metric("write", f"write new {big} file", "big", kernel_target=1.2)],
                                 self._big_write, {"big"}))
             out.append(Workload("copyup", [
                 Metric("copyup", f"first write to {big} lower file (copy-up)", "big",
@@ -279,6 +340,9 @@ class Bench:
                                 self._create, {"small"}))
             out.append(Workload("untar", [Metric("untar", f"extract tarball of {s.untar:,} files", "small")],
                                 self._untar, {"small"}))
+            out.append(Workload("latcreate", [
+                Metric("lat_create", "µs per create+close of an empty file", "small")],
+                self._lat_create, {"small"}))
         if self.stacks:
             for n in s.stacks:
                 out.append(Workload(f"stack{n}", [Metric(
@@ -305,6 +369,71 @@ class Bench:
             fresh = op_stat(paths)
             warm = op_stat(paths)
         return {"stat_fresh": fresh, "stat_warm": warm}
+
+    def _copy_files(self) -> list[str]:
+        """The tree's files below its first fifth of top dirs (cp -a, git)."""
+        tops = sorted({d.split("/")[0] for d in self.tree.dirs})
+        chosen = set(tops[:max(1, len(tops) // 5)])
+        return [f for f in self.tree.files if f.split("/")[0] in chosen]
+
+    def _copy_tops(self) -> list[str]:
+        tops = sorted({d.split("/")[0] for d in self.tree.dirs})
+        return tops[:max(1, len(tops) // 5)]
+
+    def _cp_rm(self, system):
+        self.current = "cpa"
+        with self.mounted(system, self.tree.layers) as mp:
+            os.mkdir(f"{mp}/copy")
+            cpa = timed_cmd(["cp", "-a", *[f"{mp}/{t}" for t in self._copy_tops()], f"{mp}/copy/"])
+            os.sync()
+            rm_copy = timed_cmd(["rm", "-rf", f"{mp}/copy"])
+            rm_lower = timed_cmd(["rm", "-rf", *[f"{mp}/{t}" for t in self._copy_tops()]])
+        return {"cpa": cpa, "rm_copy": rm_copy, "rm_lower": rm_lower}
+
+    def _git(self, system):
+        self.current = "git"
+        if shutil.which("git") is None:
+            raise Missing("git not installed")
+        with self.mounted(system, self.tree.layers) as mp:
+            repo = f"{mp}/{self._copy_tops()[0]}"
+            # the repo holds the first top dir; its siblings of the first fifth
+            # are moved in, so it holds the same files as cp -a copies
+            for t in self._copy_tops()[1:]:
+                os.rename(f"{mp}/{t}", f"{repo}/{t}")
+            t = op_git(repo)
+        return {"git": t}
+
+    def _lat_stat(self, system):
+        self.current = "latency"
+        saved = system.extra_options
+        system.extra_options = "timeout=0" if system.fuse else ""
+        try:
+            with self.mounted(system, self.tree.layers, fresh=False) as mp:
+                paths = [os.path.join(mp, p) for p in self._stat_paths[:2000]]
+                op_stat(paths)          # warm the layers' page cache
+                t = op_stat_each(paths)
+        finally:
+            system.extra_options = saved
+        return {"lat_stat": t}
+
+    def _lat_create(self, system):
+        self.current = "latcreate"
+        with self.mounted(system, [self.big.layer], fresh=False) as mp:
+            t = op_create_each(os.path.join(mp, "empty"), min(5000, self.sizes.create))
+        return {"lat_create": t}
+
+    def _mem_inode(self, system):
+        self.current = "meminode"
+        if not system.fuse:
+            raise Missing("the kernel has no daemon")
+        with self.mounted(system, self.tree.layers) as mp:
+            pids = daemon_pids(mp)
+            if not pids:
+                raise Missing("daemon not found")
+            before = sum(rss_bytes(p) for p in pids)
+            op_stat([os.path.join(mp, p) for p in self.tree.files])
+            after = sum(rss_bytes(p) for p in pids)
+        return {"mem_inode": max(0, after - before) / (len(self.tree.files) + len(self.tree.dirs))}
 
     def _big_read(self, system):
         self.current = "read"

@@ -112,10 +112,14 @@ class System:
     def env(self) -> dict | None:
         return None
 
+    extra_options = ""      # set by a workload for one mount (e.g. "timeout=0")
+
     def options(self, lowers, upper, work) -> str:
         opts = "lowerdir=" + ":".join(lowers)
         if upper is not None:
             opts += f",upperdir={upper},workdir={work}"
+        if self.extra_options:
+            opts += "," + self.extra_options
         return opts
 
     def mount(self, lowers, upper, work, mp, *, base=None) -> None:

@@ -30,7 +30,8 @@ TINY = ["--quick", "--reps", "1", "--files", "60", "--dirs", "6", "--stat-paths"
         "--big-mib", "1", "--create", "20", "--untar", "30", "--stacks", "1,3",
         "--bottom", "5", "--mount-layers", "4"]
 ROW_IDS = ["find_fresh", "find_warm", "lsR_fresh", "lsR_warm", "stat_fresh", "stat_warm",
-           "read_fresh", "read_warm", "write", "copyup", "create", "untar",
+           "cpa", "rm_copy", "rm_lower", "git", "lat_stat", "mem_inode",
+           "read_fresh", "read_warm", "write", "copyup", "create", "untar", "lat_create",
            "stack_stat_1", "stack_stat_3", "mount_4"]
 
 
@@ -70,7 +71,7 @@ def test_render_without_mounts(tmp_path):
     samples = {"find_warm": {"kernel": [1.0, 2.0, 3.0], "ours": [2.0, 2.0, 9.0]},
                "stack_stat_1": {"kernel": [1.0], "ours": [1.0]},
                "stack_stat_500": {"kernel": [2.0], "ours": [1.1]},
-               "mount_500": {"kernel": [0.01], "ours": [0.5]}}
+               "mount_500": {"kernel": [0.01], "ours": [0.1]}}
     status = {"kernel": {"available": True, "reason": None, "version": "k"},
               "fuse-overlayfs": {"available": False, "reason": "not installed", "version": ""},
               "ours": {"available": True, "reason": None, "version": "o"},

@@ -1,8 +1,8 @@
 """overlay: the Python side of the overlay filesystem.
 
-A thin adapter over the Cython core (overlay_core): option parsing
-(options.py), the command line (cli.py), the built-in demo (demo.py) and
-the pyfuse3 request handlers (fs.py). No path logic here.
+Over the Cython core (overlay_core): the native FUSE engine (engine/), the
+older pyfuse3 adapter (fs.py), option parsing (options.py), the command
+line (cli.py), the built-in demo (demo.py). No path logic here.
 
 The public Python API (api.py) is re-exported here:
 ``overlay.mount(lower=[...], upper=None, work=None, **options)`` mounts an
@@ -13,6 +13,14 @@ fixture).
 
 __version__ = "0.1.0"
 
-from overlay.api import MountError, OverlayMount, fuse_unavailable_reason, mount  # noqa: E402
-
 __all__ = ["mount", "MountError", "OverlayMount", "fuse_unavailable_reason", "__version__"]
+
+
+def __getattr__(name):
+    # the API is loaded on first use: `overlay mount` (this package's
+    # command line) starts faster without it
+    if name in ("mount", "MountError", "OverlayMount", "fuse_unavailable_reason"):
+        from overlay import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'overlay' has no attribute {name!r}")

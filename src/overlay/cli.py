@@ -35,8 +35,10 @@ import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable, Sequence
 
 from overlay.mounttable import (  # noqa: F401  (re-exported: tests and callers use cli.*)
     MountEntry,
@@ -65,7 +67,7 @@ DEFAULT_READY_TIMEOUT = 60.0
 
 LOG_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"
 
-RunFs = Callable[[MountConfig, str, Callable[[], None]], None]
+RunFs = "Callable[[MountConfig, str, Callable[[], None]], None]"
 
 
 # --------------------------------------------------------------------------
@@ -374,7 +376,9 @@ def _version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tools: bool = True) -> argparse.ArgumentParser:
+    """The `overlay` parser; tools=False leaves out diff, commit and stats
+    (their modules take a while to import: `overlay mount` starts faster)."""
     parser = argparse.ArgumentParser(
         prog="overlay",
         description="A kernel-exact overlay (union, copy-on-write) filesystem on FUSE.",
@@ -425,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.add_argument("--dir", metavar="DIR", help="create the scratch directory under DIR")
 
+    if not tools:
+        return parser
     from overlay import layertools  # noqa: PLC0415 - stdlib only, no pyfuse3
 
     layertools.add_commands(sub)
@@ -436,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``overlay`` console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(tools=not argv or argv[0] not in ("mount", "umount"))
     args = parser.parse_args(argv)
     if args.version:
         print(f"overlay {_version()}")
@@ -493,14 +500,16 @@ class HelperUsageError(Exception):
     """Bad command line for overlay-mount."""
 
 
-@dataclass
 class HelperArgs:
-    source: str | None
-    mountpoint: str
-    options: list[str]
-    foreground: bool = False
-    log_file: str | None = None
-    help: bool = False
+    """What overlay-mount was given."""
+
+    def __init__(self, source, mountpoint, options, foreground=False, log_file=None, help=False):
+        self.source = source
+        self.mountpoint = mountpoint
+        self.options = options
+        self.foreground = foreground
+        self.log_file = log_file
+        self.help = help
 
 
 def parse_helper_args(argv: Sequence[str]) -> HelperArgs:

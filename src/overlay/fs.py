@@ -589,6 +589,7 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     process gets SIGTERM/SIGINT, which unmounts). Calls on_ready() once the
     mount is live."""
     serve.raise_fd_limit()
+    serve.presize_fd_table()
     core = serve.build_core(config)
     ops = OverlayOperations(core, entry_timeout=config.entry_timeout,
                             attr_timeout=config.attr_timeout,

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
-from dataclasses import dataclass
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +29,32 @@ def unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
-@dataclass(frozen=True)
 class MountEntry:
-    mountpoint: str
-    fstype: str
-    source: str
-    mount_id: int = -1
+    """One line of mountinfo (a plain class: dataclasses cost start-up time)."""
+
+    __slots__ = ("mountpoint", "fstype", "source", "mount_id")
+
+    def __init__(self, mountpoint: str, fstype: str, source: str, mount_id: int = -1):
+        self.mountpoint = mountpoint
+        self.fstype = fstype
+        self.source = source
+        self.mount_id = mount_id
+
+    def _key(self):
+        return (self.mountpoint, self.fstype, self.source, self.mount_id)
+
+    def __eq__(self, other):
+        return isinstance(other, MountEntry) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (f"MountEntry(mountpoint={self.mountpoint!r}, fstype={self.fstype!r}, "
+                f"source={self.source!r}, mount_id={self.mount_id!r})")
 
 
-def iter_mounts(mountinfo: str = "/proc/self/mountinfo") -> Iterator[MountEntry]:
+def iter_mounts(mountinfo: str = "/proc/self/mountinfo"):
     """Yield the entries of a mountinfo file (see proc(5))."""
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:
@@ -81,6 +94,9 @@ def mountpoint_path(path: str) -> str:
 
 def unmount(mountpoint: str, lazy: bool = False) -> tuple[bool, str]:
     """Try fusermount3/fusermount, then (as root) umount(8). (ok, error text)."""
+    import shutil
+    import subprocess
+
     attempts: list[list[str]] = []
     for tool in ("fusermount3", "fusermount"):
         path = shutil.which(tool)

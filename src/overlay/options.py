@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +57,57 @@ class OptionError(ValueError):
 DEFAULT_TIMEOUT = 300.0
 
 
-@dataclass
 class MountConfig:
-    """Everything the filesystem needs to know about one mount."""
+    """Everything the filesystem needs to know about one mount.
 
-    lowers: list[str]  # absolute paths, top first (lowerdir=A:B -> [A, B])
-    upper: str | None
-    work: str | None
-    userxattr: bool = False  # user.overlay.* instead of trusted.overlay.*
-    redirect_dir: bool = True  # False -> EXDEV on renaming a merged/lower dir
-    volatile: bool = False
-    allow_other: bool = False
-    default_permissions: bool = False
-    debug: bool = False
-    fsname: str = "overlay"
-    entry_timeout: float = DEFAULT_TIMEOUT
-    attr_timeout: float = DEFAULT_TIMEOUT
-    engine: str = "native"  # native (overlay.engine) or pyfuse3 (overlay.fs)
-    workers: int | None = None  # threads (native) or trio tasks (pyfuse3); None: the engine's default
-    passthrough: bool = True  # native engine: FUSE passthrough for file data where possible
-    writeback: bool = False  # kernel writeback cache (faster big writes)
-    oci_whiteouts: bool = False  # lower layers with OCI .wh. whiteouts
-    uidmapping: str | None = None  # CONTAINER:HOST:SIZE[:...] (see overlay.idmap)
-    gidmapping: str | None = None
-    squash_to_root: bool = False
-    # Options that were given but change nothing (kept for logging/debugging).
-    ignored: list[str] = field(default_factory=list, repr=False, compare=False)
+    A plain class rather than a dataclass: importing dataclasses costs the
+    command line several milliseconds of its start (see cli.py)."""
+
+    # name -> default; lowers, upper and work have none
+    DEFAULTS = {
+        "userxattr": False,  # user.overlay.* instead of trusted.overlay.*
+        "redirect_dir": True,  # False -> EXDEV on renaming a merged/lower dir
+        "volatile": False,
+        "allow_other": False,
+        "default_permissions": False,
+        "debug": False,
+        "fsname": "overlay",
+        "entry_timeout": DEFAULT_TIMEOUT,
+        "attr_timeout": DEFAULT_TIMEOUT,
+        "engine": "native",  # native (overlay.engine) or pyfuse3 (overlay.fs)
+        "workers": None,  # threads (native) or trio tasks (pyfuse3); None: the engine's default
+        "passthrough": True,  # native engine: FUSE passthrough for file data where possible
+        "writeback": False,  # kernel writeback cache (faster big writes)
+        "oci_whiteouts": False,  # lower layers with OCI .wh. whiteouts
+        "uidmapping": None,  # CONTAINER:HOST:SIZE[:...] (see overlay.idmap)
+        "gidmapping": None,
+        "squash_to_root": False,
+    }
+
+    def __init__(self, lowers, upper, work, *, ignored=None, **options):
+        self.lowers = lowers  # absolute paths, top first (lowerdir=A:B -> [A, B])
+        self.upper = upper
+        self.work = work
+        unknown = set(options) - set(self.DEFAULTS)
+        if unknown:
+            raise TypeError(f"MountConfig: unknown fields {sorted(unknown)}")
+        for name, default in self.DEFAULTS.items():
+            setattr(self, name, options.get(name, default))
+        # options that were given but change nothing (for logging/debugging);
+        # not part of equality or repr
+        self.ignored = list(ignored or [])
+
+    def _fields(self) -> dict:
+        return {"lowers": self.lowers, "upper": self.upper, "work": self.work,
+                **{name: getattr(self, name) for name in self.DEFAULTS}}
+
+    def __eq__(self, other):
+        if not isinstance(other, MountConfig):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self):
+        return "MountConfig(" + ", ".join(f"{k}={v!r}" for k, v in self._fields().items()) + ")"
 
     @property
     def read_only(self) -> bool:
@@ -163,6 +187,8 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
     Escapes are kept in the pieces (they are removed by :func:`_unescape`),
     so the result can be split again on another separator.
     """
+    if "\\" not in text:
+        return text.split(sep)      # the common case, fast for long lowerdir=
     parts: list[str] = []
     cur: list[str] = []
     i = 0
@@ -184,6 +210,8 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
 
 def _unescape(text: str) -> str:
     """Drop the backslash of each ``\\x`` pair (``\\\\`` -> ``\\``)."""
+    if "\\" not in text:
+        return text
     out: list[str] = []
     i = 0
     while i < len(text):
@@ -231,6 +259,26 @@ def _is_same_or_inside(path: str, other: str) -> bool:
         return True
     prefix = other if other.endswith(os.sep) else other + os.sep
     return path.startswith(prefix)
+
+
+def _check_lowers_apart(lowers: list[str]) -> None:
+    """OptionError if a lower layer is (or lies inside) another one.
+
+    Sorted as lists of components, a path comes right after the paths it
+    lies in (or the paths lying in them), so comparing neighbours finds any
+    overlap: O(n log n) for the thousands of layers of an image stack."""
+    if len(lowers) < 32:
+        for i, lower in enumerate(lowers):
+            for other in lowers[:i]:
+                if _is_same_or_inside(lower, other) or _is_same_or_inside(other, lower):
+                    raise OptionError(f"lower layer '{lower}' overlaps lower layer '{other}'")
+        return
+    order = sorted(range(len(lowers)), key=lambda i: lowers[i].split(os.sep))
+    for a, b in zip(order, order[1:]):
+        pa, pb = lowers[a].split(os.sep), lowers[b].split(os.sep)
+        if pb[:len(pa)] == pa:
+            later, earlier = max(a, b), min(a, b)
+            raise OptionError(f"lower layer '{lowers[later]}' overlaps lower layer '{lowers[earlier]}'")
 
 
 def parse_options(optstring: str, cwd: str) -> MountConfig:
@@ -368,9 +416,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         for what, other in (("upperdir", upper), ("workdir", work)):
             if other is not None and _is_same_or_inside(lower, other):
                 raise OptionError(f"lower layer '{lower}' overlaps {what} '{other}'")
-        for other in lowers[:i]:
-            if _is_same_or_inside(lower, other) or _is_same_or_inside(other, lower):
-                raise OptionError(f"lower layer '{lower}' overlaps lower layer '{other}'")
+    _check_lowers_apart(lowers)
 
     userxattr = flags.get("userxattr", False)
     if redirect_dir is None:

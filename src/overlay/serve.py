@@ -15,6 +15,7 @@ Importing this module loads neither engine nor the core.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 from typing import Callable
 
@@ -48,6 +49,26 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (OSError, ValueError) as exc:
         log.debug("RLIMIT_NOFILE not raised: %s", exc)
+
+
+# How many fds the table is grown to at start (see presize_fd_table).
+FD_TABLE_SIZE = 32768
+
+
+def presize_fd_table(size: int = FD_TABLE_SIZE) -> None:
+    """Grow this process's fd table once, while it is single-threaded.
+
+    The daemon holds an O_PATH fd per known node. Each time the fd table has
+    to grow (at 64, 128, 256... fds) a multi-threaded process waits for an
+    RCU grace period, several milliseconds: lookups stalled 5-15 ms at those
+    points. Grown before the worker threads start, it costs nothing."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        top = min(size, soft if soft != resource.RLIM_INFINITY else size) - 1
+        if top > 64:
+            os.close(os.dup2(0, top, inheritable=False))
+    except OSError as exc:
+        log.debug("fd table not grown: %s", exc)
 
 
 def mount_dev(mountpoint: str) -> str | None:

@@ -57,6 +57,7 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
             old[sig] = signal.signal(sig, on_signal)
     try:
         serve.raise_fd_limit()
+        serve.presize_fd_table()
         core = serve.build_core(config)
         try:
             fs = OverlayFS(
