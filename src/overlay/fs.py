@@ -365,7 +365,7 @@ class OverlayOperations(pyfuse3.Operations):
         if node.upper < 0:
             st = os.fstat(fd)
             now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if node.cached is not None and node.cached != now:
+            if node.changed(*now):
                 # the lower file was changed behind the mount: drop what the
                 # kernel cached of it (attributes and pages)
                 keep = False

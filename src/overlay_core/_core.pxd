@@ -27,30 +27,46 @@ cdef class StatX:
     cdef readonly unsigned int stx_rdev_major, stx_rdev_minor
 
 
+cdef class _DirState:
+    """What only a directory Node needs (_node.pxi): None on files."""
+    cdef list dircache             # [(name, Node, dir fd)] of its last listing, or None
+    cdef bytes redirect            # upper dir's <prefix>redirect, or None
+    cdef object lindex             # {name: [positions in lowers]} (see _build_index)
+    cdef int nlookups              # lookups below it before lindex was built
+    cdef bint opaque               # upper dir has <prefix>opaque=y
+
+
 cdef class Node:
-    """One object of the merged tree (_node.pxi)."""
+    """One object of the merged tree (_node.pxi). Kept small: a daemon
+    holds one per inode the kernel knows (hundreds of thousands), so what
+    can be a C field is one, flags are bytes, and what only dirs need is in
+    a _DirState (dircache, redirect, lindex, nlookups, opaque: properties)."""
     cdef public object parent      # Node, None for the root (and an unlinked O_TMPFILE)
     cdef public bytes name         # name under parent (last known alias)
-    cdef public bint is_dir
-    cdef int _upper                # O_PATH fd in the upper layer, or -1 (see upper)
-    cdef list _lowers              # [(layer index, O_PATH fd)], top first (see lowers)
-    cdef public bint evicted       # fds closed by the fd cache, reopened on first use
-    cdef public bint busy          # in use by a copy-up: never evicted
-    cdef public int pins           # open files on it (the adapter counts): never evicted
     cdef public object ov          # the Overlay that reopens evicted fds
-    cdef public object real        # (st_dev, st_ino) of the real object behind the fds
-    cdef public list aliases       # other (parent, name) a non-dir is known by
-    cdef public list dircache      # [(name, Node, dir fd)] of its last listing, or None
-    cdef public bint opaque        # upper dir has <prefix>opaque=y
-    cdef public bytes redirect     # upper dir's <prefix>redirect, or None
-    cdef public object ino         # st_ino reported for this object
-    cdef public object cached      # (size, mtime_ns, ctime_ns) last reported
     cdef public object key         # identity of the real object (see _Stack._intern)
-    cdef public object fuse_id     # the adapter's inode number for it, 0 if none
-    cdef public bint ghost         # a whiteout that readdir lists (see _Lister.readdir)
+    cdef public list aliases       # other (parent, name) a non-dir is known by, or None
     cdef public object st          # Stat found by the lookup that made/refreshed it
-    cdef public object lindex      # {name: [positions in lowers]} (see _build_index)
-    cdef public int nlookups       # lookups below it before lindex was built
+    cdef _DirState _dir            # dirs only
+    cdef list _lowers              # dirs: [(layer index, O_PATH fd)], top first; else None
+    cdef Node _lru_prev, _lru_next # the fd cache's list (see _Stack._hold)
+    cdef int _upper                # O_PATH fd in the upper layer, or -1 (see upper)
+    cdef int _lidx                 # non-dirs: layer index of the lower object, or -1
+    cdef int _lfd                  # non-dirs: its O_PATH fd (EVICTED when closed)
+    cdef public int pins           # open files on it (the adapter counts): never evicted
+    cdef public unsigned char is_dir
+    cdef public unsigned char evicted   # fds closed by the fd cache, reopened on first use
+    cdef public unsigned char busy      # in use by a copy-up: never evicted
+    cdef public unsigned char ghost     # a whiteout that readdir lists (see _Lister.readdir)
+    cdef public unsigned char in_lru
+    cdef unsigned char _has_real, _has_ino, _has_cached
+    cdef public unsigned int kernel_refs   # the adapter's count of kernel lookups
+    cdef public unsigned long long real_dev, real_ino   # the real object behind the fds
+    cdef unsigned long long _ino   # st_ino reported for this object (see ino)
+    cdef public unsigned long long fuse_id   # the adapter's node id for it, 0 if none
+    cdef unsigned long long _c_print   # fingerprint of what the kernel was told (see cached)
+
+    cdef _DirState _dirstate(self)
 
 
 cdef class _Stack:
@@ -76,11 +92,13 @@ cdef class _Stack:
     cdef bint _samefs
     cdef object _tmp_counter
     cdef object _lock
-    cdef object _fdcache               # OrderedDict id -> non-dir Node holding fds
+    cdef Node _lru_head, _lru_tail     # the fd cache: non-dir Nodes holding fds, oldest first
+    cdef public int fd_cache_len
     cdef public int fd_cache_max
     cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
     cdef object _private_dirs          # {(st_dev, st_ino)} of the upper and work dirs
     cdef object _cond                  # threading.Condition on the callers' lock, or None
+    cdef public bint keep_listings     # readdir keeps listings (dircache)
 
     cdef object _getx(self, int fd, bytes name)
     cdef int _opath(self, int dirfd, bytes name, bint directory) except -1
@@ -90,6 +108,7 @@ cdef class _Stack:
     cdef bint _lower_whiteout_c(self, int dirfd, bytes name, unsigned int mode,
                                 unsigned long long rdev, long long size) except -1
     cdef _hold(self, Node n)
+    cdef _lru_unlink(self, Node n)
     cdef _evict(self, Node n)
     cdef _sync_upper(self, Node d)
     cdef _add_alias(self, Node n, Node parent, bytes name)

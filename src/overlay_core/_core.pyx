@@ -33,7 +33,6 @@ keeps it.
 
 cimport cython
 
-import collections
 import errno
 import logging
 import os
@@ -83,6 +82,12 @@ def _listdir(int fd):
 
 cdef inline bint _is_whiteout_st(st):
     return S.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+cdef inline object _realkey(unsigned long long dev, unsigned long long ino):
+    """The identity of a real object, (st_dev, st_ino), as one int (a tuple
+    of two would cost three objects per Node)."""
+    return (<object>dev << 64) | <object>ino
 
 
 def _err(int code, name=None):

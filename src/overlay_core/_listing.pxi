@@ -82,7 +82,8 @@ cdef class _Lister(_Resolver):
         if n.dircache is not None:
             out = []
             for i, (name, child, dfd) in enumerate(n.dircache):
-                if c_statat(dfd, name, &st) != 0 or (st.st_dev, st.st_ino) != child.real:
+                if (c_statat(dfd, name, &st) != 0 or not child._has_real
+                        or st.st_dev != child.real_dev or st.st_ino != child.real_ino):
                     n.dircache = None
                     break
                 cur = self.nodes.get(child.key)
@@ -116,7 +117,8 @@ cdef class _Lister(_Resolver):
                     child = self._blind_ghost(fd, name)
             out.append((name, child))
             cache.append((name, child, fd))
-        n.dircache = cache
+        if self.keep_listings:
+            n.dircache = cache
         return out
 
     cdef Node _blind_ghost(self, int dirfd, bytes name):

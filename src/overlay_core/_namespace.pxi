@@ -130,8 +130,8 @@ cdef class Overlay(_Copier):
         n.name = b""
         n.is_dir = False
         n.upper = opath
-        n.key = (st.st_dev, st.st_ino)
-        n.real = n.key
+        n.key = _realkey(st.st_dev, st.st_ino)
+        n.real = (st.st_dev, st.st_ino)
         n.ino = self.map_ino(st)
         n.st = st
         n.ov = self

@@ -223,7 +223,7 @@ cdef class _Resolver(_Stack):
                 raise _err(errno.ENOENT, name)
         # identity and inode number
         if n.upper >= 0:
-            n.key = (ust.st_dev, ust.st_ino)
+            n.key = _realkey(ust.st_dev, ust.st_ino)
             x = self._getx(n.upper, self.x_ino)
             if x is not None and x.isdigit() and 0 < len(x) < 20 and 1 < int(x) < 2**63:
                 n.ino = int(x)
@@ -235,13 +235,14 @@ cdef class _Resolver(_Stack):
             if not n.is_dir and lst.st_nlink > 1:
                 n.key = ("alias", parent.ino, name)
             else:
-                n.key = (lst.st_dev, lst.st_ino)
+                n.key = _realkey(lst.st_dev, lst.st_ino)
         n.st = st
         n.ov = self
         if n.upper >= 0:
-            n.real = (ust.st_dev, ust.st_ino)
+            n.real_dev, n.real_ino = ust.st_dev, ust.st_ino
         else:
-            n.real = (lst.st_dev, lst.st_ino)
+            n.real_dev, n.real_ino = lst.st_dev, lst.st_ino
+        n._has_real = True
         return self._intern(n)
 
     def lower_positive(self, Node parent, bytes name):

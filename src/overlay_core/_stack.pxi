@@ -13,7 +13,10 @@ cdef class _Stack:
     """The layers, the work dir and the identity of the Nodes on them."""
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
-                 redirect_dir=True, no_sync=False, oci_whiteouts=False):
+                 redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True):
+        """keep_listings: keep each dir's listing until it changes through us
+        (for adapters whose kernel side does not cache listings itself)."""
+        self.keep_listings = keep_listings
         if not lowers:
             raise ValueError("at least one lower layer is needed")
         if (upper is None) != (work is None):
@@ -34,7 +37,7 @@ cdef class _Stack:
         self.counters = {"lookups": 0, "lookups_known": 0, "copy_ups": 0, "bytes_copied": 0,
                          "name_indexes": 0, "name_index_hits": 0}
         self.renumbered = []
-        self._fdcache = collections.OrderedDict()
+        self.fd_cache_len = 0
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         cap = FD_CACHE_MAX if soft == resource.RLIM_INFINITY else max(32, min(FD_CACHE_MAX, soft // 4))
@@ -175,36 +178,68 @@ cdef class _Stack:
     # ------------------------------------------------------------ fd cache
 
     cdef _hold(self, Node n):
-        """n (a non-dir) holds open fds: keep it in the bounded fd cache."""
+        """n (a non-dir) holds open fds: keep it in the bounded fd cache, a
+        list through the Nodes themselves (no object per entry), least
+        recently used first. Past fd_cache_max, the oldest Nodes that are
+        not busy and not pinned by open files get their fds closed."""
+        cdef Node old, nxt
+        cdef Py_ssize_t tries
         if n.is_dir or n.ghost or n.parent is None:
             return
-        c = self._fdcache
-        k = id(n)
-        if k in c:
-            c.move_to_end(k)
-            return
-        c[k] = n
-        cdef Py_ssize_t tries = len(c)
-        cdef Node old
-        while len(c) > self.fd_cache_max and tries > 0:
+        if n.in_lru:
+            if self._lru_tail is n:
+                return
+            self._lru_unlink(n)
+        n._lru_prev = self._lru_tail
+        n._lru_next = None
+        if self._lru_tail is not None:
+            self._lru_tail._lru_next = n
+        else:
+            self._lru_head = n
+        self._lru_tail = n
+        n.in_lru = True
+        self.fd_cache_len += 1
+        tries = self.fd_cache_len
+        old = self._lru_head
+        while self.fd_cache_len > self.fd_cache_max and tries > 0 and old is not None:
             tries -= 1
-            _, old = c.popitem(last=False)
-            if old.busy or old.pins or old.evicted:
-                if old.busy or old.pins:
-                    c[id(old)] = old
-                continue
-            self._evict(old)
+            nxt = old._lru_next
+            if not (old.busy or old.pins):
+                self._lru_unlink(old)
+                if not old.evicted:
+                    self._evict(old)
+            old = nxt
+
+    cdef _lru_unlink(self, Node n):
+        if not n.in_lru:
+            return
+        if n._lru_prev is not None:
+            n._lru_prev._lru_next = n._lru_next
+        else:
+            self._lru_head = n._lru_next
+        if n._lru_next is not None:
+            n._lru_next._lru_prev = n._lru_prev
+        else:
+            self._lru_tail = n._lru_prev
+        n._lru_prev = n._lru_next = None
+        n.in_lru = False
+        self.fd_cache_len -= 1
 
     cdef _evict(self, Node n):
         if n._upper >= 0:
             os.close(n._upper)
             n._upper = EVICTED
-        lowers = []
-        for idx, fd in n._lowers:
-            if fd >= 0:
-                os.close(fd)
-            lowers.append((idx, EVICTED))
-        n._lowers = lowers
+        if n._lfd >= 0:
+            os.close(n._lfd)
+        if n._lidx >= 0:
+            n._lfd = EVICTED
+        if n._lowers is not None:
+            lowers = []
+            for idx, fd in n._lowers:
+                if fd >= 0:
+                    os.close(fd)
+                lowers.append((idx, EVICTED))
+            n._lowers = lowers
         n.evicted = True
 
     def _reopen(self, Node n):
@@ -212,7 +247,7 @@ cdef class _Stack:
         one of its other names, checking it is still the same object."""
         n.evicted = False
         cdef Node p
-        names = [(n.parent, n.name)] + [a for a in n.aliases if a != (n.parent, n.name)]
+        names = [(n.parent, n.name)] + [a for a in (n.aliases or ()) if a != (n.parent, n.name)]
         why = []
         for p, name in names:
             try:
@@ -223,7 +258,7 @@ cdef class _Stack:
                         continue
                     fd = self._opath(p.upper, name, n.is_dir)
                 else:
-                    idx = n._lowers[0][0]
+                    idx = n._lidx
                     dirfd = -1
                     for i, f in p.lowers:
                         if i == idx:
@@ -236,14 +271,14 @@ cdef class _Stack:
                 why.append((p.name, name, e.strerror))
                 continue
             st = os.stat(fd)
-            if (st.st_dev, st.st_ino) != n.real:
+            if (st.st_dev, st.st_ino) != (n.real_dev, n.real_ino):
                 os.close(fd)
                 why.append((p.name, name, ("other object", st.st_ino)))
                 continue
             if n._upper == EVICTED:
                 n._upper = fd
             else:
-                n._lowers = [(n._lowers[0][0], fd)]
+                n._lfd = fd
             if (p, name) != (n.parent, n.name):
                 n.parent, n.name = p, name
             self._hold(n)
@@ -269,7 +304,9 @@ cdef class _Stack:
         if n.is_dir:
             return
         a = (parent, name)
-        if a not in n.aliases:
+        if n.aliases is None:
+            n.aliases = [a]
+        elif a not in n.aliases:
             n.aliases.append(a)
             if len(n.aliases) > 16:
                 del n.aliases[0]
@@ -280,7 +317,7 @@ cdef class _Stack:
         if (n.parent, n.name) != (op, oname):
             self._add_alias(n, n.parent, n.name)
         a = (op, oname)
-        if a in n.aliases:
+        if n.aliases and a in n.aliases:
             n.aliases.remove(a)
         n.parent = np
         n.name = nname
@@ -288,7 +325,7 @@ cdef class _Stack:
     def _drop_alias(self, Node n, Node parent, bytes name):
         """name under parent no longer leads to n (unlinked or renamed away)."""
         a = (parent, name)
-        if a in n.aliases:
+        if n.aliases and a in n.aliases:
             n.aliases.remove(a)
         if (n.parent, n.name) == a and n.aliases:
             n.parent, n.name = n.aliases.pop()
@@ -313,9 +350,12 @@ cdef class _Stack:
         if old.evicted:
             # take the fds this lookup just opened instead of reopening
             old._upper, old._lowers = n._upper, n._lowers
-            n._upper, n._lowers = -1, []
+            old._lidx, old._lfd = n._lidx, n._lfd
+            n._upper, n._lowers = -1, None
+            n._lidx = n._lfd = -1
             old.evicted = False
-            old.real = n.real
+            old.real_dev, old.real_ino = n.real_dev, n.real_ino
+            old._has_real = n._has_real
             self._hold(old)
             return old
         if old.upper < 0 and n.upper >= 0:
@@ -343,7 +383,7 @@ cdef class _Stack:
         on a deleted file would keep its space)."""
         if n.is_dir or n.pins or n.busy or n.evicted or n.parent is None:
             return
-        self._fdcache.pop(id(n), None)
+        self._lru_unlink(n)
         self._evict(n)
 
     cdef _adopt_upper(self, Node n, int fd, bint keep_ino):
@@ -355,8 +395,9 @@ cdef class _Stack:
         # what the adapter told the kernel may be stale: st_ino (a split
         # hard link), nlink (a dir now merged), the birth time (a new file)
         self.renumbered.append(n)
-        key = (st.st_dev, st.st_ino)
-        n.real = key
+        key = _realkey(st.st_dev, st.st_ino)
+        n.real_dev, n.real_ino = st.st_dev, st.st_ino
+        n._has_real = True
         if self.nodes.get(n.key) is n:
             del self.nodes[n.key]
             self.nodes[key] = n

@@ -33,6 +33,9 @@ cdef int _passthrough(OverlayFS self, uint64_t nodeid, node) except -2:
         if bk.real == node.real:
             bk.opens += 1
             return bk.id
+        # the old id keeps its kernel references apart (bridge._forget)
+        self.old_refs[nodeid] = node.kernel_refs
+        node.kernel_refs = 0
         node.fuse_id = 0
         return -1
     st = self.core.getattr(node)
@@ -96,7 +99,7 @@ cdef int _reply_open(OverlayFS self, int fd, uint64_t unique, uint64_t nodeid, i
     if node.upper < 0:
         st = os.fstat(rfd)
         now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if node.cached is not None and node.cached != now and node.fuse_id:
+        if node.changed(*now) and node.fuse_id:
             # the lower file was changed behind the mount: drop what the
             # kernel cached of it (attributes, and pages: no KEEP_CACHE)
             keep = False

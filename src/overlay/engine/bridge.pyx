@@ -27,6 +27,7 @@ import stat as S
 import threading
 import time
 
+cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
@@ -79,6 +80,9 @@ cdef inline bytes _cstr(const char *p, size_t avail):
     return PyBytes_FromStringAndSize(p, strnlen(p, avail))
 
 
+include "_idtable.pxi"
+
+
 cdef class _Handle:
     cdef public int fd
     cdef public object node
@@ -98,8 +102,8 @@ cdef class _Backing:
 cdef class OverlayFS(Session):
     """The request handlers of one overlay mount."""
     cdef public object core
-    cdef dict inodes              # node id -> Node
-    cdef dict nlookup             # node id -> kernel lookup count
+    cdef IdTable inodes           # node id -> Node, every inode the kernel knows
+    cdef dict old_refs            # node id -> kernel lookups, for ids a Node no longer has
     cdef dict handles             # fh -> _Handle
     cdef dict listings            # dir node id -> {generation: [(name, Node, Stat)]} being read
     cdef uint64_t next_gen        # generation of the last listing made (see _ops_dirs.pxi)
@@ -118,8 +122,10 @@ cdef class OverlayFS(Session):
                  uidmap=None, gidmap=None, bint squash_to_root=False):
         Session.__init__(self)
         self.core = core
-        self.inodes = {FUSE_ROOT_ID: core.root}
-        self.nlookup = {FUSE_ROOT_ID: 1}
+        self.inodes = IdTable()
+        self.inodes.put(FUSE_ROOT_ID, core.root)
+        self.old_refs = {}
+        core.root.kernel_refs = 1
         self.handles = {}
         self.listings = {}
         core.root.fuse_id = FUSE_ROOT_ID
@@ -148,36 +154,44 @@ cdef class OverlayFS(Session):
         return fid
 
     cdef object _node(self, uint64_t nodeid):
-        try:
-            return self.inodes[nodeid]
-        except KeyError:
-            raise OSError(E.ESTALE, "unknown node id") from None
+        node = self.inodes.get(nodeid)
+        if node is None:
+            raise OSError(E.ESTALE, "unknown node id")
+        return node
 
     cdef uint64_t _ref(self, node, uint64_t count=1):
+        """The kernel got count more references to node (an entry reply, a
+        readdirplus record): its node id, given out now if it had none. The
+        count lives in the Node (kernel_refs): no table entry per inode."""
         cdef uint64_t key = self._key(node)
-        known = self.inodes.get(key)
-        if known is not node:
-            self.inodes[key] = node
+        if not self.inodes.contains(key):
+            self.inodes.put(key, node)
             self.core.remember(node)
-            if known is None:
-                self.nlookup[key] = 0
-        self.nlookup[key] = self.nlookup.get(key, 0) + count
+        node.kernel_refs += count
         return key
 
     cdef _forget(self, uint64_t nodeid, uint64_t count):
         if nodeid == FUSE_ROOT_ID:
             return
-        left = self.nlookup.get(nodeid, 0) - count
-        if left > 0:
-            self.nlookup[nodeid] = left
-            return
-        self.nlookup.pop(nodeid, None)
-        self.listings.pop(nodeid, None)
-        node = self.inodes.pop(nodeid, None)
+        node = self.inodes.get(nodeid)
         if node is None:
             return
-        if node.fuse_id != nodeid and node.fuse_id in self.inodes:
-            return      # the node lives on under a newer id (see _passthrough)
+        if node.fuse_id == nodeid:
+            left = node.kernel_refs - count if node.kernel_refs > count else 0
+            node.kernel_refs = left
+        else:
+            # an id the node had before it got a new one (see _passthrough)
+            left = self.old_refs.get(nodeid, 0) - count
+            if left > 0:
+                self.old_refs[nodeid] = left
+            else:
+                self.old_refs.pop(nodeid, None)
+        if left > 0:
+            return
+        self.inodes.pop(nodeid)
+        self.listings.pop(nodeid, None)
+        if node.fuse_id != nodeid and self.inodes.contains(node.fuse_id):
+            return      # the node lives on under its newer id
         self.core.forget(node)
 
     def stats(self):
@@ -285,7 +299,7 @@ cdef class OverlayFS(Session):
         core = self.core
         while core.renumbered:
             node = core.renumbered.pop()
-            if node.fuse_id and node.fuse_id in self.inodes:
+            if node.fuse_id and self.inodes.contains(node.fuse_id):
                 self.notify_inval_inode(node.fuse_id, -1, 0, True)
 
     # ------------------------------------------------------------ dispatch
@@ -415,7 +429,7 @@ cdef class OverlayFS(Session):
             _unback(self, hd.backing_key)
         node = hd.node
         node.pins -= 1
-        if not node.pins and node.fuse_id not in self.inodes:
+        if not node.pins and not self.inodes.contains(node.fuse_id):
             self.core.release(node)       # forgotten while open
 
 
