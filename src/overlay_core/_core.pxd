@@ -67,6 +67,9 @@ cdef class Node:
     cdef unsigned long long _c_print   # fingerprint of what the kernel was told (see cached)
 
     cdef _DirState _dirstate(self)
+    # C-level helpers for the native engine
+    cdef void note_reported(self, long long size, long long mtime_ns, long long ctime_ns) noexcept
+    cdef bint is_merged(self) noexcept
 
 
 cdef class _Stack:
@@ -117,6 +120,11 @@ cdef class _Stack:
     cdef _adopt_upper(self, Node n, int fd, bint keep_ino)
     cdef object _upper_entry(self, Node parent, bytes name)
     cdef bytes _tmpname(self)
+    # the C-level interface the native engine calls (also callable from Python)
+    cpdef remember(self, Node n)
+    cpdef forget(self, Node n)
+    cpdef release(self, Node n)
+    cpdef Stat getattr(self, Node n)
 
 
 cdef class _Resolver(_Stack):
@@ -125,6 +133,7 @@ cdef class _Resolver(_Stack):
     cdef _check_redirect(self, bytes rd, bytes name, bint follow=*)
     cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir)
     cdef _build_index(self, Node d)
+    cpdef Node lookup(self, Node parent, bytes name)
 
 
 cdef class _Lister(_Resolver):

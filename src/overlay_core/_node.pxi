@@ -117,6 +117,17 @@ cdef class Node:
                 self._c_print = _fingerprint(v[0], v[1], v[2])
                 self._has_cached = True
 
+    cdef void note_reported(self, long long size, long long mtime_ns, long long ctime_ns) noexcept:
+        """Remember what the kernel was told of a lower file (see cached)."""
+        self._c_print = _fingerprint(size, mtime_ns, ctime_ns)
+        self._has_cached = True
+
+    cdef bint is_merged(self) noexcept:
+        """merged, at C level (dirs are never evicted: their fds are there)."""
+        if not self.is_dir:
+            return False
+        return ((len(self._lowers) if self._lowers is not None else 0) + (self._upper >= 0)) > 1
+
     def changed(self, long long size, long long mtime_ns, long long ctime_ns):
         """Do these attributes differ from those last reported (cached)?"""
         return self._has_cached and self._c_print != _fingerprint(size, mtime_ns, ctime_ns)

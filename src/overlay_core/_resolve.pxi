@@ -168,7 +168,7 @@ cdef class _Resolver(_Stack):
         d.lindex = index
         self.counters["name_indexes"] += 1
 
-    def lookup(self, Node parent, bytes name):
+    cpdef Node lookup(self, Node parent, bytes name):
         """Resolve name in the merged directory parent; returns the Node
         (the same object for the same inode while it is known) or raises.
         The Node's `st` holds the Stat found on the way (for the reply)."""

@@ -369,16 +369,16 @@ cdef class _Stack:
             old.redirect = n.redirect
         return old
 
-    def remember(self, Node n):
+    cpdef remember(self, Node n):
         self.nodes[n.key] = n
 
-    def forget(self, Node n):
+    cpdef forget(self, Node n):
         """The kernel forgot n: drop it, and close its fds unless in use."""
         if self.nodes.get(n.key) is n:
             del self.nodes[n.key]
         self.release(n)
 
-    def release(self, Node n):
+    cpdef release(self, Node n):
         """Close the fds of a non-dir n that nothing uses now (an O_PATH fd
         on a deleted file would keep its space)."""
         if n.is_dir or n.pins or n.busy or n.evicted or n.parent is None:
@@ -404,7 +404,7 @@ cdef class _Stack:
         n.key = key
         self._hold(n)
 
-    def getattr(self, Node n):
+    cpdef Stat getattr(self, Node n):
         """Stat of the real object (the adapter reports n.ino and, for a
         merged dir, nlink 1)."""
         return sys_fstat(n.fd)

@@ -48,9 +48,12 @@ cdef class IdTable:
         return self.used
 
     cdef object get(self, uint64_t i):
-        """The Node of id i, or None."""
+        """The Node of id i, or None (0 and ID_GONE are never ids: they mark
+        empty and removed slots)."""
         cdef size_t mask = self.cap - 1
         cdef size_t k = _id_hash(i, mask)
+        if i == 0 or i == ID_GONE:
+            return None
         while True:
             if self.slots[k].id == i:
                 return <object>self.slots[k].node
@@ -64,6 +67,8 @@ cdef class IdTable:
     cdef int put(self, uint64_t i, node) except -1:
         """Add id i -> node (i must not be in the table)."""
         cdef size_t mask, k
+        if i == 0 or i == ID_GONE:
+            raise ValueError(f"{i} is not a node id")
         if (self.filled + 1) * 3 >= self.cap * 2:
             self._resize(self.cap * 2 if self.used * 3 >= self.cap else self.cap)
         mask = self.cap - 1
@@ -83,6 +88,8 @@ cdef class IdTable:
         cdef size_t mask = self.cap - 1
         cdef size_t k = _id_hash(i, mask)
         cdef object node
+        if i == 0 or i == ID_GONE:
+            return None
         while True:
             if self.slots[k].id == i:
                 node = <object>self.slots[k].node
@@ -113,3 +120,33 @@ cdef class IdTable:
         self.filled = self.used
         free(old)
         return 0
+
+
+def _idtable_selftest(int n=5000):
+    """Exercise IdTable from Python (tests/test_engine.py): puts, gets,
+    pops, growth past many tombstones, and the ids that never are."""
+    cdef IdTable t = IdTable()
+    cdef uint64_t i
+    objs = [object() for _ in range(n)]
+    for i in range(1, n + 1):
+        t.put(i, objs[i - 1])
+    assert len(t) == n
+    for i in range(1, n + 1):
+        assert t.get(i) is objs[i - 1]
+    assert t.get(0) is None and t.pop(0) is None
+    assert t.get(ID_GONE) is None and t.get(n + 1) is None
+    for i in range(1, n + 1, 2):
+        assert t.pop(i) is objs[i - 1]
+        assert t.get(i) is None
+    assert len(t) == n // 2
+    for i in range(n + 1, 3 * n):      # reuse of tombstones, resizes
+        t.put(i, objs[i % n])
+    for i in range(2, n + 1, 2):
+        assert t.get(i) is objs[i - 1]
+    try:
+        t.put(0, objs[0])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("put(0) was accepted")
+    return True

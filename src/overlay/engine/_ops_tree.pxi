@@ -5,9 +5,20 @@ handler takes the request as the wire gives it and calls into the core."""
 
 
 cdef int op_lookup(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
+    cdef fuse_entry_out e
     name = _cstr(arg, n)
     with self.lock:
-        node = self.core.lookup(self._node(h.nodeid), name)
+        try:
+            node = self.core.lookup(self._node(h.nodeid), name)
+        except FileNotFoundError:
+            # a negative entry (node id 0) the kernel may keep for
+            # entry_timeout, as it keeps a missing name on the kernel
+            # overlay: every create through the mount replaces it
+            memset(&e, 0, sizeof(e))
+            e.entry_valid = self.entry_sec
+            e.entry_valid_nsec = self.entry_nsec
+            self.reply(fd, h.unique, &e, sizeof(e))
+            return 0
         self._reply_entry(fd, h.unique, node)
     return 0
 

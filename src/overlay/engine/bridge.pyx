@@ -38,6 +38,7 @@ cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
 from overlay.engine.abi cimport *
+from overlay_core._core cimport Node, Overlay, Stat
 from overlay.engine.wire cimport Session, READ_BUFFER
 
 log = logging.getLogger("overlay.engine")
@@ -101,7 +102,7 @@ cdef class _Backing:
 
 cdef class OverlayFS(Session):
     """The request handlers of one overlay mount."""
-    cdef public object core
+    cdef public Overlay core
     cdef IdTable inodes           # node id -> Node, every inode the kernel knows
     cdef dict old_refs            # node id -> kernel lookups, for ids a Node no longer has
     cdef dict handles             # fh -> _Handle
@@ -145,7 +146,7 @@ cdef class OverlayFS(Session):
 
     # ------------------------------------------------------------ tables
 
-    cdef uint64_t _key(self, node):
+    cdef uint64_t _key(self, Node node):
         cdef uint64_t fid = node.fuse_id
         if not fid:
             fid = self.next_id
@@ -153,13 +154,13 @@ cdef class OverlayFS(Session):
             node.fuse_id = fid
         return fid
 
-    cdef object _node(self, uint64_t nodeid):
+    cdef Node _node(self, uint64_t nodeid):
         node = self.inodes.get(nodeid)
         if node is None:
             raise OSError(E.ESTALE, "unknown node id")
-        return node
+        return <Node>node
 
-    cdef uint64_t _ref(self, node, uint64_t count=1):
+    cdef uint64_t _ref(self, Node node, uint64_t count=1) except? 0:
         """The kernel got count more references to node (an entry reply, a
         readdirplus record): its node id, given out now if it had none. The
         count lives in the Node (kernel_refs): no table entry per inode."""
@@ -209,10 +210,11 @@ cdef class OverlayFS(Session):
 
     # ------------------------------------------------------------ attributes
 
-    cdef _fill_attr(self, fuse_attr *a, node, st):
-        """fuse_attr of node from its Stat st."""
+    cdef _fill_attr(self, fuse_attr *a, Node node, Stat st):
+        """fuse_attr of node from its Stat st (C fields only: no Python
+        object is made here)."""
         cdef int64_t t
-        a.ino = node.ino
+        a.ino = node._ino
         a.size = st.st_size
         a.blocks = st.st_blocks
         t = st.st_atime_ns
@@ -225,21 +227,21 @@ cdef class OverlayFS(Session):
         a.ctime = t // 1000000000
         a.ctimensec = t % 1000000000
         a.mode = st.st_mode
-        a.nlink = 1 if node.merged else st.st_nlink
+        a.nlink = 1 if node.is_merged() else st.st_nlink
         if self.squash:
             a.uid = a.gid = 0
         else:
-            a.uid = self.uidmap.shown(st.st_uid) if self.uidmap else st.st_uid
-            a.gid = self.gidmap.shown(st.st_gid) if self.gidmap else st.st_gid
+            a.uid = self.uidmap.shown(st.st_uid) if self.uidmap is not None else st.st_uid
+            a.gid = self.gidmap.shown(st.st_gid) if self.gidmap is not None else st.st_gid
         a.rdev = _encode_dev(st.st_rdev)
         a.blksize = st.st_blksize
         a.flags = 0
-        if node.upper < 0 and S.S_ISREG(st.st_mode):
+        if node._upper == -1 and (st.st_mode & 0o170000) == 0o100000:
             # remember what the kernel now believes of a lower file, so an
             # edit made to it directly is noticed at the next open
-            node.cached = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            node.note_reported(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    cdef _fill_entry(self, fuse_entry_out *e, node, st):
+    cdef _fill_entry(self, fuse_entry_out *e, Node node, Stat st):
         """An entry for node (not counted: see _ref)."""
         if st is None:
             st = self.core.getattr(node)
@@ -257,18 +259,20 @@ cdef class OverlayFS(Session):
             e.attr_valid_nsec = self.attr_nsec
         self._fill_attr(&e.attr, node, st)
 
-    cdef int _reply_entry(self, int fd, uint64_t unique, node) except -1:
+    cdef int _reply_entry(self, int fd, uint64_t unique, Node node) except -1:
         """Reply with an entry for node and count the lookup (undone if the
         request is gone)."""
         cdef fuse_entry_out e
-        st, node.st = node.st, None     # what the lookup just saw, if any
+        cdef Stat st = node.st          # what the lookup just saw, if any
+        cdef uint64_t key
+        node.st = None
         self._fill_entry(&e, node, st)
-        key = self._ref(node)
+        key = self._ref(node, 1)
         if self.reply(fd, unique, &e, sizeof(e)) == -E.ENOENT:
             self._forget(key, 1)
         return 0
 
-    cdef int _reply_attr(self, int fd, uint64_t unique, node, st=None) except -1:
+    cdef int _reply_attr(self, int fd, uint64_t unique, Node node, Stat st=None) except -1:
         cdef fuse_attr_out o
         if st is None:
             st = self.core.getattr(node)
