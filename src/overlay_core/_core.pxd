@@ -43,7 +43,6 @@ cdef class Node:
     a _DirState (dircache, redirect, lindex, nlookups, opaque: properties)."""
     cdef public object parent      # Node, None for the root (and an unlinked O_TMPFILE)
     cdef public bytes name         # name under parent (last known alias)
-    cdef public object ov          # the Overlay that reopens evicted fds
     cdef public object key         # identity of the real object (see _Stack._intern)
     cdef public list aliases       # other (parent, name) a non-dir is known by, or None
     cdef public object st          # Stat found by the lookup that made/refreshed it
@@ -61,15 +60,36 @@ cdef class Node:
     cdef public unsigned char in_lru
     cdef unsigned char _has_real, _has_ino, _has_cached
     cdef public unsigned int kernel_refs   # the adapter's count of kernel lookups
+    cdef unsigned int _ovi         # its Overlay, by number (see ov): fills what was padding
     cdef public unsigned long long real_dev, real_ino   # the real object behind the fds
     cdef unsigned long long _ino   # st_ino reported for this object (see ino)
     cdef public unsigned long long fuse_id   # the adapter's node id for it, 0 if none
     cdef unsigned long long _c_print   # fingerprint of what the kernel was told (see cached)
+    # No cdef methods: a vtable pointer would cost 8 bytes a Node (and with
+    # the allocator's 16-byte steps, 16). The engine's C-level helpers:
 
-    cdef _DirState _dirstate(self)
-    # C-level helpers for the native engine
-    cdef void note_reported(self, long long size, long long mtime_ns, long long ctime_ns) noexcept
-    cdef bint is_merged(self) noexcept
+
+cdef inline void node_note_reported(Node n, long long size, long long mtime_ns,
+                                    long long ctime_ns) noexcept:
+    """Remember what the kernel was told of a lower file (see Node.cached)."""
+    n._c_print = _fingerprint(size, mtime_ns, ctime_ns)
+    n._has_cached = True
+
+
+cdef inline bint node_is_merged(Node n) noexcept:
+    """Node.merged, at C level (dirs are never evicted: their fds are there)."""
+    if not n.is_dir:
+        return False
+    return ((len(n._lowers) if n._lowers is not None else 0) + (n._upper >= 0)) > 1
+
+
+cdef inline unsigned long long _fingerprint(long long a, long long b, long long c) noexcept:
+    """A 64-bit mix of three values (splitmix64 steps): equal inputs, equal
+    prints; a chance change goes unnoticed with odds of 2**-64."""
+    cdef unsigned long long h = <unsigned long long>a * 0x9E3779B97F4A7C15ULL
+    h ^= (h >> 31) ^ (<unsigned long long>b * 0xBF58476D1CE4E5B9ULL)
+    h ^= (h >> 27) ^ (<unsigned long long>c * 0x94D049BB133111EBULL)
+    return h ^ (h >> 33)
 
 
 cdef class _Stack:
@@ -87,6 +107,8 @@ cdef class _Stack:
     cdef readonly bint oci             # lower layers use OCI .wh. whiteouts
     cdef readonly bint no_sync
     cdef readonly Node root
+    cdef readonly unsigned int ovi     # this Overlay's number, kept by its Nodes (Node.ov)
+    cdef object __weakref__            # Node.ov finds the Overlay through a weak reference
     cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
     cdef public dict counters          # copy-ups, bytes copied, lookups... (overlay stats)
     cdef public list renumbered        # Nodes whose attributes changed behind the

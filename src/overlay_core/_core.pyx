@@ -1,9 +1,10 @@
 # cython: language_level=3
 """overlay_core._core: the layer stack, path resolution, merge and copy-up.
 
-This is the whole overlay logic, with no knowledge of FUSE: the adapter in
-src/overlay/fs.py calls these methods with Node objects and turns the
-OSError they raise into FUSEError.
+This is the whole overlay logic, with no knowledge of FUSE: the engines
+(the native one in src/overlay/engine/, at C level through _core.pxd, and
+the pyfuse3 adapter in src/overlay/fs.py) call these methods with Node
+objects and turn the OSError they raise into errno replies.
 
 Model
 -----
@@ -38,6 +39,7 @@ import logging
 import os
 import stat as S
 import threading
+import weakref
 
 
 log = logging.getLogger(__name__)

@@ -3,13 +3,29 @@ the merged tree, and the O_PATH fds it holds on the real objects behind it.
 Its fields are declared in _core.pxd."""
 
 
-cdef inline unsigned long long _fingerprint(long long a, long long b, long long c) noexcept:
-    """A 64-bit mix of three values (splitmix64 steps): equal inputs, equal
-    prints; a chance change goes unnoticed with odds of 2**-64."""
-    cdef unsigned long long h = <unsigned long long>a * 0x9E3779B97F4A7C15ULL
-    h ^= (h >> 31) ^ (<unsigned long long>b * 0xBF58476D1CE4E5B9ULL)
-    h ^= (h >> 27) ^ (<unsigned long long>c * 0x94D049BB133111EBULL)
-    return h ^ (h >> 33)
+# The Overlays Nodes belong to, by number: a Node keeps its Overlay's number
+# in 4 bytes that would otherwise be padding, where a pointer would cost 16
+# bytes a Node. The table holds weak references (the Overlay owns its Nodes,
+# not the reverse) and numbers are never reused, so a Node that outlives its
+# Overlay finds nothing rather than another stack.
+cdef dict _OVERLAYS = {}
+cdef unsigned int _next_ovi = 0
+
+
+cdef unsigned int _register_overlay(ov) except 0:
+    global _next_ovi
+    if _next_ovi == 0xffffffff:
+        raise RuntimeError("too many Overlay objects in one process")
+    _next_ovi += 1
+    i = _next_ovi
+    _OVERLAYS[i] = weakref.ref(ov, lambda _r, i=i: _OVERLAYS.pop(i, None))
+    return i
+
+
+cdef _DirState _dirstate(Node n):
+    if n._dir is None:
+        n._dir = _DirState()
+    return n._dir
 
 
 cdef class _DirState:
@@ -43,6 +59,18 @@ cdef class Node:
                         os.close(fd)
                     except OSError:
                         pass
+
+    property ov:
+        """The Overlay this Node belongs to (it reopens evicted fds)."""
+        def __get__(self):
+            r = _OVERLAYS.get(self._ovi)
+            ov = r() if r is not None else None
+            if ov is None:
+                raise RuntimeError("this Node's Overlay is gone")
+            return ov
+
+        def __set__(self, _Stack ov):
+            self._ovi = ov.ovi
 
     property upper:
         """O_PATH fd of the object in the upper layer, or -1."""
@@ -117,25 +145,9 @@ cdef class Node:
                 self._c_print = _fingerprint(v[0], v[1], v[2])
                 self._has_cached = True
 
-    cdef void note_reported(self, long long size, long long mtime_ns, long long ctime_ns) noexcept:
-        """Remember what the kernel was told of a lower file (see cached)."""
-        self._c_print = _fingerprint(size, mtime_ns, ctime_ns)
-        self._has_cached = True
-
-    cdef bint is_merged(self) noexcept:
-        """merged, at C level (dirs are never evicted: their fds are there)."""
-        if not self.is_dir:
-            return False
-        return ((len(self._lowers) if self._lowers is not None else 0) + (self._upper >= 0)) > 1
-
     def changed(self, long long size, long long mtime_ns, long long ctime_ns):
         """Do these attributes differ from those last reported (cached)?"""
         return self._has_cached and self._c_print != _fingerprint(size, mtime_ns, ctime_ns)
-
-    cdef _DirState _dirstate(self):
-        if self._dir is None:
-            self._dir = _DirState()
-        return self._dir
 
     property dircache:
         """[(name, Node, dir fd)] of a dir's last listing, or None."""
@@ -144,7 +156,7 @@ cdef class Node:
 
         def __set__(self, v):
             if v is not None or self._dir is not None:
-                self._dirstate().dircache = v
+                _dirstate(self).dircache = v
 
     property redirect:
         """An upper dir's <prefix>redirect, or None."""
@@ -153,7 +165,7 @@ cdef class Node:
 
         def __set__(self, v):
             if v is not None or self._dir is not None:
-                self._dirstate().redirect = v
+                _dirstate(self).redirect = v
 
     property lindex:
         """{name: [positions in lowers]} of a dir of a deep stack, or None."""
@@ -162,7 +174,7 @@ cdef class Node:
 
         def __set__(self, v):
             if v is not None or self._dir is not None:
-                self._dirstate().lindex = v
+                _dirstate(self).lindex = v
 
     property nlookups:
         """Lookups below a dir before its name index was built."""
@@ -171,7 +183,7 @@ cdef class Node:
 
         def __set__(self, int v):
             if v or self._dir is not None:
-                self._dirstate().nlookups = v
+                _dirstate(self).nlookups = v
 
     property opaque:
         """An upper dir with <prefix>opaque=y."""
@@ -180,7 +192,7 @@ cdef class Node:
 
         def __set__(self, bint v):
             if v or self._dir is not None:
-                self._dirstate().opaque = v
+                _dirstate(self).opaque = v
 
     @property
     def fd(self):

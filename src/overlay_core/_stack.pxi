@@ -68,6 +68,7 @@ cdef class _Stack:
         for d in devs:
             self._dev_index.setdefault(d, len(self._dev_index))
         self._samefs = len(self._dev_index) == 1
+        self.ovi = _register_overlay(self)
         self.root = self._make_root()
 
     # ------------------------------------------------------------ setup
@@ -110,6 +111,7 @@ cdef class _Stack:
         cdef Node n = Node()
         n.parent = None
         n.name = b""
+        n.ov = self
         n.is_dir = True
         if self.upper_root >= 0:
             n.upper = os.dup(self.upper_root)

@@ -38,7 +38,7 @@ cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
 from overlay.engine.abi cimport *
-from overlay_core._core cimport Node, Overlay, Stat
+from overlay_core._core cimport Node, Overlay, Stat, node_is_merged, node_note_reported
 from overlay.engine.wire cimport Session, READ_BUFFER
 
 log = logging.getLogger("overlay.engine")
@@ -227,7 +227,7 @@ cdef class OverlayFS(Session):
         a.ctime = t // 1000000000
         a.ctimensec = t % 1000000000
         a.mode = st.st_mode
-        a.nlink = 1 if node.is_merged() else st.st_nlink
+        a.nlink = 1 if node_is_merged(node) else st.st_nlink
         if self.squash:
             a.uid = a.gid = 0
         else:
@@ -239,7 +239,7 @@ cdef class OverlayFS(Session):
         if node._upper == -1 and (st.st_mode & 0o170000) == 0o100000:
             # remember what the kernel now believes of a lower file, so an
             # edit made to it directly is noticed at the next open
-            node.note_reported(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            node_note_reported(node, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     cdef _fill_entry(self, fuse_entry_out *e, Node node, Stat st):
         """An entry for node (not counted: see _ref)."""
