@@ -8,6 +8,8 @@ _Stack (layers, identity) <- _Resolver (lookup) <- _Lister (readdir)
 <- _Copier (copy-up) <- Overlay (the changes to the tree).
 """
 
+from posix.stat cimport struct_stat
+
 
 cdef class Stat:
     """The fields of a stat(2) result the overlay reports (_sys.pxi)."""
@@ -155,6 +157,7 @@ cdef class _Resolver(_Stack):
     cdef _check_redirect(self, bytes rd, bytes name, bint follow=*)
     cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir)
     cdef _build_index(self, Node d)
+    cdef Node _known_upper(self, Node parent, bytes name, struct_stat *ust, Stat st)
     cpdef Node lookup(self, Node parent, bytes name)
 
 

@@ -168,6 +168,21 @@ cdef class _Resolver(_Stack):
         d.lindex = index
         self.counters["name_indexes"] += 1
 
+    cdef Node _known_upper(self, Node parent, bytes name, struct_stat *ust, Stat st):
+        """The known Node of an upper non-dir found again at the name it is
+        known by (unlink, rename and setattr look their target up again):
+        what the full lookup would return, without opening it and reading
+        its xattrs again. None where the full lookup must run."""
+        cdef Node old = self.nodes.get(_realkey(ust.st_dev, ust.st_ino))
+        if (old is None or old.is_dir or old.evicted or old._upper < 0
+                or not old._has_real or old.real_dev != ust.st_dev or old.real_ino != ust.st_ino
+                or old.parent is not parent or old.name != name):
+            return None
+        self.counters["lookups"] += 1
+        self.counters["lookups_known"] += 1
+        old.st = st
+        return old
+
     cpdef Node lookup(self, Node parent, bytes name):
         """Resolve name in the merged directory parent; returns the Node
         (the same object for the same inode while it is known) or raises.
@@ -210,6 +225,9 @@ cdef class _Resolver(_Stack):
                             redirect = None
                     n.redirect = redirect
                 else:
+                    known = self._known_upper(parent, name, &ust, st)
+                    if known is not None:
+                        return known
                     n.upper = self._opath(parent.upper, name, False)
         if not have_ust or (have_upper_dir and not n.opaque):
             nondir, dirs, lst = self._lookup_lowers(parent, name, redirect, have_upper_dir)
