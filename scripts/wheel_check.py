@@ -45,7 +45,7 @@ def check(cond: bool, what: str) -> None:
 def main() -> int:
     source = os.path.realpath(sys.argv[1]) if len(sys.argv) > 1 else None
     mods = ["overlay", "overlay_core._core", "overlay.engine", "overlay.engine.wire",
-            "overlay.engine.bridge", "overlay.engine.mount", "overlay.serve", "overlay.cli",
+            "overlay.engine.bridge", "overlay.engine.mount", "overlay.serve", "overlay.daemon", "overlay.cli",
             "overlay.api", "overlay.layertools", "overlay.options"]
     if importlib.util.find_spec("pyfuse3") is not None:
         mods += ["overlay._fuseattr", "overlay.fs"]

@@ -687,7 +687,7 @@ def test_exception_in_handler_answers_eio_and_is_logged(reltmp, caplog):
 WRAPPER = textwrap.dedent('''
     """Test wrapper: our CLI, with a core whose readlink of boom* raises."""
     import sys
-    import overlay.serve as serve
+    import overlay.daemon as daemon
     from overlay_core import Overlay
 
     class Boom(Overlay):
@@ -703,7 +703,7 @@ WRAPPER = textwrap.dedent('''
                     redirect_dir=config.redirect_dir, no_sync=config.volatile,
                     oci_whiteouts=config.oci_whiteouts)
 
-    serve.build_core = build
+    daemon.build_core = build
 
     from overlay.cli import main
     sys.exit(main(sys.argv[1:]))

@@ -41,7 +41,7 @@ from pyfuse3 import FUSEError
 
 from overlay_core import Overlay
 
-from . import _fuseattr, serve
+from . import _fuseattr, daemon
 from .idmap import IdMap
 
 log = logging.getLogger(__name__)
@@ -588,9 +588,9 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Mount config on mountpoint and serve until it is unmounted (or the
     process gets SIGTERM/SIGINT, which unmounts). Calls on_ready() once the
     mount is live."""
-    serve.raise_fd_limit()
-    serve.presize_fd_table()
-    core = serve.build_core(config)
+    daemon.raise_fd_limit()
+    daemon.presize_fd_table()
+    core = daemon.build_core(config)
     ops = OverlayOperations(core, entry_timeout=config.entry_timeout,
                             attr_timeout=config.attr_timeout,
                             uidmap=IdMap.parse(config.uidmapping, "uidmapping") if config.uidmapping else None,
@@ -602,7 +602,7 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     try:
         # from a thread: the write waits until the kernel has initialised
         # the connection, which needs our request loop running
-        threading.Thread(target=serve.set_readahead, args=(mountpoint, serve.READAHEAD_KIB),
+        threading.Thread(target=daemon.set_readahead, args=(mountpoint, daemon.READAHEAD_KIB),
                          name="readahead", daemon=True).start()
         on_ready()
 

@@ -34,7 +34,7 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Mount config on mountpoint and serve until it is unmounted, or until
     SIGTERM, SIGINT or SIGHUP (which unmount). Calls on_ready() once the
     mount answers requests."""
-    from overlay import serve
+    from overlay import daemon
     from overlay.engine import mount as mnt
     from overlay.engine.bridge import OverlayFS
     from overlay.idmap import IdMap
@@ -56,9 +56,9 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             old[sig] = signal.signal(sig, on_signal)
     try:
-        serve.raise_fd_limit()
-        serve.presize_fd_table()
-        core = serve.build_core(config)
+        daemon.raise_fd_limit()
+        daemon.presize_fd_table()
+        core = daemon.build_core(config)
         try:
             fs = OverlayFS(
                 core,
@@ -108,7 +108,7 @@ def _stack_depth(config) -> int:
 
 
 def _serve(fs, m, config, mountpoint, on_ready, state) -> None:
-    from overlay import serve
+    from overlay import daemon
 
     clean = False
     try:
@@ -121,7 +121,7 @@ def _serve(fs, m, config, mountpoint, on_ready, state) -> None:
         if fs.init_error:
             raise OSError(71, fs.init_error)
         os.statvfs(mountpoint)          # a request answered: the mount is live
-        serve.set_readahead(mountpoint)
+        daemon.set_readahead(mountpoint)
         if state["stop"]:
             return
         on_ready()
