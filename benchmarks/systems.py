@@ -120,6 +120,9 @@ class System:
             opts += f",upperdir={upper},workdir={work}"
         if self.extra_options:
             opts += "," + self.extra_options
+        if self.fuse and self.name.startswith("ours") and os.environ.get("BENCH_OURS_OPTIONS"):
+            # e.g. BENCH_OURS_OPTIONS=workers=4: our mounts only, every workload
+            opts += "," + os.environ["BENCH_OURS_OPTIONS"]
         return opts
 
     def mount(self, lowers, upper, work, mp, *, base=None) -> None:
