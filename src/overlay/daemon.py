@@ -12,6 +12,8 @@ import logging
 import os
 import resource
 
+from overlay.mounttable import find_mount
+
 log = logging.getLogger(__name__)
 
 # Readahead of the FUSE mount (KiB); the kernel's default is 128.
@@ -67,28 +69,14 @@ def presize_fd_table(size: int = FD_TABLE_SIZE) -> None:
         log.debug("fd table not grown: %s", exc)
 
 
-def mount_dev(mountpoint: str) -> str | None:
-    """'major:minor' of the mount at mountpoint, from /proc/self/mountinfo
-    (a stat() would ask our own filesystem, which may not be serving yet)."""
-    target = mountpoint    # canonical already; realpath() would stat our own mount
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            mp = mp.replace("\\134", "\\")
-            if mp == target:
-                found = fields[2]          # the last one is on top
-    return found
-
-
 def set_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
     """Raise the readahead of the FUSE mount (the kernel default is 128 KiB):
     streaming reads then reach the daemon as bigger requests, several in
     flight."""
-    dev = mount_dev(mountpoint)
-    if dev is None:
+    entry = find_mount(mountpoint)  # not stat(): that would ask our own filesystem
+    if entry is None:
         return
+    dev = entry.dev
     try:
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(str(kib))

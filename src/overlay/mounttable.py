@@ -32,13 +32,15 @@ def unescape_mountinfo(field: str) -> str:
 class MountEntry:
     """One line of mountinfo (a plain class: dataclasses cost start-up time)."""
 
-    __slots__ = ("mountpoint", "fstype", "source", "mount_id")
+    __slots__ = ("mountpoint", "fstype", "source", "mount_id", "dev")
 
-    def __init__(self, mountpoint: str, fstype: str, source: str, mount_id: int = -1):
+    def __init__(self, mountpoint: str, fstype: str, source: str, mount_id: int = -1,
+                 dev: str = ""):
         self.mountpoint = mountpoint
         self.fstype = fstype
         self.source = source
         self.mount_id = mount_id
+        self.dev = dev              # "major:minor" of the mounted filesystem
 
     def _key(self):
         return (self.mountpoint, self.fstype, self.source, self.mount_id)
@@ -68,6 +70,7 @@ def iter_mounts(mountinfo: str = "/proc/self/mountinfo"):
                 fstype=fields[sep + 1],
                 source=unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "",
                 mount_id=int(fields[0]),
+                dev=fields[2],
             )
 
 

@@ -25,6 +25,7 @@ import stat
 import subprocess
 
 from overlay.engine import wire
+from overlay.mounttable import find_mount
 
 log = logging.getLogger("overlay.engine")
 
@@ -105,9 +106,10 @@ class Mounted:
         """As root: the child that unmounts if we die (see wire.start_watchdog)."""
         if self.method != "mount":
             return
-        dev = mount_dev(self.mountpoint)
-        if dev is None:
+        entry = find_mount(self.mountpoint)  # the top mount there: ours
+        if entry is None:
             return
+        dev = entry.dev
         self._watchdog = wire.start_watchdog(os.fsencode(self.mountpoint), dev.encode())
 
     def unmount(self, lazy: bool = True) -> None:
@@ -147,21 +149,6 @@ class Mounted:
             except subprocess.TimeoutExpired:
                 log.warning("fusermount3 (pid %d) did not exit", self._helper.pid)
             self._helper = None
-
-
-def mount_dev(mountpoint: str) -> str | None:
-    """'major:minor' of the top mount at mountpoint, from mountinfo (a stat()
-    would ask the filesystem itself)."""
-    target = mountpoint    # canonical already; realpath() would stat our own mount
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            mp = mp.replace("\\134", "\\")
-            if mp == target:
-                found = fields[2]
-    return found
 
 
 def can_mount() -> bool:
