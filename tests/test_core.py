@@ -741,6 +741,44 @@ def test_unlink_whiteouts(mkstack):
     assert s.work_entries() == []
 
 
+def test_removed_object_is_not_found_again_by_a_new_one(mkstack):
+    """A Node whose last name is gone stops standing for its (st_dev,
+    st_ino): the filesystem reuses freed inode numbers, and a new file with
+    the old number must not get the old Node and its st_ino (engine=pyfuse3
+    showed the copied-up file's st_ino on a file created over its whiteout,
+    when the RELEASE of its fd came after the UNLINK)."""
+    s = mkstack(1)
+    mkfile(s.L(0, "a"), b"lower")
+    mkdirp(s.L(0, "d"))
+    o = s.overlay()
+    lower_ino = os.lstat(s.L(0, "a")).st_ino
+    n = resolve(o, "a")
+    o.copy_up(n)
+    assert n.ino == lower_ino
+    n.pins += 1                     # an open fd, released after the unlink
+    o.unlink(o.root, b"a")
+    assert o.nodes.get(n.key) is not n
+    n.pins -= 1
+    o.release(n)                    # the RELEASE: its fd closes, the inode is freed
+    fd, m = o.create(o.root, b"a", os.O_WRONLY, 0o600, 0, 0)
+    os.close(fd)
+    o.remember(m)
+    again = resolve(o, "a")
+    assert again is not n and again.ino == os.lstat(s.U("a")).st_ino != lower_ino
+    # the same for a dir, and for a rename's overwritten target
+    d = resolve(o, "d")
+    o.copy_up(d)
+    o.rmdir(o.root, b"d")
+    assert o.nodes.get(d.key) is not d
+    fd, t = o.create(o.root, b"t", os.O_WRONLY, 0o600, 0, 0)
+    os.close(fd)
+    o.remember(t)
+    fd, src = o.create(o.root, b"src", os.O_WRONLY, 0o600, 0, 0)
+    os.close(fd)
+    o.rename(o.root, b"src", o.root, b"t")
+    assert o.nodes.get(t.key) is not t
+
+
 def test_rmdir_then_mkdir_gives_opaque_dir(mkstack):
     s = mkstack(2)
     mkfile(s.L(0, "d", "x"), b"x")

@@ -179,6 +179,7 @@ cdef class Overlay(_Copier):
     cdef bytes _escape(self, bytes name)
     cdef object _unescape(self, bytes stored)
     cdef _only_whiteouts(self, int dirfd, bytes name)
+    cdef _unname(self, Node n)
     cdef bint _merge_or_lower(self, Node n)
     cdef bint _can_move(self, Node n)
     cdef bytes _abs_redirect(self, Node n)

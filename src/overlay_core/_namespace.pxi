@@ -275,8 +275,16 @@ cdef class Overlay(_Copier):
         self._remove(parent, name, n)
         self._drop_alias(n, parent, name)
         if (n.parent, n.name) == (parent, name):
-            self.release(n)         # no name left: give its space back
+            self._unname(n)
         return n
+
+    cdef _unname(self, Node n):
+        """n lost its last known name: it is no longer the Node of its
+        (st_dev, st_ino), which a new file may soon have (the filesystem
+        reuses the numbers of freed inodes); give its space back."""
+        if self.nodes.get(n.key) is n:
+            del self.nodes[n.key]
+        self.release(n)
 
     def rmdir(self, Node parent, bytes name):
         self._need_upper()
@@ -286,6 +294,7 @@ cdef class Overlay(_Copier):
         if self.nonempty_names(n):
             raise _err(errno.ENOTEMPTY, name)
         self._remove(parent, name, n)
+        self._unname(n)
         return n
 
     def _remove(self, Node parent, bytes name, Node n):
@@ -449,7 +458,7 @@ cdef class Overlay(_Copier):
         elif new is not None:
             self._drop_alias(new, np, nname)
             if (new.parent, new.name) == (np, nname):
-                self.release(new)
+                self._unname(new)
 
     # ------------------------------------------------------------ misc
 
