@@ -320,6 +320,11 @@ class MountTracker:
         mount_ours(lowers, upper, work, mp, opts)
         return str(mp)
 
+    def track(self, mp):
+        """Unmount mp (mounted by the caller, e.g. a tmpfs) at close too."""
+        self._mps.append(str(mp))
+        return str(mp)
+
     def umount(self, mp) -> bool:
         ok = umount(mp)
         if str(mp) in self._mps:

@@ -41,6 +41,34 @@ XO = "trusted.overlay."
 # environment
 
 
+
+def _kernel_fh(path):
+    """The origin value the kernel writes for the object at path: struct
+    ovl_fb (version 0, magic 0xfb, length, flags, handle type, fs uuid) and
+    the filesystem's file handle (built here independently of the core)."""
+    import ctypes
+    import fcntl
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(8 + 128)
+    ctypes.c_uint.from_buffer(buf, 0).value = 128
+    mnt = ctypes.c_int()
+    AT_FDCWD = -100
+    assert libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mnt), 0) == 0
+    nbytes = ctypes.c_uint.from_buffer(buf, 0).value
+    htype = ctypes.c_int.from_buffer(buf, 4).value
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        u = bytearray(17)
+        try:
+            fcntl.ioctl(fd, 0x80111500, u)      # FS_IOC_GETFSUUID
+            uuid = bytes(u[1:1 + u[0]]).ljust(16, b"\0")
+        except OSError:
+            uuid = bytes(16)
+    finally:
+        os.close(fd)
+    return bytes((0, 0xFB, 21 + nbytes, 0, htype)) + uuid + buf.raw[8:8 + nbytes]
+
 def _trusted_xattrs_work(d):
     p = os.path.join(d, "probe")
     open(p, "w").close()
@@ -519,8 +547,11 @@ def test_copy_up_file_metadata_and_xattrs(mkstack):
     xs = xattrs_of(s.U("f"))
     assert xs["user.a"] == b"1"
     assert xs["trusted.b"] == b"2"
-    assert {k for k in xs if k.startswith(XO)} == {XO + "fuse.ino"}
-    assert xs[XO + "fuse.ino"] == str(ino).encode()
+    # the kernel's origin: the lower file's handle (with its fs uuid); no
+    # fuse.ino where the kernel's origin can be followed
+    assert {k for k in xs if k.startswith(XO)} == {XO + "origin"}
+    assert xs[XO + "origin"] == _kernel_fh(p)
+    assert xattrs_of(s.upper)[XO + "impure"] == b"y"
     # the core's view of the copy
     st = o.getattr(n)
     assert st.st_mtime_ns == T1 and S.S_IMODE(st.st_mode) == 0o2754
@@ -630,8 +661,9 @@ def test_copy_up_parents_first_with_metadata(mkstack):
     assert (S.S_IMODE(st1.st_mode), st1.st_uid, st1.st_gid) == (0o751, 5, 6)
     assert (S.S_IMODE(st2.st_mode), st2.st_uid, st2.st_gid) == (0o705, 7, 8)
     assert xattrs_of(s.U("d1"))["user.p"] == b"1"
-    assert xattrs_of(s.U("d1"))[XO + "fuse.ino"] == str(inos[0]).encode()
-    assert xattrs_of(s.U("d1", "d2"))[XO + "fuse.ino"] == str(inos[1]).encode()
+    assert xattrs_of(s.U("d1"))[XO + "origin"] == _kernel_fh(s.L(0, "d1"))
+    assert xattrs_of(s.U("d1", "d2"))[XO + "origin"] == _kernel_fh(s.L(0, "d1", "d2"))
+    assert xattrs_of(s.U("d1"))[XO + "impure"] == b"y"     # d2 was copied up into it
     assert resolve(o, "d1").ino == inos[0]
     assert os.lstat(s.U("d1", "d2", "f")).st_mtime_ns == T3
     assert s.work_entries() == []

@@ -798,3 +798,29 @@ def test_st_ino_and_st_dev(mk):
     assert len(devs) == 1, f"ours: st_dev differs between objects: {devs}"
     assert len(set(before.values())) == len(before), f"ours: st_ino not unique: {before}"
     p.finish()  # also checks st_ino after remount
+
+
+@pytest.mark.parametrize("then", ["none", "create", "unlink", "rename_onto", "mkdir", "rmdir"])
+def test_xattr_whiteout_in_upper(mk, difftmp, then):
+    """An xattr whiteout (empty file with overlay.whiteout) in the upper
+    layer: neither side writes one, but the kernel honours it at lookup (the
+    name is listed, its lookup fails): so do we, and what is done over it
+    next goes as on the kernel."""
+    if not _kernel_supports_xwhiteout(difftmp):
+        pytest.skip("this kernel does not support xattr whiteouts")
+    p = mk([[d("d"), file("d/a", "hidden"), file("d/c", "c")]], upper=[d("d"), xwhiteout("d/a")])
+    for op in [("stat", "d/a"), ("readdir", "d"), ("read", "d/a"), ("stat", "d/c")]:
+        p.op(op)
+    if then == "create":
+        p.op(("create", "d/a", 0o644, b"new"))
+    elif then == "unlink":
+        p.op(("unlink", "d/a"))
+    elif then == "rename_onto":
+        p.op(("rename", "d/c", "d/a", 0))
+    elif then == "mkdir":
+        p.op(("mkdir", "d/a", 0o755))
+    elif then == "rmdir":
+        p.op(("unlink", "d/c"))
+        p.op(("rmdir", "d"))
+    p.op(("readdir", "d"))
+    p.finish()

@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import signal
+import shutil
 import subprocess
 import textwrap
 import time
@@ -243,6 +244,14 @@ def _torture_round(base, rnd, n_big, big_mib, n_small, relmounts, daemons, volat
     assert not mountutil.is_mounted(mp)
     assert all(not n.startswith("#") for n in tree_names(upper)), tree_names(upper)
 
+    if volatile:
+        # as the kernel: after a volatile mount the next one is refused
+        # until the user clears the marker (here: the files are checked below)
+        marker = os.path.join(work, "work", "incompat", "volatile")
+        assert os.path.isfile(os.path.join(marker, "dirty"))
+        with pytest.raises(mountutil.MountError, match="incompat feature 'volatile'"):
+            relmounts.ours([lower], upper, work, mp)
+        shutil.rmtree(os.path.join(work, "work", "incompat"))
     relmounts.ours([lower], upper, work, mp)
     assert os.listdir(os.path.join(work, "work")) == []
     names = set(os.listdir(mp))

@@ -32,6 +32,8 @@ def build_core(config):
         redirect_dir=config.redirect_dir,
         no_sync=config.volatile,
         oci_whiteouts=config.oci_whiteouts,
+        uuid=config.uuid,
+        xino=config.xino,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

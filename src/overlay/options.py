@@ -82,6 +82,8 @@ class MountConfig:
         "uidmapping": None,  # CONTAINER:HOST:SIZE[:...] (see overlay.idmap)
         "gidmapping": None,
         "squash_to_root": False,
+        "uuid": "auto",  # the kernel's uuid=: on, off, null or auto (origin file handles)
+        "xino": "off",  # the kernel's xino=: on, off or auto (st_ino of layers on several fs)
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -170,13 +172,24 @@ _FLAG_OPTIONS = frozenset(
 _VALUE_OPTIONS = frozenset(
     {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
      "timeout", "entry_timeout", "attr_timeout", "workers", "uidmapping", "gidmapping",
-     "engine", "passthrough"}
+     "engine", "passthrough", "uuid", "nfs_export", "verity"}
 )
-# Options only accepted with one of these values (no-ops for us).
-_NOOP_VALUES = {
-    "index": ("off",),
-    "metacopy": ("off",),
-    "xino": ("off", "auto"),
+# The kernel's on/off features and the values it takes; KERNEL_FEATURES are
+# the ones we do not have yet (refused with a line saying so, after the
+# kernel's own checks of the combination).
+_ONOFF = ("on", "off")
+_FEATURE_VALUES = {
+    "index": _ONOFF,
+    "metacopy": _ONOFF,
+    "nfs_export": _ONOFF,
+    "xino": ("on", "off", "auto"),
+    "verity": ("on", "off", "require"),
+}
+_NOT_YET = {
+    "index": ("on",),
+    "metacopy": ("on",),
+    "nfs_export": ("on",),
+    "verity": ("on", "require"),
 }
 _REDIRECT_DIR = {"on": True, "off": False, "follow": False, "nofollow": False}
 
@@ -297,6 +310,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     extra: dict[str, int] = {}
     idmaps: dict[str, str] = {}
     ignored: list[str] = []
+    features: dict[str, str] = {}
+    redirect_value = None
 
     for raw in split_options(optstring):
         opt = raw.strip()
@@ -355,19 +370,24 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 timeouts.setdefault("attr_timeout", seconds)
             else:
                 timeouts[name] = seconds
+        elif name == "uuid":
+            if value not in ("on", "off", "null", "auto"):
+                raise OptionError(f"bad value '{value}' for uuid (expected on, off, null or auto)")
+            extra["uuid"] = value
         elif name == "redirect_dir":
             if value not in _REDIRECT_DIR:
                 raise OptionError(
                     f"bad value '{value}' for redirect_dir (expected on, off, follow or nofollow)"
                 )
             redirect_dir = _REDIRECT_DIR[value]
-        else:  # index / metacopy / xino: only the values we behave like
-            allowed = _NOOP_VALUES[name]
+            redirect_value = value
+        else:  # index / metacopy / nfs_export / xino / verity
+            allowed = _FEATURE_VALUES[name]
             if value not in allowed:
                 raise OptionError(
-                    f"unsupported value '{value}' for {name} (only {' or '.join(allowed)})"
+                    f"bad value '{value}' for {name} (expected {', '.join(allowed[:-1])} or {allowed[-1]})"
                 )
-            ignored.append(opt)
+            features[name] = value
 
     if lowerdir is None:
         raise OptionError("missing required option 'lowerdir='")
@@ -419,12 +439,18 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     _check_lowers_apart(lowers)
 
     userxattr = flags.get("userxattr", False)
+    _check_combination(features, redirect_value, userxattr)
+    for name, value in features.items():
+        if value in _NOT_YET.get(name, ()):
+            raise OptionError(f"{name}={value} is not supported yet")
+        if name == "xino":
+            extra["xino"] = value
+        else:
+            ignored.append(f"{name}={value}")
     if redirect_dir is None:
         # like the kernel, which refuses redirect_dir=on with userxattr
         # (unprivileged mounts): renaming merged dirs then gives EXDEV
         redirect_dir = not userxattr
-    elif redirect_dir and userxattr:
-        raise OptionError("redirect_dir=on cannot be used with userxattr (as in the kernel)")
 
     if extra.get("engine", "native") == "native" and extra.get("workers", 1) > 64:
         raise OptionError(f"bad value '{extra['workers']}' for workers (expected 1 to 64 with engine=native)")
@@ -450,6 +476,27 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     )
     log.debug("parsed mount options %r -> %r", optstring, config)
     return config
+
+
+def _check_combination(features: dict, redirect_value, userxattr: bool) -> None:
+    """The option combinations the kernel overlay refuses, in its words
+    ("conflicting options: ..."), checked in the order it checks them."""
+    def conflict(a, b):
+        raise OptionError(f"conflicting options: {a},{b}")
+
+    metacopy = features.get("metacopy") == "on"
+    nfs_export = features.get("nfs_export") == "on"
+    if metacopy and redirect_value in ("off", "follow", "nofollow"):
+        # the kernel names redirect_dir=off as it reads it: follow
+        conflict("metacopy=on", "redirect_dir=" + ("follow" if redirect_value == "off" else redirect_value))
+    if nfs_export and features.get("index") == "off":
+        conflict("nfs_export=on", "index=off")
+    if nfs_export and metacopy:
+        conflict("nfs_export=on", "metacopy=on")
+    if userxattr and redirect_value == "on":
+        conflict("userxattr", "redirect_dir=on")
+    if userxattr and metacopy:
+        conflict("userxattr", "metacopy=on")
 
 
 def validate_mountpoint(path: str, cwd: str | None = None) -> str:

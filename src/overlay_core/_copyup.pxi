@@ -78,7 +78,7 @@ cdef class _Copier(_Lister):
         self.copy_up(p)
         # Someone (another Node of the same dir) may have done it already.
         ust = self._upper_entry(p, n.name)
-        if ust is not None and not _is_whiteout_st(ust):
+        if ust is not None and not self._upper_whiteout(p.upper, n.name, ust):
             src_st = os.stat(n.fd)
             if S.S_IFMT(ust.st_mode) == S.S_IFMT(src_st.st_mode):
                 self._adopt_upper(n, self._opath(p.upper, n.name, n.is_dir),
@@ -135,21 +135,31 @@ cdef class _Copier(_Lister):
             try:
                 self._copy_xattrs(src, _proc(tfd))
                 ino_kept = False
-                if n.ino is not None and (fmt == S.S_IFDIR or st.st_nlink == 1):
+                if fmt == S.S_IFDIR or st.st_nlink == 1:
+                    # the kernel's origin: the lower object's file handle
+                    # (not for one name of a lower hard link, without index)
+                    origin = self._origin_fh(src, n.lowers[0][0])
                     try:
-                        os.setxattr(_proc(tfd), self.x_ino, b"%d" % n.ino)
-                        ino_kept = True
+                        os.setxattr(_proc(tfd), self.x_origin, origin)
+                        if fmt != S.S_IFDIR and n.ino is not None and (
+                                not origin or not self.can_decode):
+                            # no handle the kernel could follow: keep st_ino
+                            # in our own xattr (the kernel would change it)
+                            os.setxattr(_proc(tfd), self.x_ino, b"%d" % n.ino)
                     except OSError as e:
                         # user.* xattrs are refused on symlinks and special
                         # files (userxattr); the kernel then has no origin
-                        # either and reports the upper inode number
+                        # either: it keeps st_ino until the next mount, then
+                        # reports the upper inode number
                         if fmt == S.S_IFREG or fmt == S.S_IFDIR:
                             raise
-                        log.debug("copy-up: no inode xattr on %r: %s", n.name, e)
+                        log.debug("copy-up: no origin xattr on %r: %s", n.name, e)
+                    ino_kept = True
                 os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
                 if fmt != S.S_IFLNK:
                     os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
                 sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
+                self._set_impure(p)     # as the kernel, before the copy lands
                 sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
             except BaseException:
                 os.close(tfd)

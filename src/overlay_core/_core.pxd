@@ -36,6 +36,7 @@ cdef class _DirState:
     cdef object lindex             # {name: [positions in lowers]} (see _build_index)
     cdef int nlookups              # lookups below it before lindex was built
     cdef bint opaque               # upper dir has <prefix>opaque=y
+    cdef bint impure               # upper dir has <prefix>impure=y (known set)
 
 
 cdef class Node:
@@ -104,6 +105,12 @@ cdef class _Stack:
     cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
     cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."
     cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
+    cdef readonly bytes x_origin, x_impure, x_uuid
+    cdef readonly object uuid_mode     # "on", "off", "null" or "auto" (the kernel's uuid=)
+    cdef readonly list layer_uuids     # uuid of each lower layer's filesystem (16 bytes)
+    cdef readonly bint can_decode      # origin file handles can be opened here
+    cdef list _mount_fds               # O_RDONLY fds of the lower roots (open_by_handle_at)
+    cdef object _bad_uuid_layers       # lower layers whose fs uuid is not unique
     cdef readonly bint redirect_dir
     cdef readonly bint userxattr
     cdef readonly bint oci             # lower layers use OCI .wh. whiteouts
@@ -115,14 +122,16 @@ cdef class _Stack:
     cdef public dict counters          # copy-ups, bytes copied, lookups... (overlay stats)
     cdef public list renumbered        # Nodes whose attributes changed behind the
                                        # kernel's back: copied up (the adapter drains it)
-    cdef object _dev_index             # st_dev -> small int, when layers span filesystems
+    cdef object _dev_index             # st_dev -> the kernel's fsid (0: the upper fs)
     cdef bint _samefs
+    cdef int _xino_bits                # the kernel's xino_mode: 0 one fs, -1 off, else bits
     cdef object _tmp_counter
     cdef object _lock
     cdef Node _lru_head, _lru_tail     # the fd cache: non-dir Nodes holding fds, oldest first
     cdef public int fd_cache_len
     cdef public int fd_cache_max
     cdef bint _walk_stop               # set by _walk_lower: an opaque dir on the way
+    cdef bytes _walk_redirect          # set by _walk_lower: a redirect on the way, or None
     cdef object _private_dirs          # {(st_dev, st_ino)} of the upper and work dirs
     cdef object _cond                  # threading.Condition on the callers' lock, or None
     cdef public bint keep_listings     # readdir keeps listings (dircache)
@@ -144,6 +153,11 @@ cdef class _Stack:
     cdef _adopt_upper(self, Node n, int fd, bint keep_ino)
     cdef object _upper_entry(self, Node parent, bytes name)
     cdef bytes _tmpname(self)
+    cdef bytes _origin_fh(self, int fd, int layer)
+    cdef object _origin_stat(self, int upper_fd, unsigned int mode)
+    cdef object _upper_ino(self, int upper_fd, Stat st)
+    cdef unsigned long long _map(self, unsigned long long dev, unsigned long long ino)
+    cdef _set_impure(self, Node d)
     # the C-level interface the native engine calls (also callable from Python)
     cpdef remember(self, Node n)
     cpdef forget(self, Node n)

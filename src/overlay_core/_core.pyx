@@ -19,9 +19,13 @@ layer can lead outside it.
 
 On-disk format: the kernel's (whiteouts are 0/0 character devices,
 `<prefix>opaque` = "y", `<prefix>redirect` for moved directories, as with
-redirect_dir=on). We also write `<prefix>fuse.ino`, holding the inode number
-a copied-up object had in its lower layer, so st_ino survives copy-up and
-remounts; the kernel ignores that name.
+redirect_dir=on; `<prefix>origin`, the lower object's file handle, on
+copied-up objects and merged dirs, `<prefix>impure` on their parents and
+`<prefix>uuid` on a new upper root, see _origin.pxi). Only where no origin
+the kernel could follow can be written (a lower filesystem without file
+handles, no CAP_DAC_READ_SEARCH) we also write `<prefix>fuse.ino`, the inode
+number the object had in its lower layer, so st_ino survives copy-up there
+too; the kernel ignores that name.
 
 Identity: a Node stands for one real object: its `key` is the (st_dev,
 st_ino) of the upper object, else of the top lower one, except for a lower
@@ -66,6 +70,7 @@ INDEX_MIN_LAYERS = 8
 OCI_WH = b".wh."
 OCI_OPQ = b".wh..wh..opq"
 INDEX_AFTER_LOOKUPS = 4
+XFS_MAGIC = 0x58465342
 
 
 
@@ -99,6 +104,7 @@ def _err(int code, name=None):
 
 
 include "_sys.pxi"
+include "_origin.pxi"
 include "_node.pxi"
 include "_stack.pxi"
 include "_resolve.pxi"

@@ -104,10 +104,21 @@ cdef class _Lister(_Resolver):
         out = []
         cache = []
         known = {}      # one Node per object, also for names not yet known
+        # the kernel looks up every upper entry of an impure merged dir (for
+        # its d_ino), which hides the xattr whiteouts of the upper layer
+        recheck = (n.merged and n.upper >= 0
+                   and (self._xino_bits > 0 or self._getx(n.upper, self.x_impure) == b"y"))
         for name, fd in entries:
             try:
                 child = self.lookup(n, name)
                 child = known.setdefault(child.key, child)
+            except FileNotFoundError:
+                if recheck and fd == n.upper:
+                    continue
+                try:
+                    child = self._ghost(fd, name)
+                except OSError:
+                    child = self._blind_ghost(fd, name)
             except OSError:
                 # a whiteout, or an entry whose lookup fails (bad redirect,
                 # EIO...): listed, and only its lookup fails, as the kernel
@@ -119,7 +130,26 @@ cdef class _Lister(_Resolver):
             cache.append((name, child, fd))
         if self.keep_listings:
             n.dircache = cache
+        if n.upper >= 0 and not n.lowers and self._samefs:
+            self._drop_stale_impure(n, out)
         return out
+
+    def _drop_stale_impure(self, Node n, list out):
+        """A dir of the upper layer only, marked impure, none of whose
+        entries now reports another st_ino than its own: drop the mark, as
+        the kernel does when it lists such a dir."""
+        if self._getx(n.upper, self.x_impure) is None:
+            return
+        for _, child in out:
+            if not child.ghost and child.ino != child.real_ino:
+                return
+        try:
+            os.removexattr(_proc(n.upper), self.x_impure)
+        except OSError as e:
+            log.debug("impure not removed from %r: %s", n.name, e)
+            return
+        if n._dir is not None:
+            n._dir.impure = False
 
     cdef Node _blind_ghost(self, int dirfd, bytes name):
         """An entry even a stat fails on (EIO from a layer): listed with what

@@ -28,7 +28,7 @@ cdef class Overlay(_Copier):
         else:
             raise _err(errno.EEXIST, name)
         ust = self._upper_entry(parent, name)
-        return ust is not None and _is_whiteout_st(ust)
+        return self._upper_whiteout(parent.upper, name, ust)
 
     def _create(self, Node parent, bytes name, int kind, int mode, int rdev, bytes target,
                 int uid, int gid, Node link_src=None, int open_flags=-1):
@@ -51,6 +51,8 @@ cdef class Overlay(_Copier):
         ofd = -1
         if link_src is not None:
             link_src = self.copy_up(link_src)
+            if link_src.parent is not None and self._has_origin(link_src):
+                self._set_impure(parent)    # a name of a copied-up object: as the kernel
             os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
         elif kind == S.S_IFDIR:
             os.mkdir(dname, mode & 0o7777, dir_fd=dfd)
@@ -232,7 +234,7 @@ cdef class Overlay(_Copier):
         try:
             for nm in _listdir(fd):
                 st = os.stat(nm, dir_fd=fd, follow_symlinks=False)
-                if not _is_whiteout_st(st):
+                if not self._upper_whiteout(fd, nm, st):
                     log.error("refusing to clear %r: it holds %r", name, nm)
                     raise _err(errno.ENOTEMPTY, name)
         finally:
@@ -342,6 +344,15 @@ cdef class Overlay(_Copier):
             s = b"/" + s
         return s
 
+    def _has_origin(self, Node n):
+        """Does n (in the upper layer) stand for a lower object too: a
+        merged dir, or a non-dir copied up from one (the kernel's origin)?"""
+        if n.is_dir:
+            return bool(n.lowers)
+        # the st_ino of its lower object (copied up with one link, or its
+        # origin decoded at lookup), as the kernel's "origin" inodes
+        return n.ino != self._map_real(n)
+
     cdef _set_redirect(self, Node n, bint samedir):
         absolute = not samedir
         if n.redirect and (not absolute or n.redirect.startswith(b"/")):
@@ -402,7 +413,7 @@ cdef class Overlay(_Copier):
         new_is_whiteout = False
         if new is None:
             ust = self._upper_entry(np, nname)
-            new_is_whiteout = ust is not None and _is_whiteout_st(ust)
+            new_is_whiteout = self._upper_whiteout(np.upper, nname, ust)
         rflags = RENAME_EXCHANGE if exchange else 0
         cleanup_whiteout = False
         if overwrite:
@@ -439,6 +450,12 @@ cdef class Overlay(_Copier):
             elif new.is_dir and not new.opaque and op.merged:
                 os.setxattr(_proc(new.upper), self.x_opaque, b"y")
                 new.opaque = True
+        if not samedir:
+            # a copied-up or moved entry in a new parent: mark it impure
+            if self._has_origin(old):
+                self._set_impure(np)
+            if exchange and self._has_origin(new):
+                self._set_impure(op)
         if rflags & RENAME_WHITEOUT:
             try:
                 sys_renameat2(op.upper, oname, np.upper, nname, rflags)

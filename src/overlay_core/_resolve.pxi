@@ -12,7 +12,10 @@ cdef class _Resolver(_Stack):
     cdef _walk_lower(self, int base, list comps):
         """Resolve comps below base in one lower layer.
         Returns (kind, fd, st): kind 0 missing, 1 stop (whiteout or a
-        non-directory on the way), 2 non-directory, 3 directory; st a Stat."""
+        non-directory on the way), 2 non-directory, 3 directory; st a Stat.
+        Sets _walk_stop (an opaque dir on the way) and _walk_redirect (the
+        path the layers below are to be searched for, where a dir on the
+        way carries a redirect), as the kernel's ovl_lookup_layer."""
         cdef int fd = base
         cdef int nfd, err
         cdef Py_ssize_t j, n = len(comps)
@@ -21,6 +24,7 @@ cdef class _Resolver(_Stack):
         cdef bint last
         owned = False
         self._walk_stop = False
+        self._walk_redirect = None
         try:
             for j in range(n):
                 comp = comps[j]
@@ -48,11 +52,27 @@ cdef class _Resolver(_Stack):
                     os.close(fd)
                 fd = nfd
                 owned = True
-                if not last and (self._getx(fd, self.x_opaque) == b"y"
-                                 or (self.oci and self._oci_opaque(fd))):
+                if last:
+                    continue
+                if (self._getx(fd, self.x_opaque) == b"y"
+                        or (self.oci and self._oci_opaque(fd))):
                     # an opaque dir on the way: the layers below do not
                     # count for this path (the kernel stops there too)
                     self._walk_stop = True
+                    continue
+                rd = self._getx(fd, self.x_redirect)
+                if rd is not None:
+                    # a dir on the way was moved here from elsewhere (a
+                    # pushed-down upper): the layers below hold the rest
+                    # of the path under its old place, as the kernel reads
+                    self._check_redirect(rd, comp)
+                    rest = comps[j + 1:]
+                    if rd.startswith(b"/"):
+                        new = [c for c in rd.split(b"/") if c] + rest
+                        self._walk_stop = False     # the kernel resets it too
+                    else:
+                        new = comps[:j] + [rd] + rest
+                    self._walk_redirect = b"/" + b"/".join(new)
             owned = False
             return 3, fd, _mkstat(&st)
         finally:
@@ -114,6 +134,8 @@ cdef class _Resolver(_Stack):
                 log.warning("ignoring invalid redirect %r", path)
                 break
             kind, fd, st = self._walk_lower(base, comps)
+            if self._walk_redirect is not None:
+                path = self._walk_redirect      # the layers below: the old place
             if kind == 0:
                 if self._walk_stop:
                     break       # an opaque dir on the way: nothing below counts
@@ -208,6 +230,12 @@ cdef class _Resolver(_Stack):
             if have_ust:
                 if S.S_ISCHR(ust.st_mode) and ust.st_rdev == 0:
                     raise _err(errno.ENOENT, name)
+                if (S.S_ISREG(ust.st_mode) and ust.st_size == 0
+                        and self._lower_whiteout_c(parent.upper, name, ust.st_mode, 0, 0)):
+                    # an xattr whiteout in the upper layer: never written
+                    # by us (or the kernel), but honoured at lookup as the
+                    # kernel does (a listing shows its name, as the kernel's)
+                    raise _err(errno.ENOENT, name)
                 st = _mkstat(&ust)
                 if S.S_ISDIR(ust.st_mode):
                     n.is_dir = True
@@ -242,9 +270,14 @@ cdef class _Resolver(_Stack):
         # identity and inode number
         if n.upper >= 0:
             n.key = _realkey(ust.st_dev, ust.st_ino)
-            x = self._getx(n.upper, self.x_ino)
-            if x is not None and x.isdigit() and 0 < len(x) < 20 and 1 < int(x) < 2**63:
-                n.ino = int(x)
+            if not n.is_dir:
+                n.ino = self._upper_ino(n.upper, st)
+            elif n.lowers:
+                # a merged dir: the kernel reports its top lower dir's
+                # number, and names that dir in the upper's origin
+                n.ino = self.map_ino(lst)
+                if self._getx(n.upper, self.x_origin) is None:
+                    self._fix_origin(parent, n)
             else:
                 n.ino = self.map_ino(st)
         else:
@@ -262,6 +295,20 @@ cdef class _Resolver(_Stack):
             n.real_dev, n.real_ino = lst.st_dev, lst.st_ino
         n._has_real = True
         return self._intern(n)
+
+    def _fix_origin(self, Node parent, Node n):
+        """A merged upper dir without origin (made before origin was, or by
+        a mkdir over a lower dir's place... as the kernel, which writes it
+        at lookup): name its top lower dir, and mark the parent impure."""
+        idx, fd = n.lowers[0]
+        try:
+            os.setxattr(_proc(n.upper), self.x_origin, self._origin_fh(fd, idx))
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS, errno.EPERM):
+                raise
+            log.debug("origin not set on %r: %s", n.name, e)
+            return
+        self._set_impure(parent)
 
     def lower_positive(self, Node parent, bytes name):
         """Would a lower entry show at name if the upper had nothing there?"""

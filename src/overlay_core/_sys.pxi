@@ -7,7 +7,7 @@ on failure; the data copy loop runs without the GIL.
 """
 
 from libc.errno cimport errno as c_errno, EINVAL, EXDEV, ENOSYS, EOPNOTSUPP, ENXIO, EINTR, EBADF, ENOTTY, EPERM
-from libc.string cimport strerror
+from libc.string cimport strerror, memcpy, memset
 from posix.types cimport off_t, mode_t
 from posix.unistd cimport lseek, ftruncate, read, write, pread, pwrite
 from libc.stdlib cimport malloc, free
@@ -400,3 +400,79 @@ def sys_statx(int fd, unsigned int mask):
     r.stx_rdev_major = b.stx_rdev_major
     r.stx_rdev_minor = b.stx_rdev_minor
     return r
+
+
+# ---------------------------------------------------------------- file handles
+# The kernel overlay names the lower object a copy-up came from by its
+# filesystem's file handle (name_to_handle_at(2), as exportfs encodes it)
+# and decodes it again (open_by_handle_at(2), CAP_DAC_READ_SEARCH).
+
+cdef extern from "<fcntl.h>" nogil:
+    int name_to_handle_at(int dirfd, const char *pathname, void *handle, int *mount_id, int flags)
+    int open_by_handle_at(int mount_fd, void *handle, int flags)
+
+DEF MAX_HANDLE_SZ = 128
+# FS_IOC_GETFSUUID: _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]}), Linux 6.5
+DEF FS_IOC_GETFSUUID = 0x80111500
+
+
+def sys_name_to_handle(int fd):
+    """(handle type, handle bytes) of the object behind fd (an O_PATH fd
+    will do). OSError EOPNOTSUPP where the filesystem has no file handles."""
+    cdef unsigned char buf[8 + MAX_HANDLE_SZ]
+    cdef unsigned int *nbytes = <unsigned int *>buf
+    cdef int *htype = <int *>(buf + 4)
+    cdef int mnt, ret
+    nbytes[0] = MAX_HANDLE_SZ
+    with nogil:
+        ret = name_to_handle_at(fd, "", buf, &mnt, AT_EMPTY_PATH)
+    if ret != 0:
+        raise _oserror(c_errno)
+    return htype[0], (<char *>buf)[8:8 + nbytes[0]]
+
+
+def sys_open_by_handle(int mount_fd, int htype, bytes handle, int flags):
+    """open_by_handle_at(2) of (htype, handle) on mount_fd's filesystem."""
+    cdef unsigned char buf[8 + MAX_HANDLE_SZ]
+    cdef Py_ssize_t n = len(handle)
+    cdef int ret
+    if n > MAX_HANDLE_SZ:
+        raise _oserror(EINVAL)
+    (<unsigned int *>buf)[0] = <unsigned int>n
+    (<int *>(buf + 4))[0] = htype
+    memcpy(buf + 8, <const char *>handle, n)
+    with nogil:
+        ret = open_by_handle_at(mount_fd, buf, flags)
+    if ret < 0:
+        raise _oserror(c_errno)
+    return ret
+
+
+def sys_fs_uuid(int fd):
+    """The uuid (16 bytes) of the filesystem of fd (not an O_PATH fd), as
+    the kernel keeps it (s_uuid): zeros where it has none."""
+    cdef unsigned char buf[17]
+    cdef int ret
+    memset(buf, 0, sizeof(buf))
+    with nogil:
+        ret = ioctl(fd, FS_IOC_GETFSUUID, buf)
+    if ret != 0 or buf[0] > 16:
+        return bytes(16)
+    return (<char *>buf)[1:1 + buf[0]] + bytes(16 - buf[0])
+
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs *buf)
+
+
+def sys_fs_type(int fd):
+    """The filesystem type (statfs f_type, its magic number) behind fd."""
+    cdef statfs sb
+    cdef int ret
+    with nogil:
+        ret = fstatfs(fd, &sb)
+    if ret != 0:
+        raise _oserror(c_errno)
+    return <unsigned long>sb.f_type

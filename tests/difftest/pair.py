@@ -17,8 +17,10 @@ log) when the results differ.  Ops that change an object in place also
 compare whether st_ino stayed the same on each side (copy-up keeps st_ino).
 ``check_trees()`` compares whole-tree snapshots.  ``finish()`` compares the
 final trees, unmounts both, compares the two upper dirs, remounts ours over
-its upper (same tree, same st_ino per path) and mounts the kernel overlay
-over our upper + lowers (same tree as the kernel side had).
+its upper (same tree, same st_ino per path), mounts the kernel overlay
+over our upper + lowers (same tree as the kernel side had, the same st_ino
+as ours remounted) and ours over the kernel's upper (same tree and st_ino
+as the kernel showed).
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ class DiffPair:
         # st_ino must survive a remount of ours (the kernel in userxattr mode
         # does not keep them, so the DIFF_IMPL=kernel self-test turns it off)
         self.check_ino_persistence = not (mountutil.ours_is_kernel() and stack.prefix == L.USER_PREFIX)
+        # ...except, in userxattr mode, for objects that cannot carry user.*
+        # xattrs (symlinks, special files): no origin can be stored on them,
+        # so, as the kernel, ours keeps their st_ino until the next mount only
+        self.no_origin_types = ("l", "p", "c", "b", "s") if stack.prefix == L.USER_PREFIX else ()
         # the kernel's hardlink partition (paths sharing st_ino) is only
         # meaningful with trusted xattrs; in userxattr mode a new link name
         # gets its own st_ino there
@@ -246,7 +252,7 @@ class DiffPair:
             self.fail(f"upper dirs differ after unmount ({self.nops} ops)", d)
         return uk, uo
 
-    def finish(self, remount=True, kernel_over_ours=True):
+    def finish(self, remount=True, kernel_over_ours=True, ours_over_kernel=True):
         """Final compare, unmount, compare uppers, remount checks."""
         if os.environ.get("DIFF_VERBOSE", "") not in ("", "0"):
             print("\n" + self.report("op log (DIFF_VERBOSE)"))
@@ -254,6 +260,7 @@ class DiffPair:
         self.umount()
         if self.stack.has_upper:
             self.check_uppers()
+        s2 = None
         if remount:
             self._mount_ours(self.built_o, self.mp_o, self.ours_opts)
             try:
@@ -263,7 +270,8 @@ class DiffPair:
                 if d:
                     self.fail("remounted ours shows a different tree", d)
                 changed = [f"/{p}: st_ino {so.inos[p]} -> {s2.inos.get(p)}"
-                           for p in sorted(so.inos) if s2.inos.get(p) != so.inos[p]]
+                           for p in sorted(so.inos) if s2.inos.get(p) != so.inos[p]
+                           and so.entries[p].get("type") not in self.no_origin_types]
                 if not self.check_ino_persistence:
                     changed = []
                 if changed:
@@ -280,6 +288,27 @@ class DiffPair:
                                    groups=self.compare_groups)
                 if d:
                     self.fail("kernel overlay over OUR upper shows a different tree", d)
+                if s2 is not None:
+                    # the same dirs mounted twice: the same inode numbers
+                    d = [f"/{p}: ours {s2.inos.get(p)} kernel {s3.inos.get(p)}"
+                         for p in sorted(set(s2.inos) | set(s3.inos)) if s2.inos.get(p) != s3.inos.get(p)]
+                    if d:
+                        self.fail("st_ino: ours remounted and the kernel over our upper differ", d)
             finally:
                 self.tracker.umount(self.mp_o)
+        if ours_over_kernel and self.stack.has_upper:
+            # the other way round: ours over the upper the kernel wrote
+            self._mount_ours(self.built_k, self.mp_k, self.ours_opts)
+            try:
+                s4 = snapshot_mount(self.mp_k)
+                d = diff_snapshots(sk, s4, "kernel-side", "ours-over-the-kernel's-upper",
+                                   groups=self.compare_groups)
+                d += [f"/{p}: kernel {sk.inos.get(p)} ours {s4.inos.get(p)}"
+                      for p in sorted(set(sk.inos) | set(s4.inos)) if sk.inos.get(p) != s4.inos.get(p)
+                      and sk.entries.get(p, {}).get("type") not in self.no_origin_types
+                      and self.check_ino_persistence]
+                if d:
+                    self.fail("ours over the KERNEL's upper shows another tree or st_ino", d)
+            finally:
+                self.tracker.umount(self.mp_k)
         return sk

@@ -8,8 +8,10 @@ aside and not compared across mounts, st_ino per path and the set of st_dev.
 
 ``snapshot_upper(upper, prefix)`` does the same on an upper dir after
 unmount, normalised: whiteouts are just ``{"type": "whiteout"}``;
-``<prefix>opaque`` / ``<prefix>redirect`` keep their values, other
-``<prefix>*`` xattrs (origin, impure, uuid, nlink, ...) are ignored, escaped
+``<prefix>opaque`` / ``<prefix>redirect`` keep their values; ``origin``,
+``impure`` and ``uuid`` are recorded as far as two copies of the layers can
+agree (the shape of the file handle, impure's value, uuid's presence);
+other ``<prefix>*`` xattrs (nlink, our fuse.ino...) are ignored, escaped
 ``<prefix>overlay.*`` xattrs are kept; dirs' nlink is not compared.
 
 ``diff_snapshots(a, b, la, lb)`` lists differences as readable lines.
@@ -128,6 +130,35 @@ def snapshot_mount(root: str) -> Snapshot:
     return Snapshot(entries, _groups(inos, types), inos, devs)
 
 
+def _fh_shape(v: bytes) -> str:
+    """What can be compared of an origin file handle across two copies of
+    the layers: its header (version, magic, length, flags, type) and whether
+    it carries a filesystem uuid; the handle itself names other inodes."""
+    if not v:
+        return "null"
+    if len(v) < 21:
+        return f"short({v.hex()})"
+    return f"v{v[0]} magic={v[1]:#x} len={v[2]} flags={v[3]} type={v[4]} uuid={'set' if any(v[5:21]) else 'null'}"
+
+
+def _identity_xattrs(full: str, prefix: str) -> dict:
+    """The kernel's identity xattrs on an upper object, as far as the two
+    sides can agree: origin's shape, impure's value, whether uuid is set."""
+    out = {}
+    for name in ("origin", "impure", "uuid"):
+        try:
+            v = os.getxattr(full, prefix + name, follow_symlinks=False)
+        except OSError:
+            continue
+        if name == "origin":
+            out[name] = _fh_shape(v)
+        elif name == "uuid":
+            out[name] = f"{len(v)} bytes"
+        else:
+            out[name] = v
+    return out
+
+
 def snapshot_upper(upper: str, prefix: str = "trusted.overlay.") -> Snapshot:
     keep_names = {prefix + "opaque", prefix + "redirect"}
 
@@ -151,6 +182,9 @@ def snapshot_upper(upper: str, prefix: str = "trusted.overlay.") -> Snapshot:
         rec = _record(full, st, keep)
         if rec["type"] == "d":
             rec.pop("nlink", None)
+        ident = _identity_xattrs(full, prefix)
+        if ident:
+            rec["identity"] = ident
         entries[rel] = rec
         inos[rel] = st.st_ino
         types[rel] = rec["type"]

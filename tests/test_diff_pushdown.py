@@ -1,0 +1,140 @@
+"""Push-down: a stack remounted again and again with its previous upper
+pushed down as the top lower layer, kernel overlay vs ours, at every step.
+
+Each rotation mounts ``lowerdir=U(r-1):...:U0:L...`` with a fresh upper
+U(r), applies random ops weighted towards what crosses layers (renames of
+dirs and files, hard links, copy-ups), compares every result and the whole
+trees, unmounts, compares the two upper dirs; the next rotation then also
+compares, path by path, which st_ino survived the push-down on each side.
+The fixed scenario is the data loss that started it: a dir moved twice
+across two push-downs (a redirect in a lower layer followed through the
+redirects of the layers below it).
+"""
+
+import os
+import random
+
+import pytest
+
+import mountutil
+from difftest import layers as L
+from difftest import ops as O
+from difftest import tolerate
+from difftest.layers import dir as d
+from difftest.layers import file
+from difftest.pair import DiffPair
+
+ROTATIONS = int(os.environ.get("DIFF_ROTATIONS", "10"))
+OPS_PER_ROTATION = int(os.environ.get("DIFF_ROTATION_OPS", "25"))
+SEEDS = [int(s) for s in os.environ.get("DIFF_PUSHDOWN_SEEDS", "1,2,3").split(",") if s]
+
+# across-layer work: renames (dirs get redirects), links, copy-ups, deletes
+WEIGHTS = dict(O.OP_WEIGHTS)
+WEIGHTS.update({"rename": 22, "rename_exchange": 6, "link": 10, "mkdir": 8, "append": 6,
+                "chmod": 5, "rmtree": 3, "unlink": 6})
+for _k in O.EXTENDED_OPS:
+    WEIGHTS.pop(_k, None)
+
+
+@pytest.fixture(autouse=True)
+def _env():
+    mountutil.require_root()
+    mountutil.require_kernel_overlay()
+    mountutil.require_ours()
+
+
+def _push_down(pair, r):
+    """The upper of both sides becomes their top lower; new upper and work."""
+    for side, built in (("k", pair.built_k), ("o", pair.built_o)):
+        built.lowers = [built.upper] + built.lowers
+        built.upper = os.path.join(pair.tmp, side, f"u{r}")
+        built.work = os.path.join(pair.tmp, side, f"w{r}")
+        os.makedirs(built.upper)
+        os.makedirs(built.work)
+
+
+def _kept(before, after):
+    """Paths whose st_ino is the same after the push-down."""
+    return {p for p, ino in before.items() if after.get(p) == ino}
+
+
+def _rotate(pair, r, prev):
+    """Mount rotation r; compare st_ino survival with the previous one."""
+    if r:
+        _push_down(pair, r)
+    pair.mount()
+    sk, so = pair.check_trees(f"rotation {r} mounted")
+    if prev is not None:
+        kept_k = _kept(prev[0].inos, sk.inos)
+        kept_o = _kept(prev[1].inos, so.inos)
+        if kept_k != kept_o:
+            pair.fail(f"rotation {r}: st_ino kept across the push-down differ",
+                      [f"kept by the kernel only: {sorted(kept_k - kept_o)}",
+                       f"kept by ours only: {sorted(kept_o - kept_k)}"])
+    return sk, so
+
+
+def _finish_rotation(pair, r):
+    snaps = pair.check_trees(f"rotation {r} end")
+    pair.umount()
+    pair.check_uppers()
+    return snaps
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_pushdown_rotations(seed, difftmp, mounts):
+    rng = random.Random(seed)
+    stack = L.gen_stack(rng, nlowers=2, upper=False, no_hardlinks=tolerate.on("lower-hardlinks"))
+    label = (f"pushdown seed={seed}; rerun: DIFF_PUSHDOWN_SEEDS={seed} python -m pytest "
+             f"tests/test_diff_pushdown.py -k rotations")
+    pair = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label=label,
+                    kernel_opts=("redirect_dir=on",))
+    os.makedirs(pair.tmp)
+    pair.build()
+    gen = O.OpGenerator(rng, extra_names=L.all_names(stack), weights=WEIGHTS,
+                        resolve_root=pair.mp_k, safe_setxattr=tolerate.on("no-failing-setxattr"))
+    prev = None
+    for r in range(ROTATIONS):
+        _rotate(pair, r, prev)
+        tree = O.list_tree(pair.mp_k)
+        for _ in range(OPS_PER_ROTATION):
+            op = gen.next(tree)
+            pair.op(op)
+            if op[0] in O.MUTATING:
+                tree = O.list_tree(pair.mp_k)
+        prev = _finish_rotation(pair, r)
+    # the last upper, mounted the other way round: the kernel over ours
+    mounts.kernel(pair.built_o.lowers, pair.built_o.upper, pair.built_o.work, pair.mp_o,
+                  ("redirect_dir=on",))
+    try:
+        from difftest.snapshot import diff_snapshots, snapshot_mount
+        diff = diff_snapshots(prev[0], snapshot_mount(pair.mp_o), "kernel-side",
+                              "kernel-over-our-stack")
+        if diff:
+            pair.fail("the kernel over our pushed-down stack shows another tree", diff)
+    finally:
+        mounts.umount(pair.mp_o)
+
+
+def test_pushdown_nested_redirect(difftmp, mounts):
+    """A populated lower dir moved under another, pushed down, its subdir
+    moved out, pushed down again: the subdir keeps its files (found through
+    the redirect of the middle layer's dir on the way), st_ino as the kernel."""
+    stack = L.Stack(lowers=[[d("a"), d("a/dir"), d("a/dir/pop"), file("a/dir/pop/f1", b"one"),
+                             file("a/dir/t", b"top"), d("a/empty")]], upper=[],
+                    prefix=L.TRUSTED_PREFIX, has_upper=True)
+    pair = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label="pushdown nested redirect",
+                    kernel_opts=("redirect_dir=on",))
+    os.makedirs(pair.tmp)
+    pair.build()
+    prev = _rotate(pair, 0, None)
+    pair.op(("rename", "a/dir", "a/empty/dir", 0), expect="ok")
+    prev = _finish_rotation(pair, 0)
+    _rotate(pair, 1, prev)
+    pair.op(("rename", "a/empty/dir/pop", "a/empty/pop", 0), expect="ok")
+    prev = _finish_rotation(pair, 1)
+    sk, so = _rotate(pair, 2, prev)
+    assert sk.entries["a/empty/pop/f1"]["sha"] == so.entries["a/empty/pop/f1"]["sha"]
+    assert "a/empty/dir/t" in so.entries and "a/empty/dir/pop" not in so.entries
+    pair.op(("read", "a/empty/pop/f1"), expect="ok")
+    _finish_rotation(pair, 2)
