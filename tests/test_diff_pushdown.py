@@ -4,8 +4,10 @@ pushed down as the top lower layer, kernel overlay vs ours, at every step.
 Each rotation mounts ``lowerdir=U(r-1):...:U0:L...`` with a fresh upper
 U(r), applies random ops weighted towards what crosses layers (renames of
 dirs and files, hard links, copy-ups), compares every result and the whole
-trees, unmounts, compares the two upper dirs; the next rotation then also
-compares, path by path, which st_ino survived the push-down on each side.
+trees, unmounts, compares the two upper dirs, mounts each side's stack by the
+other (the kernel over ours, ours over the kernel's: same tree, same
+st_ino); the next rotation then also compares, path by path, which st_ino
+survived the push-down on each side.
 The fixed scenario is the data loss that started it: a dir moved twice
 across two push-downs (a redirect in a lower layer followed through the
 redirects of the layers below it).
@@ -23,6 +25,7 @@ from difftest import tolerate
 from difftest.layers import dir as d
 from difftest.layers import file
 from difftest.pair import DiffPair
+from difftest.snapshot import diff_snapshots, snapshot_mount
 
 ROTATIONS = int(os.environ.get("DIFF_ROTATIONS", "10"))
 OPS_PER_ROTATION = int(os.environ.get("DIFF_ROTATION_OPS", "25"))
@@ -75,10 +78,27 @@ def _rotate(pair, r, prev):
 
 
 def _finish_rotation(pair, r):
-    snaps = pair.check_trees(f"rotation {r} end")
+    """Compare, unmount, compare the uppers, then mount each side's stack
+    by the other (the kernel over ours, ours over the kernel's): the same
+    tree and, the dirs being the same, the same st_ino."""
+    sk, so = pair.check_trees(f"rotation {r} end")
     pair.umount()
     pair.check_uppers()
-    return snaps
+    for who, built, mp, want in (("kernel", pair.built_o, pair.mp_o, so),
+                                 ("ours", pair.built_k, pair.mp_k, sk)):
+        opts = ("redirect_dir=on",) if who == "kernel" else ()
+        getattr(pair.tracker, who)(built.lowers, built.upper, built.work, mp, opts)
+        try:
+            other = snapshot_mount(mp)
+            diff = diff_snapshots(sk, other, "kernel-side", f"{who}-over-the-other-stack")
+            diff += [f"/{p}: {want.inos.get(p)} there, {other.inos.get(p)} here"
+                     for p in sorted(set(want.inos) | set(other.inos))
+                     if want.inos.get(p) != other.inos.get(p)]
+            if diff:
+                pair.fail(f"rotation {r}: {who} over the other side's stack differs", diff)
+        finally:
+            pair.tracker.umount(mp)
+    return sk, so
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
@@ -103,30 +123,24 @@ def test_pushdown_rotations(seed, difftmp, mounts):
             if op[0] in O.MUTATING:
                 tree = O.list_tree(pair.mp_k)
         prev = _finish_rotation(pair, r)
-    # the last upper, mounted the other way round: the kernel over ours
-    mounts.kernel(pair.built_o.lowers, pair.built_o.upper, pair.built_o.work, pair.mp_o,
-                  ("redirect_dir=on",))
-    try:
-        from difftest.snapshot import diff_snapshots, snapshot_mount
-        diff = diff_snapshots(prev[0], snapshot_mount(pair.mp_o), "kernel-side",
-                              "kernel-over-our-stack")
-        if diff:
-            pair.fail("the kernel over our pushed-down stack shows another tree", diff)
-    finally:
-        mounts.umount(pair.mp_o)
+
+
+def _fixed_pair(difftmp, mounts, label, lower):
+    """A built (not mounted) pair over one hand-written lower layer."""
+    stack = L.Stack(lowers=[lower], upper=[], prefix=L.TRUSTED_PREFIX, has_upper=True)
+    pair = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label=label,
+                    kernel_opts=("redirect_dir=on",))
+    os.makedirs(pair.tmp)
+    return pair.build()
 
 
 def test_pushdown_nested_redirect(difftmp, mounts):
     """A populated lower dir moved under another, pushed down, its subdir
     moved out, pushed down again: the subdir keeps its files (found through
     the redirect of the middle layer's dir on the way), st_ino as the kernel."""
-    stack = L.Stack(lowers=[[d("a"), d("a/dir"), d("a/dir/pop"), file("a/dir/pop/f1", b"one"),
-                             file("a/dir/t", b"top"), d("a/empty")]], upper=[],
-                    prefix=L.TRUSTED_PREFIX, has_upper=True)
-    pair = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label="pushdown nested redirect",
-                    kernel_opts=("redirect_dir=on",))
-    os.makedirs(pair.tmp)
-    pair.build()
+    pair = _fixed_pair(difftmp, mounts, "pushdown nested redirect",
+                       [d("a"), d("a/dir"), d("a/dir/pop"), file("a/dir/pop/f1", b"one"),
+                        file("a/dir/t", b"top"), d("a/empty")])
     prev = _rotate(pair, 0, None)
     pair.op(("rename", "a/dir", "a/empty/dir", 0), expect="ok")
     prev = _finish_rotation(pair, 0)
@@ -137,4 +151,23 @@ def test_pushdown_nested_redirect(difftmp, mounts):
     assert sk.entries["a/empty/pop/f1"]["sha"] == so.entries["a/empty/pop/f1"]["sha"]
     assert "a/empty/dir/t" in so.entries and "a/empty/dir/pop" not in so.entries
     pair.op(("read", "a/empty/pop/f1"), expect="ok")
+    _finish_rotation(pair, 2)
+
+
+def test_pushdown_redirect_below_opaque_dir(difftmp, mounts):
+    """A moved dir whose redirect leads through an opaque dir of a middle
+    layer to a dir that itself was moved (absolute redirect): the kernel
+    goes on below the opaque dir (found by the random rotations, seed 38)."""
+    pair = _fixed_pair(difftmp, mounts, "pushdown redirect below opaque",
+                       [d("a"), file("a/f", b"one"), d("b")])
+    prev = _rotate(pair, 0, None)
+    pair.op(("mkdir", "b/x", 0o755), expect="ok")        # opaque: its parent is merged
+    pair.op(("rename", "a", "b/x/h", 0), expect="ok")    # redirect /a
+    prev = _finish_rotation(pair, 0)
+    _rotate(pair, 1, prev)
+    pair.op(("mkdir", "b/c", 0o755), expect="ok")
+    pair.op(("rename", "b/x/h", "b/c/x", 0), expect="ok")  # redirect /b/x/h, through opaque b/x
+    prev = _finish_rotation(pair, 1)
+    sk, so = _rotate(pair, 2, prev)
+    assert sk.entries["b/c/x/f"]["sha"] == so.entries["b/c/x/f"]["sha"]
     _finish_rotation(pair, 2)

@@ -66,7 +66,8 @@ def _env():
 
 def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw"):
     """mode: "rw" (trusted.overlay.*, kernel redirect_dir=on), "userxattr"
-    (user.overlay.*, both sides -o userxattr) or "ro" (no upper)."""
+    (user.overlay.*, both sides -o userxattr), "ro" (no upper) or "xino"
+    (rw with the top lower layer on a tmpfs, xino=on on both sides)."""
     rng = random.Random(seed)
     if mode == "ro" and nlowers is None:
         nlowers = rng.randrange(2, 5)  # the kernel needs 2+ lowers without upper
@@ -78,15 +79,25 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
     elif mode == "ro":
         stack.has_upper = False
         stack = L.drop_ghost_whiteouts(stack)
+    elif mode == "xino":
+        kernel_opts, ours_opts = ("redirect_dir=on", "xino=on"), ("xino=on",)
+        _top_layer_on_tmpfs(tmp, tracker)
     env = f"DIFF_TOLERATE={','.join(sorted(tolerate.TOLERATE)) or 'none'} "
     if mountutil.ours_is_kernel():
         env += "DIFF_IMPL=kernel "
-    test = {"rw": "test_random_seed", "userxattr": "test_random_userxattr", "ro": "test_random_readonly"}[mode]
+    test = {"rw": "test_random_seed", "userxattr": "test_random_userxattr", "ro": "test_random_readonly",
+            "xino": "test_random_xino"}[mode]
     label = label or (f"{mode} seed={seed} nops={nops}; rerun: {env}DIFF_SEEDS={seed} DIFF_OPS={nops} "
                       f"DIFF_CHECK_EVERY={CHECK_EVERY} python -m pytest tests/test_diff_random.py -k {test}")
     pair = DiffPair(tmp, stack, tracker, label=label, kernel_opts=kernel_opts, ours_opts=ours_opts)
     pair.mount()
-    gen = O.OpGenerator(rng, extra_names=L.all_names(stack), resolve_root=pair.mp_k,
+    weights = None
+    if mode == "xino":
+        # copy_file_range between files on two filesystems: EXDEV on the
+        # kernel, done on ours (the kernel's FUSE client falls back to a
+        # copy through splice on EXDEV: a documented difference)
+        weights = {k: w for k, w in O.OP_WEIGHTS.items() if k != "copy_range"}
+    gen = O.OpGenerator(rng, extra_names=L.all_names(stack), resolve_root=pair.mp_k, weights=weights,
                         safe_setxattr=tolerate.on("no-failing-setxattr"),
                         extended=mountutil.engine() != "pyfuse3")
     tree = O.list_tree(pair.mp_k)
@@ -98,6 +109,8 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
             tree = O.list_tree(pair.mp_k)
         if CHECK_EVERY and (i + 1) % CHECK_EVERY == 0 and i + 1 < nops:
             pair.check_trees(f"after op #{i}")
+    if mode == "xino":
+        _check_xino_bits(pair)
     pair.finish()
     return pair
 
@@ -133,3 +146,34 @@ def test_generation_is_deterministic():
         a = L.gen_stack(random.Random(seed))
         b = L.gen_stack(random.Random(seed))
         assert a == b
+
+
+XINO_SEEDS = SEEDS[: int(os.environ.get("DIFF_XINO_SEEDS", "12"))]
+
+
+@pytest.mark.parametrize("seed", XINO_SEEDS, ids=[f"seed{s}" for s in XINO_SEEDS])
+def test_random_xino_two_filesystems(seed, difftmp, mounts):
+    """Layers on two filesystems (the top lower layer on a tmpfs, the rest
+    and the upper on the test dir's fs) with xino=on on both sides: the
+    kernel's st_ino layout (checked path by path, and by every remount of
+    finish())."""
+    run_seed(seed, difftmp, mounts, nlowers=random.Random(seed).randrange(1, 3), mode="xino")
+
+
+def _top_layer_on_tmpfs(tmp, tracker):
+    import subprocess
+
+    for side in ("k", "o"):
+        top = os.path.join(tmp, side, "0")
+        os.makedirs(top)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", top], check=True)
+        tracker.track(top)
+
+
+def _check_xino_bits(pair):
+    """The filesystem bits of st_ino (above bit 32) are the kernel's."""
+    sk, so = pair.snapshots()
+    diff = [f"/{p}: kernel {sk.inos[p]:#x} ours {so.inos.get(p, 0):#x}" for p in sorted(sk.inos)
+            if sk.inos[p] >> 33 != so.inos.get(p, 0) >> 33]
+    if diff:
+        pair.fail("xino: the filesystem bits of st_ino differ", diff)

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 import mountutil
+from relutil import mkdirs
 
 X = "trusted.overlay."
 
@@ -21,15 +22,6 @@ def _env():
     mountutil.require_root()
     mountutil.require_kernel_overlay()
     mountutil.require_ours()
-
-
-def _dirs(base, *names):
-    out = []
-    for n in names:
-        p = os.path.join(base, n)
-        os.makedirs(p, exist_ok=True)
-        out.append(p)
-    return out
 
 
 def _getx(path, name):
@@ -46,7 +38,7 @@ def _fresh(upper, work):
 
 
 def _lower(base):
-    (lower,) = _dirs(base, "l")
+    (lower,) = mkdirs(base, "l")
     os.makedirs(f"{lower}/d/sub")
     for p in ("f", "d/g", "d/sub/h"):
         with open(f"{lower}/{p}", "w") as f:
@@ -92,7 +84,7 @@ def test_origin_bytes_and_marks_match_the_kernel(difftmp, mounts, fs):
         mounts.track(base)
     try:
         lower = _lower(base)
-        upper, work, mp = _dirs(difftmp, "u", "w", "m")
+        upper, work, mp = mkdirs(difftmp, "u", "w", "m")
         seen = {}
         # layers on two filesystems: st_ino is the kernel's with xino=on
         opts = ("xino=on",) if fs == "tmpfs" else ()
@@ -122,7 +114,7 @@ def test_uuid_modes(difftmp, mounts):
     still written; auto on an upper used before (impure) without a uuid:
     none written either."""
     lower = _lower(difftmp)
-    upper, work, mp = _dirs(difftmp, "u", "w", "m")
+    upper, work, mp = mkdirs(difftmp, "u", "w", "m")
     for opts in (("uuid=off",), ("uuid=null",)):
         for side in ("kernel", "ours"):
             _fresh(upper, work)
@@ -149,7 +141,7 @@ def test_st_ino_from_the_kernels_origin(difftmp, mounts):
     (the origin's for copied-up files and merged dirs), and the reverse; an
     upper written before origin existed (fuse.ino only) keeps its numbers."""
     lower = _lower(difftmp)
-    upper, work, mp = _dirs(difftmp, "u", "w", "m")
+    upper, work, mp = mkdirs(difftmp, "u", "w", "m")
     for writer, reader in (("kernel", "ours"), ("ours", "kernel")):
         _fresh(upper, work)
         getattr(mounts, writer)([lower], upper, work, mp)
@@ -174,7 +166,7 @@ def test_volatile_marker(difftmp, mounts):
     or the kernel's, is refused (ours in one line naming the feature) until
     the user removes it; the kernel's marker stops ours the same way."""
     lower = _lower(difftmp)
-    upper, work, mp = _dirs(difftmp, "u", "w", "m")
+    upper, work, mp = mkdirs(difftmp, "u", "w", "m")
     marker = os.path.join(work, "work", "incompat", "volatile")
     for writer in ("ours", "kernel"):
         _fresh(upper, work)

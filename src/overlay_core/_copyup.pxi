@@ -138,7 +138,7 @@ cdef class _Copier(_Lister):
                 if fmt == S.S_IFDIR or st.st_nlink == 1:
                     # the kernel's origin: the lower object's file handle
                     # (not for one name of a lower hard link, without index)
-                    origin = self._origin_fh(src, n.lowers[0][0])
+                    origin = origin_fh(self, src, n.lowers[0][0])
                     try:
                         os.setxattr(_proc(tfd), self.x_origin, origin)
                         if fmt != S.S_IFDIR and n.ino is not None and (
@@ -159,7 +159,7 @@ cdef class _Copier(_Lister):
                 if fmt != S.S_IFLNK:
                     os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
                 sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
-                self._set_impure(p)     # as the kernel, before the copy lands
+                set_impure(self, p)     # as the kernel, before the copy lands
                 sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
             except BaseException:
                 os.close(tfd)

@@ -104,9 +104,9 @@ def _err(int code, name=None):
 
 
 include "_sys.pxi"
-include "_origin.pxi"
 include "_node.pxi"
 include "_stack.pxi"
+include "_origin.pxi"
 include "_resolve.pxi"
 include "_listing.pxi"
 include "_copyup.pxi"

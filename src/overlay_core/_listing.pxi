@@ -130,7 +130,8 @@ cdef class _Lister(_Resolver):
             cache.append((name, child, fd))
         if self.keep_listings:
             n.dircache = cache
-        if n.upper >= 0 and not n.lowers and self._samefs:
+        if n.upper >= 0 and not n.lowers and (self._samefs or self._xino_bits > 0):
+            # (where the kernel lists a real dir through its d_ino cache)
             self._drop_stale_impure(n, out)
         return out
 

@@ -52,7 +52,7 @@ cdef class Overlay(_Copier):
         if link_src is not None:
             link_src = self.copy_up(link_src)
             if link_src.parent is not None and self._has_origin(link_src):
-                self._set_impure(parent)    # a name of a copied-up object: as the kernel
+                set_impure(self, parent)    # a name of a copied-up object: as the kernel
             os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
         elif kind == S.S_IFDIR:
             os.mkdir(dname, mode & 0o7777, dir_fd=dfd)
@@ -453,9 +453,9 @@ cdef class Overlay(_Copier):
         if not samedir:
             # a copied-up or moved entry in a new parent: mark it impure
             if self._has_origin(old):
-                self._set_impure(np)
+                set_impure(self, np)
             if exchange and self._has_origin(new):
-                self._set_impure(op)
+                set_impure(self, op)
         if rflags & RENAME_WHITEOUT:
             try:
                 sys_renameat2(op.upper, oname, np.upper, nname, rflags)

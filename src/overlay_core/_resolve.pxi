@@ -150,7 +150,7 @@ cdef class _Resolver(_Stack):
             if not dirs:
                 topst = st
             dirs.append((idx, fd))
-            if idx == n - 1 or self._walk_stop:
+            if idx == n - 1:
                 break
             op = self._getx(fd, self.x_opaque)
             if op == b"y" or (self.oci and self._oci_opaque(fd)):
@@ -160,6 +160,9 @@ cdef class _Resolver(_Stack):
                 self._check_redirect(rd, name)
                 if rd.startswith(b"/"):
                     path = rd
+                    # as the kernel: an absolute redirect goes on below an
+                    # opaque dir met on the way to it
+                    self._walk_stop = False
                 else:
                     head, sep, _ = path.rpartition(b"/")
                     path = head + sep + rd
@@ -169,6 +172,8 @@ cdef class _Resolver(_Stack):
                 else:
                     plan = [(i, f) for i, f in parent.lowers if i > idx]
                 j = 0
+            if self._walk_stop:
+                break       # an opaque dir on the way: nothing below counts
         return None, dirs, topst
 
     cdef _build_index(self, Node d):
@@ -271,7 +276,7 @@ cdef class _Resolver(_Stack):
         if n.upper >= 0:
             n.key = _realkey(ust.st_dev, ust.st_ino)
             if not n.is_dir:
-                n.ino = self._upper_ino(n.upper, st)
+                n.ino = upper_ino(self, n.upper, st)
             elif n.lowers:
                 # a merged dir: the kernel reports its top lower dir's
                 # number, and names that dir in the upper's origin
@@ -302,13 +307,13 @@ cdef class _Resolver(_Stack):
         at lookup): name its top lower dir, and mark the parent impure."""
         idx, fd = n.lowers[0]
         try:
-            os.setxattr(_proc(n.upper), self.x_origin, self._origin_fh(fd, idx))
+            os.setxattr(_proc(n.upper), self.x_origin, origin_fh(self, fd, idx))
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS, errno.EPERM):
                 raise
             log.debug("origin not set on %r: %s", n.name, e)
             return
-        self._set_impure(parent)
+        set_impure(self, parent)
 
     def lower_positive(self, Node parent, bytes name):
         """Would a lower entry show at name if the upper had nothing there?"""
