@@ -187,13 +187,16 @@ cdef bytes origin_fh(_Stack self, int fd, int layer):
 
 cdef object origin_stat(_Stack self, int upper_fd, unsigned int mode):
     """(what, Stat) for the upper object behind upper_fd: what is 0 (no
-    origin xattr), 1 (origin unknown: null, stale, another type, another
-    filesystem), 2 (decoded: Stat is the origin's) or 3 (it cannot be
-    decoded here: no CAP_DAC_READ_SEARCH)."""
+    origin xattr), 1 (origin unknown: stale, another type, another
+    filesystem, a format we do not read), 2 (decoded: Stat is the
+    origin's) or 3 (a null origin, or one that cannot be decoded here: no
+    CAP_DAC_READ_SEARCH; fuse.ino may hold the number)."""
     cdef int i
     v = self._getx(upper_fd, self.x_origin)
     if v is None:
         return 0, None
+    if not v:
+        return 3, None      # a null origin: the lower fs has no file handles
     fh = parse_fh(v)
     if fh is None:
         return 1, None

@@ -235,12 +235,6 @@ cdef class _Resolver(_Stack):
             if have_ust:
                 if S.S_ISCHR(ust.st_mode) and ust.st_rdev == 0:
                     raise _err(errno.ENOENT, name)
-                if (S.S_ISREG(ust.st_mode) and ust.st_size == 0
-                        and self._lower_whiteout_c(parent.upper, name, ust.st_mode, 0, 0)):
-                    # an xattr whiteout in the upper layer: never written
-                    # by us (or the kernel), but honoured at lookup as the
-                    # kernel does (a listing shows its name, as the kernel's)
-                    raise _err(errno.ENOENT, name)
                 st = _mkstat(&ust)
                 if S.S_ISDIR(ust.st_mode):
                     n.is_dir = True
@@ -262,6 +256,12 @@ cdef class _Resolver(_Stack):
                     if known is not None:
                         return known
                     n.upper = self._opath(parent.upper, name, False)
+                    if (S.S_ISREG(ust.st_mode) and ust.st_size == 0
+                            and self._getx(n.upper, self.x_whiteout) is not None):
+                        # an xattr whiteout in the upper layer: never written
+                        # by us (or the kernel), but honoured at lookup as the
+                        # kernel does (a listing shows its name, as the kernel's)
+                        raise _err(errno.ENOENT, name)
         if not have_ust or (have_upper_dir and not n.opaque):
             nondir, dirs, lst = self._lookup_lowers(parent, name, redirect, have_upper_dir)
             if nondir is not None:
