@@ -34,6 +34,7 @@ def build_core(config):
         oci_whiteouts=config.oci_whiteouts,
         uuid=config.uuid,
         xino=config.xino,
+        index=config.index,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

@@ -144,6 +144,8 @@ class OverlayOperations(pyfuse3.Operations):
             e.attr_timeout = self.attr_timeout
         e.st_mode = st.st_mode
         e.st_nlink = 1 if node.merged else st.st_nlink
+        if e.st_nlink > 1 and not node.is_dir and self.core.index:
+            e.entry_timeout = 0     # index=on: the core learns the name used (see engine)
         if self.squash:
             e.st_uid = e.st_gid = 0
         else:

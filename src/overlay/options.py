@@ -84,6 +84,7 @@ class MountConfig:
         "squash_to_root": False,
         "uuid": "auto",  # the kernel's uuid=: on, off, null or auto (origin file handles)
         "xino": "off",  # the kernel's xino=: on, off or auto (st_ino of layers on several fs)
+        "index": False,  # the kernel's index=on: hard links kept whole across copy-up
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -186,7 +187,6 @@ _FEATURE_VALUES = {
     "verity": ("on", "off", "require"),
 }
 _NOT_YET = {
-    "index": ("on",),
     "metacopy": ("on",),
     "nfs_export": ("on",),
     "verity": ("on", "require"),
@@ -445,6 +445,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             raise OptionError(f"{name}={value} is not supported yet")
         if name == "xino":
             extra["xino"] = value
+        elif name == "index":
+            extra["index"] = value == "on"
         else:
             ignored.append(f"{name}={value}")
     if redirect_dir is None:

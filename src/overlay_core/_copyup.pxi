@@ -40,13 +40,17 @@ cdef class _Copier(_Lister):
     def copy_up(self, Node n, bint data=True):
         """Make n exist in the upper layer (parents first), preparing it in
         the work dir and renaming it into place. Returns the Node to use from
-        now on: n itself, except for a lower file with several hard links,
-        where the copy gets a new inode number, as in the kernel without
-        index=on (each name of such a file is a Node of its own)."""
+        now on (n itself). With index=on, a lower file with several hard
+        links goes to the index, and the name n is known by is linked to it
+        (as is the name of an indexed n copied up before: link-up)."""
         if n.upper >= 0:
+            if self._indexed and not n.is_dir and n.key in self._indexed:
+                self._link_up(n)
             return n
         self._wait_idle(n)      # another thread copies it up: use its copy
         if n.upper >= 0:
+            if self._indexed and not n.is_dir and n.key in self._indexed:
+                self._link_up(n)
             return n
         n.busy = True           # the fd cache must not close its fds meanwhile
         try:
@@ -87,6 +91,9 @@ cdef class _Copier(_Lister):
             raise _err(errno.EEXIST, n.name)
         src = n.lowers[0][1]
         st = os.stat(src)
+        iname = None
+        if self.index and not n.is_dir and st.st_nlink > 1:
+            iname = index_name(self, src, n.lowers[0][0])
         # the kernel keeps the parent's times across a copy-up into it
         pst = os.stat(p.upper)
         wd = self.work_fd
@@ -135,7 +142,7 @@ cdef class _Copier(_Lister):
             try:
                 self._copy_xattrs(src, _proc(tfd))
                 ino_kept = False
-                if fmt == S.S_IFDIR or st.st_nlink == 1:
+                if fmt == S.S_IFDIR or st.st_nlink == 1 or iname is not None:
                     # the kernel's origin: the lower object's file handle
                     # (not for one name of a lower hard link, without index)
                     origin = origin_fh(self, src, n.lowers[0][0])
@@ -160,7 +167,17 @@ cdef class _Copier(_Lister):
                     os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
                 sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
                 set_impure(self, p)     # as the kernel, before the copy lands
-                sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
+                if iname is not None:
+                    # the copy of all the names: in the index, then this
+                    # name linked to it (the overlay nlink is the lower's)
+                    os.setxattr(_proc(tfd), self.x_nlink, b"U%+d" % (st.st_nlink - 1))
+                    sys_renameat2(wd, t, self.index_fd, iname, RENAME_NOREPLACE)
+                    created = False     # if the link fails, lookups find the copy
+                    os.link(iname, n.name, src_dir_fd=self.index_fd, dst_dir_fd=p.upper,
+                            follow_symlinks=False)
+                    os.setxattr(_proc(tfd), self.x_nlink, b"U%+d" % (st.st_nlink - 2))
+                else:
+                    sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
             except BaseException:
                 os.close(tfd)
                 raise
@@ -182,6 +199,8 @@ cdef class _Copier(_Lister):
             os.close(tfd)     # a concurrent lookup already found the copy
         else:
             self._adopt_upper(n, tfd, ino_kept)
+        if iname is not None:
+            self._indexed[n.key] = (iname, st.st_nlink)
         if not n.is_dir:
             # the lower object is no longer needed once the copy is in place
             for _, fd in n.lowers:
@@ -192,3 +211,39 @@ cdef class _Copier(_Lister):
             self.counters["bytes_copied"] += st.st_size
         log.debug("copied up %r (ino %s)", n.name, n.ino)
         return n
+
+    def _link_up(self, Node n):
+        """The kernel's link-up: n, indexed (its copy is in the index), is
+        known by a name that is not in the upper dir yet; link it there
+        (parents copied up first), with the overlay nlink kept."""
+        cdef Node p = n.parent
+        if p is None:
+            return
+        self.copy_up(p)
+        ust = self._upper_entry(p, n.name)
+        if ust is not None:
+            if (ust.st_dev, ust.st_ino) == (n.real_dev, n.real_ino):
+                return
+            if not self._upper_whiteout(p.upper, n.name, ust):
+                raise _err(errno.EEXIST, n.name)
+        nl = overlay_nlink(self, n)
+        iname = self._indexed[n.key][0]
+        pst = os.stat(p.upper)
+        set_impure(self, p)
+        set_nlink_upper(self, n, nl)
+        if ust is not None:
+            # a whiteout in the way (a name that came back): exchange it
+            t = self._tmpname()
+            os.link(iname, t, src_dir_fd=self.index_fd, dst_dir_fd=self.work_fd,
+                    follow_symlinks=False)
+            sys_renameat2(self.work_fd, t, p.upper, n.name, RENAME_EXCHANGE)
+            os.unlink(t, dir_fd=self.work_fd)
+        else:
+            os.link(iname, n.name, src_dir_fd=self.index_fd, dst_dir_fd=p.upper,
+                    follow_symlinks=False)
+        set_nlink_upper(self, n, nl)
+        p.dircache = None
+        try:
+            sys_utimens(_proc(p.upper), pst.st_atime_ns, pst.st_mtime_ns, False)
+        except OSError as e:
+            log.debug("link-up: parent times not restored: %s", e)

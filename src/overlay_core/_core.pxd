@@ -105,7 +105,10 @@ cdef class _Stack:
     cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
     cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."
     cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
-    cdef readonly bytes x_origin, x_impure, x_uuid
+    cdef readonly bytes x_origin, x_impure, x_uuid, x_nlink, x_upper
+    cdef readonly bint index           # index=on (after the kernel's fallbacks: _index.pxi)
+    cdef readonly int index_fd         # O_PATH fd of <work>/index, or -1
+    cdef object _indexed               # key -> (index entry name, origin's nlink) of indexed Nodes
     cdef readonly object uuid_mode     # "on", "off", "null" or "auto" (the kernel's uuid=)
     cdef readonly list layer_uuids     # uuid of each lower layer's filesystem (16 bytes)
     cdef readonly bint can_decode      # origin file handles can be opened here

@@ -50,7 +50,7 @@ cdef class Overlay(_Copier):
             dfd, dname = parent.upper, name
         ofd = -1
         if link_src is not None:
-            link_src = self.copy_up(link_src)
+            link_src = self._index_start(self.copy_up(link_src))
             if link_src.parent is not None and self._has_origin(link_src):
                 set_impure(self, parent)    # a name of a copied-up object: as the kernel
             os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
@@ -274,11 +274,46 @@ cdef class Overlay(_Copier):
         if n.is_dir:
             raise _err(errno.EISDIR, name)
         self._wait_idle(n)
+        n = self._index_start(n)
         self._remove(parent, name, n)
+        self._index_end(n)
         self._drop_alias(n, parent, name)
         if (n.parent, n.name) == (parent, name):
             self._unname(n)
         return n
+
+    def _index_start(self, Node n):
+        """Before a change of n's overlay nlink (unlink, link, rename over
+        it), as the kernel's ovl_nlink_start: with index=on, a lower file
+        with several links is copied up to the index first, with the name
+        it is known by linked up, and the overlay nlink of an indexed n is
+        stored relative to its upper inode's. Returns the Node to use."""
+        if not self.index or n.is_dir:
+            return n
+        if n.upper < 0:
+            if self.getattr(n).st_nlink <= 1:
+                return n
+            n = self.copy_up(n)
+        elif n.key in self._indexed:
+            n = self.copy_up(n)         # links its name up if need be
+        if n.key in self._indexed:
+            set_nlink_upper(self, n, overlay_nlink(self, n))
+        return n
+
+    def _index_end(self, Node n):
+        """After such a change: an indexed n that no name leads to any more
+        leaves the index (the kernel's ovl_cleanup_index)."""
+        info = self._indexed.get(n.key)
+        if info is None or overlay_nlink(self, n) > 0:
+            return
+        unl = sys_fstat(n.upper).st_nlink
+        if unl == 1:
+            os.unlink(info[0], dir_fd=self.index_fd)
+            del self._indexed[n.key]
+        else:
+            # as the kernel: a link made in the upper dir behind our back
+            log.warning("index entry %r still has %d links", os.fsdecode(info[0]), unl)
+            set_nlink_upper(self, n, unl - 1)
 
     cdef _unname(self, Node n):
         """n lost its last known name: it is no longer the Node of its
@@ -432,6 +467,8 @@ cdef class Overlay(_Copier):
         self.copy_up(np)
         if not overwrite:
             new = self.copy_up(new)
+        elif new is not None and not new.is_dir:
+            new = self._index_start(new)
         if need_clear:
             # make the target an empty opaque dir first, as the kernel does
             t = self._tmpname()
@@ -473,6 +510,8 @@ cdef class Overlay(_Copier):
         if exchange:
             self._rename_alias(new, np, nname, op, oname)
         elif new is not None:
+            if not new.is_dir:
+                self._index_end(new)
             self._drop_alias(new, np, nname)
             if (new.parent, new.name) == (np, nname):
                 self._unname(new)

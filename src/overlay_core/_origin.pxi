@@ -229,12 +229,15 @@ cdef object origin_stat(_Stack self, int upper_fd, unsigned int mode):
 cdef object upper_ino(_Stack self, int upper_fd, Stat st):
     """st_ino the kernel reports for an upper non-dir: its origin's
     (while that has one link: without index=on the kernel cannot tell
-    the names of a lower hard link apart), else its own. Uppers written
+    the names of a lower hard link apart; or where it is the index's copy
+    of its origin), else its own. Uppers written
     before origin was (or where it cannot be decoded) keep theirs in
     <prefix>fuse.ino."""
     what, ost = origin_stat(self, upper_fd, st.st_mode)
     if what == 2:
-        return self.map_ino(ost if ost.st_nlink == 1 else st)
+        if ost.st_nlink == 1 or (self.index and check_indexed(self, upper_fd, st, ost)):
+            return self.map_ino(ost)
+        return self.map_ino(st)
     if what == 0 or what == 3:
         x = self._getx(upper_fd, self.x_ino)
         if x is not None and x.isdigit() and 0 < len(x) < 20 and 1 < int(x) < 2**63:

@@ -207,7 +207,7 @@ cdef class _Resolver(_Stack):
             return None
         self.counters["lookups"] += 1
         self.counters["lookups_known"] += 1
-        old.st = st
+        old.st = indexed_stat(self, old, st) if self._indexed else st
         return old
 
     cpdef Node lookup(self, Node parent, bytes name):
@@ -277,6 +277,8 @@ cdef class _Resolver(_Stack):
             n.key = _realkey(ust.st_dev, ust.st_ino)
             if not n.is_dir:
                 n.ino = upper_ino(self, n.upper, st)
+                if self._indexed and n.key in self._indexed:
+                    st = indexed_stat(self, n, st)
             elif n.lowers:
                 # a merged dir: the kernel reports its top lower dir's
                 # number, and names that dir in the upper's origin
@@ -288,10 +290,21 @@ cdef class _Resolver(_Stack):
         else:
             st = lst
             n.ino = self.map_ino(lst)
-            if not n.is_dir and lst.st_nlink > 1:
+            if n.is_dir or lst.st_nlink == 1:
+                n.key = _realkey(lst.st_dev, lst.st_ino)
+            elif not self.index:
+                # without index, a copy-up breaks a lower hard link: each
+                # name is an object of its own (as the kernel's inodes)
                 n.key = ("alias", parent.ino, name)
             else:
+                # with index, its names are one object, copied up or not
                 n.key = _realkey(lst.st_dev, lst.st_ino)
+                ist = find_index(self, n, nondir[1], nondir[0], lst)
+                if ist is not None:
+                    os.close(nondir[1])     # the copy in the index stands for it
+                    n.lowers = []
+                    ust.st_dev, ust.st_ino = ist.st_dev, ist.st_ino
+                    st = indexed_stat(self, n, ist)
         n.st = st
         n.ov = self
         if n.upper >= 0:

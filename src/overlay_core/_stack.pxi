@@ -14,12 +14,13 @@ cdef class _Stack:
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True,
-                 uuid="auto", xino="off"):
+                 uuid="auto", xino="off", index=False):
         """keep_listings: keep each dir's listing until it changes through us
         (for adapters whose kernel side does not cache listings itself).
         uuid: the kernel's uuid= option (on, off, null, auto): whether
         origin file handles carry the lower filesystem's uuid (not with
-        off) and whether the upper root keeps an overlay uuid."""
+        off) and whether the upper root keeps an overlay uuid.
+        index: the kernel's index=on (_index.pxi)."""
         if uuid not in ("on", "off", "null", "auto"):
             raise ValueError(f"bad uuid mode {uuid!r}")
         self.uuid_mode = uuid
@@ -41,6 +42,11 @@ cdef class _Stack:
         self.x_origin = self.prefix + b"origin"
         self.x_impure = self.prefix + b"impure"
         self.x_uuid = self.prefix + b"uuid"
+        self.x_nlink = self.prefix + b"nlink"
+        self.x_upper = self.prefix + b"upper"
+        self.index = index
+        self.index_fd = -1
+        self._indexed = {}
         self.redirect_dir = redirect_dir
         self.userxattr = userxattr
         self.oci = oci_whiteouts
@@ -78,6 +84,7 @@ cdef class _Stack:
             self._private_dirs.add((st.st_dev, st.st_ino))
         setup_ino_map(self, devs, xino)
         setup_identity(self, devs)
+        setup_index(self)
         self.ovi = _register_overlay(self)
         self.root = self._make_root()
 
@@ -174,6 +181,9 @@ cdef class _Stack:
         if self.work_fd >= 0:
             os.close(self.work_fd)
             self.work_fd = -1
+        if self.index_fd >= 0:
+            os.close(self.index_fd)
+            self.index_fd = -1
 
     # ------------------------------------------------------------ xattr helpers
 
@@ -308,9 +318,14 @@ cdef class _Stack:
         cdef Node p
         names = [(n.parent, n.name)] + [a for a in (n.aliases or ()) if a != (n.parent, n.name)]
         why = []
+        info = self._indexed.get(n.key) if n._upper == EVICTED else None
+        if info is not None:
+            names.insert(0, (None, info[0]))     # its copy in the index
         for p, name in names:
             try:
-                if n._upper == EVICTED:
+                if p is None:
+                    fd = self._opath(self.index_fd, name, False)
+                elif n._upper == EVICTED:
                     self._sync_upper(p)
                     if p.upper < 0:
                         why.append((p.name, name, "parent not in upper"))
@@ -327,18 +342,19 @@ cdef class _Stack:
                         continue
                     fd = self._opath(dirfd, name, n.is_dir)
             except OSError as e:
-                why.append((p.name, name, e.strerror))
+                why.append((p.name if p is not None else b"<index>", name, e.strerror))
                 continue
             st = os.stat(fd)
             if (st.st_dev, st.st_ino) != (n.real_dev, n.real_ino):
                 os.close(fd)
-                why.append((p.name, name, ("other object", st.st_ino)))
+                why.append((p.name if p is not None else b"<index>", name,
+                            ("other object", st.st_ino)))
                 continue
             if n._upper == EVICTED:
                 n._upper = fd
             else:
                 n._lfd = fd
-            if (p, name) != (n.parent, n.name):
+            if p is not None and (p, name) != (n.parent, n.name):
                 n.parent, n.name = p, name
             self._hold(n)
             return
@@ -465,13 +481,19 @@ cdef class _Stack:
 
     cpdef Stat getattr(self, Node n):
         """Stat of the real object (the adapter reports n.ino and, for a
-        merged dir, nlink 1)."""
-        return sys_fstat(n.fd)
+        merged dir, nlink 1); an indexed file's nlink is the overlay's."""
+        st = sys_fstat(n.fd)
+        if self._indexed and not n.is_dir:
+            return indexed_stat(self, n, st)
+        return st
 
     def statx(self, Node n, unsigned int mask):
         """statx(2) of the real object (birth time included where the
-        layer's filesystem records it)."""
-        return sys_statx(n.fd, mask)
+        layer's filesystem records it); nlink as getattr's."""
+        cdef StatX x = sys_statx(n.fd, mask)
+        if self._indexed and not n.is_dir and n.key in self._indexed:
+            x.stx_nlink = indexed_stat(self, n, sys_fstat(n.fd)).st_nlink
+        return x
 
     cdef object _upper_entry(self, Node parent, bytes name):
         """stat of name in parent's upper dir, or None."""

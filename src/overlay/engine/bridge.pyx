@@ -258,6 +258,11 @@ cdef class OverlayFS(Session):
             e.attr_valid = self.attr_sec
             e.attr_valid_nsec = self.attr_nsec
         self._fill_attr(&e.attr, node, st)
+        if e.attr.nlink > 1 and not node.is_dir and self.core.index:
+            # index=on: a name of a file with several links is looked up at
+            # each use, so the core knows which name an open or a link is
+            # made through (the name the kernel's overlay links up)
+            e.entry_valid = e.entry_valid_nsec = 0
 
     cdef int _reply_entry(self, int fd, uint64_t unique, Node node) except -1:
         """Reply with an entry for node and count the lookup (undone if the

@@ -1,0 +1,217 @@
+"""Part of overlay_core._core (included by _core.pyx): the inodes index
+(index=on), in the kernel's format. Functions of a _Stack, used by lookup,
+copy-up and the namespace changes.
+
+With index=on, a lower file with several hard links is copied up once for
+all its names: the copy goes to <work>/index/<hex of its origin file
+handle>, and each name that is written to, renamed, linked or removed is
+hard-linked from there into the upper dir ("link-up"). A name not linked up
+yet still finds the copy through the index at lookup, so every name shows
+the same data, st_ino (the lower file's) and nlink. The overlay's nlink is
+kept in <prefix>nlink on the copy, "U+d" (the upper inode's nlink plus d)
+or "L+d" (the lower one's plus d).
+
+At mount the upper root's <prefix>origin names the top lower layer's root
+and the index dir's <prefix>upper names the upper root: a mount of the same
+upper over other layers is refused (ESTALE), as the kernel refuses it. The
+index is cleaned of leftovers and of entries no name leads to any more."""
+
+
+cdef setup_index(_Stack self):
+    """index=on: check the layers can have it (else index=off, as the
+    kernel falls back), verify or set the upper root's origin and the
+    index dir's upper handle, and clean the index."""
+    self._indexed = {}
+    self.index_fd = -1
+    if not self.index:
+        return
+    if self.upper_root < 0:
+        self.index = False      # the index lives in the work dir
+        return
+    why = None
+    try:
+        sys_name_to_handle(self.upper_root)
+    except OSError:
+        why = "upper fs does not support file handles"
+    for i, fd in enumerate(self.lower_roots):
+        try:
+            sys_name_to_handle(fd)
+        except OSError:
+            why = "fs on '%s' does not support file handles" % os.fsdecode(self.lower_paths[i])
+    if self._bad_uuid_layers:
+        i = min(self._bad_uuid_layers)
+        why = "conflicting uuid detected in lower fs '%s'" % os.fsdecode(self.lower_paths[i])
+    if why is not None:
+        log.warning("%s, falling back to index=off", why)
+        self.index = False
+        return
+    upper = os.fsdecode(self.upper_path)
+    hint = ("mount with index=off, or remove %s/index to start a new index"
+            % os.fsdecode(self.work_path))
+    fh = origin_fh(self, self.lower_roots[0], 0)
+    have = self._getx(self.upper_root, self.x_origin)
+    if have is None:
+        os.setxattr(_proc(self.upper_root), self.x_origin, fh)
+    elif have != fh:
+        raise OSError(errno.ESTALE, "failed to verify upper root origin: %s was used with"
+                      " index=on over other lower layers (%s)" % (upper, hint))
+    wroot = os.open(self.work_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(b"index", 0, dir_fd=wroot)
+        except FileExistsError:
+            pass
+        self.index_fd = os.open(b"index", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                                dir_fd=wroot)
+    finally:
+        os.close(wroot)
+    uuid = NULL_UUID if self.uuid_mode == "off" else fs_uuid_of(self.upper_root)
+    ufh = encode_fh(self.upper_root, uuid, True)
+    have = self._getx(self.index_fd, self.x_upper)
+    if have is None:
+        os.setxattr(_proc(self.index_fd), self.x_upper, ufh)
+    elif have != ufh:
+        raise OSError(errno.ESTALE, "failed to verify index dir 'upper' xattr: the index in %s"
+                      " belongs to another upper dir than %s (%s)"
+                      % (os.fsdecode(self.work_path), upper, hint))
+    clean_index(self, hint)
+
+
+cdef clean_index(_Stack self, str hint):
+    """The kernel's index cleanup at mount: leftovers (#...) go, entries
+    whose origin no longer matches their name (stale) or that no name
+    leads to (orphans) go; an entry the kernel could not read refuses the
+    mount, as it does (the index must not be corrupted further)."""
+    cdef struct_stat st
+    cdef int fd = self.index_fd
+    for name in _listdir(fd):
+        if c_statat(fd, name, &st) != 0:
+            continue
+        if name.startswith(b"#"):
+            if S.S_ISDIR(st.st_mode):
+                sub = self._opath(fd, name, True)
+                try:
+                    self._clean_dir(sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+            continue
+        try:
+            key = bytes.fromhex(name.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            key = b""
+        if len(name) < 2 * FH_HEADER or len(key) < FH_HEADER or key[1] != FH_MAGIC \
+                or key[2] < FH_HEADER or key[2] > len(key) or parse_fh(key) is None:
+            raise OSError(errno.EINVAL, "failed to verify index entry %r in %s/index (%s)"
+                          % (os.fsdecode(name), os.fsdecode(self.work_path), hint))
+        if S.S_ISDIR(st.st_mode) or (S.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+            continue    # dir entries are only checked with nfs_export; whiteouts stay
+        efd = self._opath(fd, name, False)
+        try:
+            v = self._getx(efd, self.x_origin)
+            if v is None:
+                raise OSError(errno.ENODATA, "failed to verify index entry %r in %s/index: it has"
+                              " no origin (%s)" % (os.fsdecode(name), os.fsdecode(self.work_path), hint))
+            stale = v[:v[2]] != key[:key[2]] if len(v) >= FH_HEADER else True
+            if not stale and st.st_nlink == 1 and self.can_decode:
+                what, ost = origin_stat(self, efd, st.st_mode)
+                if what == 1:
+                    stale = True
+                elif what == 2:
+                    stale = nlink_value(self, efd, 1, ost.st_nlink) <= 0
+        finally:
+            os.close(efd)
+        if stale:
+            log.info("removing stale or orphan index entry %r", os.fsdecode(name))
+            os.unlink(name, dir_fd=fd)
+
+
+cdef bytes index_name(_Stack self, int lower_fd, int layer):
+    """The index entry name of a lower object (hex of its file handle), or
+    None where it has no handle."""
+    fh = origin_fh(self, lower_fd, layer)
+    return fh.hex().encode() if fh else None
+
+
+cdef long nlink_value(_Stack self, int upper_fd, unsigned long long upper_nlink,
+                      unsigned long long lower_nlink):
+    """The overlay nlink <prefix>nlink gives (0 or less: no name is left),
+    or the upper inode's where it is missing or malformed, or where the
+    lower file has one link, as the kernel falls back."""
+    if lower_nlink == 1:
+        return upper_nlink      # as the kernel: a lower that is no hard link
+    v = self._getx(upper_fd, self.x_nlink)
+    if v is None or len(v) < 3 or v[0:1] not in (b"U", b"L") or v[1:2] not in (b"+", b"-"):
+        return upper_nlink
+    try:
+        d = int(v[1:])
+    except ValueError:
+        return upper_nlink
+    return (upper_nlink if v[0:1] == b"U" else lower_nlink) + d
+
+
+cdef Stat indexed_stat(_Stack self, Node n, Stat st):
+    """st (of n's upper inode) with the overlay nlink where n is indexed."""
+    info = self._indexed.get(n.key)
+    if info is None:
+        return st
+    cdef long nl = nlink_value(self, n.upper, st.st_nlink, info[1])
+    if nl > 0:
+        st.st_nlink = nl
+    return st
+
+
+cdef Stat find_index(_Stack self, Node n, int lower_fd, int layer, Stat lst):
+    """A lower file with several links (n, found by name): is its copy in
+    the index? Then n is that copy (n.upper, key, real), and its Stat is
+    returned; else None. A whiteout or an entry of another type in the
+    index is an error (EIO), as in the kernel."""
+    cdef struct_stat st
+    name = index_name(self, lower_fd, layer)
+    if name is None:
+        return None
+    err = c_statat(self.index_fd, name, &st)
+    if err == ENOENT:
+        return None
+    if err:
+        raise _err(err, n.name)
+    if S.S_IFMT(st.st_mode) != S.S_IFMT(lst.st_mode):
+        log.warning("bad index entry %r (mode %o, origin mode %o)", os.fsdecode(name),
+                    st.st_mode, lst.st_mode)
+        raise _err(errno.EIO, n.name)
+    n.upper = self._opath(self.index_fd, name, False)
+    n.key = _realkey(st.st_dev, st.st_ino)
+    self._indexed[n.key] = (name, lst.st_nlink)
+    return _mkstat(&st)
+
+
+cdef bint check_indexed(_Stack self, int upper_fd, Stat st, Stat ost):
+    """An upper file whose origin (ost) has several links: is it the copy
+    in the index (then every name of the origin is this inode)?"""
+    cdef struct_stat ist
+    v = self._getx(upper_fd, self.x_origin)
+    if not v or len(v) < FH_HEADER or v[2] > len(v):
+        return False
+    name = v[:v[2]].hex().encode()
+    if c_statat(self.index_fd, name, &ist) != 0:
+        return False
+    if ist.st_dev != st.st_dev or ist.st_ino != st.st_ino:
+        return False        # copied up without index, or an index made anew since
+    self._indexed[_realkey(st.st_dev, st.st_ino)] = (name, ost.st_nlink)
+    return True
+
+
+cdef set_nlink_upper(_Stack self, Node n, long overlay_nlink):
+    """Store the overlay nlink relative to the upper inode's ("U+d"), as
+    the kernel does before every change of it and after a link-up."""
+    cdef long d = overlay_nlink - sys_fstat(n.upper).st_nlink
+    v = b"U%+d" % d
+    if self._getx(n.upper, self.x_nlink) != v:
+        os.setxattr(_proc(n.upper), self.x_nlink, v)
+
+
+cdef long overlay_nlink(_Stack self, Node n):
+    """The overlay nlink of an indexed n now (0 or less: no name left)."""
+    return nlink_value(self, n.upper, sys_fstat(n.upper).st_nlink, self._indexed[n.key][1])
