@@ -66,8 +66,9 @@ def _env():
 
 def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw"):
     """mode: "rw" (trusted.overlay.*, kernel redirect_dir=on), "userxattr"
-    (user.overlay.*, both sides -o userxattr), "ro" (no upper) or "xino"
-    (rw with the top lower layer on a tmpfs, xino=on on both sides)."""
+    (user.overlay.*, both sides -o userxattr), "ro" (no upper), "xino"
+    (rw with the top lower layer on a tmpfs, xino=on on both sides) or
+    "index" (rw with index=on on both sides)."""
     rng = random.Random(seed)
     if mode == "ro" and nlowers is None:
         nlowers = rng.randrange(2, 5)  # the kernel needs 2+ lowers without upper
@@ -82,11 +83,13 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
     elif mode == "xino":
         kernel_opts, ours_opts = ("redirect_dir=on", "xino=on"), ("xino=on",)
         _top_layer_on_tmpfs(tmp, tracker)
+    elif mode == "index":
+        kernel_opts, ours_opts = ("redirect_dir=on", "index=on"), ("index=on",)
     env = f"DIFF_TOLERATE={','.join(sorted(tolerate.TOLERATE)) or 'none'} "
     if mountutil.ours_is_kernel():
         env += "DIFF_IMPL=kernel "
     test = {"rw": "test_random_seed", "userxattr": "test_random_userxattr", "ro": "test_random_readonly",
-            "xino": "test_random_xino"}[mode]
+            "xino": "test_random_xino", "index": "test_random_index"}[mode]
     label = label or (f"{mode} seed={seed} nops={nops}; rerun: {env}DIFF_SEEDS={seed} DIFF_OPS={nops} "
                       f"DIFF_CHECK_EVERY={CHECK_EVERY} python -m pytest tests/test_diff_random.py -k {test}")
     pair = DiffPair(tmp, stack, tracker, label=label, kernel_opts=kernel_opts, ours_opts=ours_opts)
@@ -158,6 +161,18 @@ def test_random_xino_two_filesystems(seed, difftmp, mounts):
     kernel's st_ino layout (checked path by path, and by every remount of
     finish())."""
     run_seed(seed, difftmp, mounts, nlowers=random.Random(seed).randrange(1, 3), mode="xino")
+
+
+INDEX_SEEDS = SEEDS[: int(os.environ.get("DIFF_INDEX_SEEDS", "40"))]
+
+
+@pytest.mark.parametrize("seed", INDEX_SEEDS, ids=[f"seed{s}" for s in INDEX_SEEDS])
+def test_random_index(seed, difftmp, mounts):
+    """index=on on both sides: lower hard links stay one inode across
+    copy-up (nlink, st_ino and the hardlink groups compared at every
+    check), the upper and the index dir compared after unmount, and each
+    side's upper mounted by the other (both with index=on)."""
+    run_seed(seed, difftmp, mounts, mode="index")
 
 
 def _top_layer_on_tmpfs(tmp, tracker):

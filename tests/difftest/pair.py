@@ -34,7 +34,7 @@ import mountutil
 from . import layers as L
 from . import ops as O
 from . import tolerate
-from .snapshot import diff_snapshots, snapshot_mount, snapshot_upper
+from .snapshot import diff_snapshots, snapshot_index, snapshot_mount, snapshot_upper
 
 OP_TIMEOUT = float(os.environ.get("DIFF_OP_TIMEOUT", "30"))
 
@@ -248,6 +248,13 @@ class DiffPair:
         uk = self.upper_k = snapshot_upper(self.built_k.upper, prefix)
         uo = self.upper_o = snapshot_upper(self.built_o.upper, prefix)
         d = diff_snapshots(uk, uo, "kernel-upper", "ours-upper", upper_prefix=prefix)
+        if "index=on" in self.kernel_opts:
+            ik = snapshot_index(self.built_k.work, prefix)
+            io = snapshot_index(self.built_o.work, prefix)
+            if ik != io:
+                d.append("index dirs (type, nlink, size, content, nlink xattr, origin):")
+                d += [f"  kernel {e}" for e in ik if e not in io]
+                d += [f"  ours   {e}" for e in io if e not in ik]
         if d:
             self.fail(f"upper dirs differ after unmount ({self.nops} ops)", d)
         return uk, uo

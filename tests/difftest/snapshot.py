@@ -145,7 +145,7 @@ def _identity_xattrs(full: str, prefix: str) -> dict:
     """The kernel's identity xattrs on an upper object, as far as the two
     sides can agree: origin's shape, impure's value, whether uuid is set."""
     out = {}
-    for name in ("origin", "impure", "uuid"):
+    for name in ("origin", "impure", "uuid", "nlink"):
         try:
             v = os.getxattr(full, prefix + name, follow_symlinks=False)
         except OSError:
@@ -157,6 +157,28 @@ def _identity_xattrs(full: str, prefix: str) -> dict:
         else:
             out[name] = v
     return out
+
+
+def snapshot_index(work: str, prefix: str = "trusted.overlay.") -> list:
+    """The index dir of an index=on mount, as far as two copies of the
+    layers can agree: each entry's type, nlink, size, content, its
+    ``<prefix>nlink`` and its origin's shape; not the names (file handles
+    of other inodes) nor the temporary ``#...`` entries (the kernel's
+    shared whiteout lives there)."""
+    d = os.path.join(work, "index")
+    out = []
+    if not os.path.isdir(d):
+        return out
+    for name in os.listdir(d):
+        if name.startswith("#"):
+            continue
+        full = os.path.join(d, name)
+        st = os.lstat(full)
+        ident = _identity_xattrs(full, prefix)
+        out.append((stat.filemode(st.st_mode)[0], st.st_nlink, st.st_size,
+                    _hash_file(full) if stat.S_ISREG(st.st_mode) else "",
+                    ident.get("nlink", b"").decode(), ident.get("origin", "")))
+    return sorted(out)
 
 
 def snapshot_upper(upper: str, prefix: str = "trusted.overlay.") -> Snapshot:
