@@ -34,29 +34,6 @@ def _env():
     mountutil.require_ours()
 
 
-@pytest.fixture
-def mk(difftmp, mounts, request):
-    """mk(lowers, upper=None, ro=False, userxattr=False, kernel_opts=..., ours_opts=...) -> mounted DiffPair"""
-    made = []
-
-    def make(lowers, upper=None, ro=False, userxattr=False, kernel_opts=None, ours_opts=None, sub=None):
-        prefix = L.USER_PREFIX if userxattr else L.TRUSTED_PREFIX
-        stack = L.Stack(lowers=lowers, upper=upper or [], prefix=prefix, has_upper=not ro)
-        if kernel_opts is None:
-            kernel_opts = ("userxattr",) if userxattr else ("redirect_dir=on",)
-        if ours_opts is None:
-            ours_opts = ("userxattr",) if userxattr else ()
-        tmp = os.path.join(difftmp, sub or f"p{len(made)}")
-        os.makedirs(tmp)
-        p = DiffPair(tmp, stack, mounts, label=f"{request.node.nodeid}", kernel_opts=kernel_opts, ours_opts=ours_opts)
-        p.mount()
-        p.check_trees("initial")
-        made.append(p)
-        return p
-
-    return make
-
-
 def upper_k(p, path):
     return p.upper_k.entries.get(path)
 

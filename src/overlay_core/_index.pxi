@@ -120,7 +120,7 @@ cdef clean_index(_Stack self, str hint):
                 if what == 1:
                     stale = True
                 elif what == 2:
-                    stale = nlink_value(self, efd, 1, ost.st_nlink) <= 0
+                    stale = nlink_value(self, efd, 1, ost.st_nlink, 0) <= 0
         finally:
             os.close(efd)
         if stale:
@@ -136,19 +136,19 @@ cdef bytes index_name(_Stack self, int lower_fd, int layer):
 
 
 cdef long nlink_value(_Stack self, int upper_fd, unsigned long long upper_nlink,
-                      unsigned long long lower_nlink):
+                      unsigned long long lower_nlink, long fallback):
     """The overlay nlink <prefix>nlink gives (0 or less: no name is left),
-    or the upper inode's where it is missing or malformed, or where the
-    lower file has one link, as the kernel falls back."""
+    or fallback where it is missing or malformed, or where the lower file
+    has one link, as the kernel's ovl_get_nlink."""
     if lower_nlink == 1:
-        return upper_nlink      # as the kernel: a lower that is no hard link
+        return fallback
     v = self._getx(upper_fd, self.x_nlink)
     if v is None or len(v) < 3 or v[0:1] not in (b"U", b"L") or v[1:2] not in (b"+", b"-"):
-        return upper_nlink
+        return fallback
     try:
         d = int(v[1:])
     except ValueError:
-        return upper_nlink
+        return fallback
     return (upper_nlink if v[0:1] == b"U" else lower_nlink) + d
 
 
@@ -157,7 +157,7 @@ cdef Stat indexed_stat(_Stack self, Node n, Stat st):
     info = self._indexed.get(n.key)
     if info is None:
         return st
-    cdef long nl = nlink_value(self, n.upper, st.st_nlink, info[1])
+    cdef long nl = nlink_value(self, n.upper, st.st_nlink, info[1], st.st_nlink)
     if nl > 0:
         st.st_nlink = nl
     return st
@@ -214,4 +214,5 @@ cdef set_nlink_upper(_Stack self, Node n, long overlay_nlink):
 
 cdef long overlay_nlink(_Stack self, Node n):
     """The overlay nlink of an indexed n now (0 or less: no name left)."""
-    return nlink_value(self, n.upper, sys_fstat(n.upper).st_nlink, self._indexed[n.key][1])
+    cdef unsigned long long unl = sys_fstat(n.upper).st_nlink
+    return nlink_value(self, n.upper, unl, self._indexed[n.key][1], unl)

@@ -212,7 +212,10 @@ cdef class Overlay(_Copier):
 
     def setxattr(self, Node n, bytes name, bytes value, int flags=0):
         self._need_upper()
-        n = self.copy_up(n)
+        if n.upper < 0:
+            # not for a name of an indexed file: the kernel sets it on the
+            # copy without linking that name up
+            n = self.copy_up(n)
         os.setxattr(_proc(n.upper), self._escape(name), value, flags)
         return n
 
