@@ -23,7 +23,7 @@ import mountutil
 from difftest.layers import dir as d
 from difftest.layers import file
 from difftest.ops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from test_diff_fixed import _env, mk  # noqa: F401  (fixtures)
+from test_diff_fixed import _env  # noqa: F401  (fixture; mk is in conftest)
 
 pytestmark = pytest.mark.skipif(mountutil.engine() == "pyfuse3",
                                 reason="engine=pyfuse3 has none of these (README)")

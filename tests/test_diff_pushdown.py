@@ -86,7 +86,7 @@ def _finish_rotation(pair, r):
     pair.check_uppers()
     for who, built, mp, want in (("kernel", pair.built_o, pair.mp_o, so),
                                  ("ours", pair.built_k, pair.mp_k, sk)):
-        opts = ("redirect_dir=on",) if who == "kernel" else ()
+        opts = pair.kernel_opts if who == "kernel" else pair.ours_opts
         getattr(pair.tracker, who)(built.lowers, built.upper, built.work, mp, opts)
         try:
             other = snapshot_mount(mp)
@@ -101,14 +101,21 @@ def _finish_rotation(pair, r):
     return sk, so
 
 
-@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
-def test_pushdown_rotations(seed, difftmp, mounts):
+INDEX_SEEDS = SEEDS[: int(os.environ.get("DIFF_PUSHDOWN_INDEX_SEEDS", "2"))]
+CASES = [(s, False) for s in SEEDS] + [(s, True) for s in INDEX_SEEDS]
+
+
+@pytest.mark.parametrize("seed,index", CASES, ids=[f"seed{s}" + ("-index" if i else "") for s, i in CASES])
+def test_pushdown_rotations(seed, index, difftmp, mounts):
+    """With index=on (both sides) the pushed-down uppers hold indexed copies
+    whose names were linked up in some rotations and not in others."""
     rng = random.Random(seed)
     stack = L.gen_stack(rng, nlowers=2, upper=False, no_hardlinks=tolerate.on("lower-hardlinks"))
-    label = (f"pushdown seed={seed}; rerun: DIFF_PUSHDOWN_SEEDS={seed} python -m pytest "
+    label = (f"pushdown seed={seed} index={index}; rerun: DIFF_PUSHDOWN_SEEDS={seed} python -m pytest "
              f"tests/test_diff_pushdown.py -k rotations")
     pair = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label=label,
-                    kernel_opts=("redirect_dir=on",))
+                    kernel_opts=("redirect_dir=on",) + (("index=on",) if index else ()),
+                    ours_opts=("index=on",) if index else ())
     os.makedirs(pair.tmp)
     pair.build()
     gen = O.OpGenerator(rng, extra_names=L.all_names(stack), weights=WEIGHTS,
