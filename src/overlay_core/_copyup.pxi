@@ -43,11 +43,8 @@ cdef class _Copier(_Lister):
         now on (n itself). With index=on, a lower file with several hard
         links goes to the index, and the name n is known by is linked to it
         (as is the name of an indexed n copied up before: link-up)."""
-        if n.upper >= 0:
-            if self._indexed and not n.is_dir and n.key in self._indexed:
-                self._link_up(n)
-            return n
-        self._wait_idle(n)      # another thread copies it up: use its copy
+        if n.upper < 0:
+            self._wait_idle(n)      # another thread copies it up: use its copy
         if n.upper >= 0:
             if self._indexed and not n.is_dir and n.key in self._indexed:
                 self._link_up(n)
@@ -168,14 +165,11 @@ cdef class _Copier(_Lister):
                 sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
                 set_impure(self, p)     # as the kernel, before the copy lands
                 if iname is not None:
-                    # the copy of all the names: in the index, then this
-                    # name linked to it (the overlay nlink is the lower's)
+                    # the copy of all the names goes to the index (the
+                    # overlay nlink is the lower's); this name is linked
+                    # to it below, as the others will be (link-up)
                     os.setxattr(_proc(tfd), self.x_nlink, b"U%+d" % (st.st_nlink - 1))
                     sys_renameat2(wd, t, self.index_fd, iname, RENAME_NOREPLACE)
-                    created = False     # if the link fails, lookups find the copy
-                    os.link(iname, n.name, src_dir_fd=self.index_fd, dst_dir_fd=p.upper,
-                            follow_symlinks=False)
-                    os.setxattr(_proc(tfd), self.x_nlink, b"U%+d" % (st.st_nlink - 2))
                 else:
                     sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
             except BaseException:
@@ -199,8 +193,6 @@ cdef class _Copier(_Lister):
             os.close(tfd)     # a concurrent lookup already found the copy
         else:
             self._adopt_upper(n, tfd, ino_kept)
-        if iname is not None:
-            self._indexed[n.key] = (iname, st.st_nlink)
         if not n.is_dir:
             # the lower object is no longer needed once the copy is in place
             for _, fd in n.lowers:
@@ -210,6 +202,9 @@ cdef class _Copier(_Lister):
         if fmt == S.S_IFREG and data:
             self.counters["bytes_copied"] += st.st_size
         log.debug("copied up %r (ino %s)", n.name, n.ino)
+        if iname is not None:
+            self._indexed[n.key] = (iname, st.st_nlink)
+            self._link_up(n)
         return n
 
     def _link_up(self, Node n):

@@ -102,8 +102,7 @@ cdef clean_index(_Stack self, str hint):
             key = bytes.fromhex(name.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             key = b""
-        if len(name) < 2 * FH_HEADER or len(key) < FH_HEADER or key[1] != FH_MAGIC \
-                or key[2] < FH_HEADER or key[2] > len(key) or parse_fh(key) is None:
+        if parse_fh(key) is None:      # too short, no magic, bad length or version
             raise OSError(errno.EINVAL, "failed to verify index entry %r in %s/index (%s)"
                           % (os.fsdecode(name), os.fsdecode(self.work_path), hint))
         if S.S_ISDIR(st.st_mode) or (S.S_ISCHR(st.st_mode) and st.st_rdev == 0):
@@ -152,14 +151,19 @@ cdef long nlink_value(_Stack self, int upper_fd, unsigned long long upper_nlink,
     return (upper_nlink if v[0:1] == b"U" else lower_nlink) + d
 
 
-cdef Stat indexed_stat(_Stack self, Node n, Stat st):
-    """st (of n's upper inode) with the overlay nlink where n is indexed."""
+cdef unsigned long long indexed_nlink(_Stack self, Node n, unsigned long long real_nlink):
+    """The nlink to report for n whose upper inode has real_nlink links:
+    the overlay's where n is indexed."""
     info = self._indexed.get(n.key)
     if info is None:
-        return st
-    cdef long nl = nlink_value(self, n.upper, st.st_nlink, info[1], st.st_nlink)
-    if nl > 0:
-        st.st_nlink = nl
+        return real_nlink
+    cdef long nl = nlink_value(self, n.upper, real_nlink, info[1], real_nlink)
+    return nl if nl > 0 else real_nlink
+
+
+cdef Stat indexed_stat(_Stack self, Node n, Stat st):
+    """st (of n's upper inode) with the overlay nlink where n is indexed."""
+    st.st_nlink = indexed_nlink(self, n, st.st_nlink)
     return st
 
 

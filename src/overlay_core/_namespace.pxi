@@ -293,12 +293,8 @@ cdef class Overlay(_Copier):
         stored relative to its upper inode's. Returns the Node to use."""
         if not self.index or n.is_dir:
             return n
-        if n.upper < 0:
-            if self.getattr(n).st_nlink <= 1:
-                return n
-            n = self.copy_up(n)
-        elif n.key in self._indexed:
-            n = self.copy_up(n)         # links its name up if need be
+        if n.key in self._indexed or (n.upper < 0 and self.getattr(n).st_nlink > 1):
+            n = self.copy_up(n)         # to the index, or just its name linked up
         if n.key in self._indexed:
             set_nlink_upper(self, n, overlay_nlink(self, n))
         return n

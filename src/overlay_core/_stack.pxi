@@ -491,8 +491,8 @@ cdef class _Stack:
         """statx(2) of the real object (birth time included where the
         layer's filesystem records it); nlink as getattr's."""
         cdef StatX x = sys_statx(n.fd, mask)
-        if self._indexed and not n.is_dir and n.key in self._indexed:
-            x.stx_nlink = indexed_stat(self, n, sys_fstat(n.fd)).st_nlink
+        if self._indexed and not n.is_dir:
+            x.stx_nlink = indexed_nlink(self, n, x.stx_nlink)
         return x
 
     cdef object _upper_entry(self, Node parent, bytes name):
