@@ -284,7 +284,7 @@ def test_later_option_wins(tree: Path):
         ),
         ("lowerdir=l1,redirect_dir", "mount option 'redirect_dir' needs a value (redirect_dir=...)"),
         ("lowerdir=l1,volatile=yes", "mount option 'volatile' takes no value"),
-        ("lowerdir=l1,metacopy=on", "metacopy=on is not supported yet"),
+        ("lowerdir=l1,nfs_export=on", "nfs_export=on is not supported yet"),
         ("lowerdir=l1,index=yes", "bad value 'yes' for index (expected on or off)"),
         ("lowerdir=l1,xino=maybe", "bad value 'maybe' for xino (expected on, off or auto)"),
         ("lowerdir=l1,uuid=x", "bad value 'x' for uuid (expected on, off, null or auto)"),

@@ -89,7 +89,7 @@ def _finish_rotation(pair, r):
         opts = pair.kernel_opts if who == "kernel" else pair.ours_opts
         getattr(pair.tracker, who)(built.lowers, built.upper, built.work, mp, opts)
         try:
-            other = snapshot_mount(mp)
+            other = snapshot_mount(mp, pair.compare_blocks)
             diff = diff_snapshots(sk, other, "kernel-side", f"{who}-over-the-other-stack")
             diff += [f"/{p}: {want.inos.get(p)} there, {other.inos.get(p)} here"
                      for p in sorted(set(want.inos) | set(other.inos))
@@ -102,20 +102,24 @@ def _finish_rotation(pair, r):
 
 
 INDEX_SEEDS = SEEDS[: int(os.environ.get("DIFF_PUSHDOWN_INDEX_SEEDS", "2"))]
-CASES = [(s, False) for s in SEEDS] + [(s, True) for s in INDEX_SEEDS]
+METACOPY_SEEDS = SEEDS[: int(os.environ.get("DIFF_PUSHDOWN_METACOPY_SEEDS", "2"))]
+MODE_OPTS = {"": (), "index": ("index=on",), "metacopy": ("metacopy=on",)}
+CASES = ([(s, "") for s in SEEDS] + [(s, "index") for s in INDEX_SEEDS]
+         + [(s, "metacopy") for s in METACOPY_SEEDS])
 
 
-@pytest.mark.parametrize("seed,index", CASES, ids=[f"seed{s}" + ("-index" if i else "") for s, i in CASES])
-def test_pushdown_rotations(seed, index, difftmp, mounts):
+@pytest.mark.parametrize("seed,mode", CASES, ids=[f"seed{s}" + (f"-{m}" if m else "") for s, m in CASES])
+def test_pushdown_rotations(seed, mode, difftmp, mounts):
     """With index=on (both sides) the pushed-down uppers hold indexed copies
-    whose names were linked up in some rotations and not in others."""
+    whose names were linked up in some rotations and not in others; with
+    metacopy=on they hold metacopy files (chains of them, through
+    redirects, across the rotations) whose data are layers below."""
     rng = random.Random(seed)
     stack = L.gen_stack(rng, nlowers=2, upper=False, no_hardlinks=tolerate.on("lower-hardlinks"))
-    label = (f"pushdown seed={seed} index={index}; rerun: DIFF_PUSHDOWN_SEEDS={seed} python -m pytest "
-             f"tests/test_diff_pushdown.py -k rotations")
+    label = (f"pushdown seed={seed} mode={mode or 'default'}; rerun: DIFF_PUSHDOWN_SEEDS={seed} "
+             f"python -m pytest tests/test_diff_pushdown.py -k rotations")
     pair = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label=label,
-                    kernel_opts=("redirect_dir=on",) + (("index=on",) if index else ()),
-                    ours_opts=("index=on",) if index else ())
+                    kernel_opts=("redirect_dir=on",) + MODE_OPTS[mode], ours_opts=MODE_OPTS[mode])
     os.makedirs(pair.tmp)
     pair.build()
     gen = O.OpGenerator(rng, extra_names=L.all_names(stack), weights=WEIGHTS,

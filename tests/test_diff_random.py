@@ -67,8 +67,9 @@ def _env():
 def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw"):
     """mode: "rw" (trusted.overlay.*, kernel redirect_dir=on), "userxattr"
     (user.overlay.*, both sides -o userxattr), "ro" (no upper), "xino"
-    (rw with the top lower layer on a tmpfs, xino=on on both sides) or
-    "index" (rw with index=on on both sides)."""
+    (rw with the top lower layer on a tmpfs, xino=on on both sides),
+    "index", "metacopy" or "metacopy-index" (rw with those options on both
+    sides)."""
     rng = random.Random(seed)
     if mode == "ro" and nlowers is None:
         nlowers = rng.randrange(2, 5)  # the kernel needs 2+ lowers without upper
@@ -85,11 +86,17 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
         _top_layer_on_tmpfs(tmp, tracker)
     elif mode == "index":
         kernel_opts, ours_opts = ("redirect_dir=on", "index=on"), ("index=on",)
+    elif mode == "metacopy":
+        kernel_opts, ours_opts = ("redirect_dir=on", "metacopy=on"), ("metacopy=on",)
+    elif mode == "metacopy-index":
+        kernel_opts = ("redirect_dir=on", "metacopy=on", "index=on")
+        ours_opts = ("metacopy=on", "index=on")
     env = f"DIFF_TOLERATE={','.join(sorted(tolerate.TOLERATE)) or 'none'} "
     if mountutil.ours_is_kernel():
         env += "DIFF_IMPL=kernel "
     test = {"rw": "test_random_seed", "userxattr": "test_random_userxattr", "ro": "test_random_readonly",
-            "xino": "test_random_xino", "index": "test_random_index"}[mode]
+            "xino": "test_random_xino", "index": "test_random_index",
+            "metacopy": "test_random_metacopy", "metacopy-index": "test_random_metacopy_index"}[mode]
     label = label or (f"{mode} seed={seed} nops={nops}; rerun: {env}DIFF_SEEDS={seed} DIFF_OPS={nops} "
                       f"DIFF_CHECK_EVERY={CHECK_EVERY} python -m pytest tests/test_diff_random.py -k {test}")
     pair = DiffPair(tmp, stack, tracker, label=label, kernel_opts=kernel_opts, ours_opts=ours_opts)
@@ -173,6 +180,30 @@ def test_random_index(seed, difftmp, mounts):
     check), the upper and the index dir compared after unmount, and each
     side's upper mounted by the other (both with index=on)."""
     run_seed(seed, difftmp, mounts, mode="index")
+
+
+METACOPY_SEEDS = SEEDS[: int(os.environ.get("DIFF_METACOPY_SEEDS", "40"))]
+
+
+@pytest.mark.parametrize("seed", METACOPY_SEEDS, ids=[f"seed{s}" for s in METACOPY_SEEDS])
+def test_random_metacopy(seed, difftmp, mounts):
+    """metacopy=on on both sides: chmod, chown, utimes, xattr changes,
+    renames and links of lower files copy their metadata only (the upper
+    files, with their metacopy and redirect xattrs, compared after
+    unmount), data read from the lower files (contents and st_blocks
+    compared) until a write or truncate copies them up; each upper
+    mounted by the other side."""
+    run_seed(seed, difftmp, mounts, mode="metacopy")
+
+
+METACOPY_INDEX_SEEDS = SEEDS[: int(os.environ.get("DIFF_METACOPY_INDEX_SEEDS", "12"))]
+
+
+@pytest.mark.parametrize("seed", METACOPY_INDEX_SEEDS, ids=[f"seed{s}" for s in METACOPY_INDEX_SEEDS])
+def test_random_metacopy_index(seed, difftmp, mounts):
+    """metacopy=on and index=on together: metadata-only copies of lower
+    hard links go to the index."""
+    run_seed(seed, difftmp, mounts, mode="metacopy-index")
 
 
 def _top_layer_on_tmpfs(tmp, tracker):

@@ -166,13 +166,20 @@ def test_write_right_after_read_of_lower_files(reltmp, relmounts):
     assert sorted(os.listdir(upper)) == sorted(f"f{i}" for i in range(100))
 
 
-def test_long_copy_up_does_not_stall_other_requests(reltmp, relmounts):
+@pytest.mark.parametrize("metacopy", [False, True], ids=["copy-up", "metacopy-data-copy-up"])
+def test_long_copy_up_does_not_stall_other_requests(reltmp, relmounts, metacopy):
+    """With metacopy=on the data of a file whose metadata were copied up
+    (chmod) are copied in place at the first open for write: that too
+    runs while other requests go on."""
     lower, upper, work, mp = mkdirs(reltmp, "l", "u", "w", "m")
     write_pattern_file(f"{lower}/big", 512)
     os.makedirs(f"{lower}/d")
     for i in range(20):
         open(f"{lower}/d/f{i}", "w").close()
-    relmounts.ours([lower], upper, work, mp)
+    relmounts.ours([lower], upper, work, mp, ("metacopy=on",) if metacopy else ())
+    if metacopy:
+        os.chmod(f"{mp}/big", 0o600)
+        assert os.stat(f"{upper}/big").st_blocks < 64, "chmod copied the data up"
     done = threading.Event()
     took = []
 
@@ -184,7 +191,10 @@ def test_long_copy_up_does_not_stall_other_requests(reltmp, relmounts):
 
     th = threading.Thread(target=copy_up)
     th.start()
-    _wait(lambda: os.listdir(f"{work}/work") or done.is_set(), 10, 0.001)
+    if metacopy:
+        _wait(lambda: os.stat(f"{upper}/big").st_blocks >= 64 or done.is_set(), 10, 0.001)
+    else:
+        _wait(lambda: os.listdir(f"{work}/work") or done.is_set(), 10, 0.001)
     worst, ops = 0.0, 0
     while not done.is_set():
         t = time.monotonic()
@@ -198,6 +208,10 @@ def test_long_copy_up_does_not_stall_other_requests(reltmp, relmounts):
     print(f"copy-up of 512 MiB: {took[0]:.2f} s; {ops} ops meanwhile, slowest {worst * 1000:.0f} ms")
     assert ops >= 5, "the copy-up was too quick to measure anything"
     assert worst < max(0.3, took[0] / 4)
+    if metacopy:
+        with open(f"{mp}/big", "rb") as f, open(f"{lower}/big", "rb") as g:
+            assert f.read() == g.read()
+        assert "trusted.overlay.metacopy" not in os.listxattr(f"{upper}/big")
 
 
 # ---------------------------------------------------------------------------

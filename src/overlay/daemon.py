@@ -35,6 +35,7 @@ def build_core(config):
         uuid=config.uuid,
         xino=config.xino,
         index=config.index,
+        metacopy=config.metacopy,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

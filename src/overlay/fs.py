@@ -64,7 +64,7 @@ class _Handle:
         self.fd = fd
         self.node = node
         self.flags = flags
-        self.lower = node.upper < 0      # opened before any copy-up
+        self.lower = node.upper < 0 or node.metacopy    # opened before a (data) copy-up
 
 
 class _DirHandle:
@@ -189,16 +189,17 @@ class OverlayOperations(pyfuse3.Operations):
             gid = self.gidmap.host(gid)
         return uid, gid
 
-    async def _copy_up(self, node, data: bool = True):
-        """Copy node up, off the trio thread when it is a big file; returns
-        the node to use from now on (see Overlay.copy_up)."""
-        if node.upper >= 0:
+    async def _copy_up(self, node, data: bool = True, meta: bool = False):
+        """Copy node up, off the trio thread when its data are big; returns
+        the node to use from now on (see Overlay.copy_up: meta for a change
+        of metadata only, which leaves a metacopy file's data below)."""
+        if node.upper >= 0 and (meta or not node.metacopy):
             return node
-        if not node.is_dir and data:
+        if not node.is_dir and data and not (meta and self.core.metacopy):
             st = self.core.getattr(node)
             if S.S_ISREG(st.st_mode) and st.st_size > COPY_UP_INLINE:
-                return await trio.to_thread.run_sync(self.core.copy_up, node, data)
-        return self.core.copy_up(node, data)
+                return await trio.to_thread.run_sync(self.core.copy_up, node, data, meta)
+        return self.core.copy_up(node, data, meta)
 
     # ------------------------------------------------------------ lookup & attrs
 
@@ -249,7 +250,7 @@ class OverlayOperations(pyfuse3.Operations):
             async with self._mutating():
                 if kw:
                     self.core._need_upper()
-                    await self._copy_up(node, data=kw.get("size", 1) != 0)
+                    await self._copy_up(node, data=kw.get("size", 1) != 0, meta="size" not in kw)
                     self.core.setattr(node, **kw)
             return self._attrs(node)
 
@@ -306,7 +307,7 @@ class OverlayOperations(pyfuse3.Operations):
         self.counts['link'] += 1
         with _errors():
             async with self._mutating():
-                src = await self._copy_up(self._node(inode))
+                src = await self._copy_up(self._node(inode), meta=True)
                 node = self.core.link(src, self._node(new_parent_inode), new_name)
             return self._entry(node)
 
@@ -413,7 +414,7 @@ class OverlayOperations(pyfuse3.Operations):
         """The fd behind a handle. A handle opened on a lower file before it
         was copied up follows the copy, as the kernel overlay's files do."""
         h = self.handles[fh]
-        if h.lower and h.node.upper >= 0:
+        if h.lower and h.node.upper >= 0 and not h.node.metacopy:
             fd = os.open(f"/proc/self/fd/{h.node.upper}",
                          h.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY) | os.O_CLOEXEC)
             os.close(h.fd)
@@ -544,7 +545,7 @@ class OverlayOperations(pyfuse3.Operations):
             async with self._mutating():
                 node = self._node(inode)
                 self.core._need_upper()
-                node = await self._copy_up(node)
+                node = await self._copy_up(node, meta=True)
                 self.core.setxattr(node, name, value)
 
     async def removexattr(self, inode, name, ctx):

@@ -85,6 +85,7 @@ class MountConfig:
         "uuid": "auto",  # the kernel's uuid=: on, off, null or auto (origin file handles)
         "xino": "off",  # the kernel's xino=: on, off or auto (st_ino of layers on several fs)
         "index": False,  # the kernel's index=on: hard links kept whole across copy-up
+        "metacopy": False,  # the kernel's metacopy=on: metadata-only copy-up
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -187,7 +188,6 @@ _FEATURE_VALUES = {
     "verity": ("on", "off", "require"),
 }
 _NOT_YET = {
-    "metacopy": ("on",),
     "nfs_export": ("on",),
     "verity": ("on", "require"),
 }
@@ -445,8 +445,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             raise OptionError(f"{name}={value} is not supported yet")
         if name == "xino":
             extra["xino"] = value
-        elif name == "index":
-            extra["index"] = value == "on"
+        elif name in ("index", "metacopy"):
+            extra[name] = value == "on"
         else:
             ignored.append(f"{name}={value}")
     if redirect_dir is None:

@@ -37,21 +37,34 @@ cdef class _Copier(_Lister):
 
     # ------------------------------------------------------------ copy-up
 
-    def copy_up(self, Node n, bint data=True):
+    def copy_up(self, Node n, bint data=True, bint meta=False):
         """Make n exist in the upper layer (parents first), preparing it in
         the work dir and renaming it into place. Returns the Node to use from
         now on (n itself). With index=on, a lower file with several hard
         links goes to the index, and the name n is known by is linked to it
-        (as is the name of an indexed n copied up before: link-up)."""
-        if n.upper < 0:
+        (as is the name of an indexed n copied up before: link-up).
+        data=False: its data are about to be truncated away (not copied).
+        meta: only its metadata are to change (chmod, chown, utimes, xattrs,
+        rename, link): with metacopy=on a regular file's data stay in the
+        lower layer (_metacopy.pxi); without meta, a metacopy file's data
+        are copied up."""
+        if n.upper < 0 or n._bits & NB_METACOPY:
             self._wait_idle(n)      # another thread copies it up: use its copy
         if n.upper >= 0:
+            if n._bits & NB_METACOPY and not meta:
+                n.busy = True
+                try:
+                    copy_data_up(self, n, data)
+                finally:
+                    n.busy = False
+                    if self._cond is not None:
+                        self._cond.notify_all()
             if self._indexed and not n.is_dir and n.key in self._indexed:
                 self._link_up(n)
             return n
         n.busy = True           # the fd cache must not close its fds meanwhile
         try:
-            return self._copy_up(n, data)
+            return self._copy_up(n, data, meta)
         finally:
             n.busy = False
             if self._cond is not None:
@@ -70,7 +83,7 @@ cdef class _Copier(_Lister):
             while n.busy:
                 self._cond.wait()
 
-    cdef _copy_up(self, Node n, bint data):
+    cdef _copy_up(self, Node n, bint data, bint meta):
         cdef Node p
         self._need_upper()
         p = n.parent
@@ -84,10 +97,19 @@ cdef class _Copier(_Lister):
             if S.S_IFMT(ust.st_mode) == S.S_IFMT(src_st.st_mode):
                 self._adopt_upper(n, self._opath(p.upper, n.name, n.is_dir),
                                   n.is_dir or src_st.st_nlink == 1)
+                # its data: still below (a metacopy), else in the copy
+                n.metacopy = (self.metacopy and S.S_ISREG(ust.st_mode)
+                              and has_metacopy(self, n.upper))
+                if n.metacopy and not meta:
+                    copy_data_up(self, n, data)
                 return n
             raise _err(errno.EEXIST, n.name)
         src = n.lowers[0][1]
+        dsrc = n.datafd         # src, or the data of a metacopy chain
         st = os.stat(src)
+        # metadata only: the upper file has no data (a sparse file of the
+        # same size), the lower keeps them (the kernel's metacopy)
+        mc = meta and self.metacopy and S.S_ISREG(st.st_mode)
         iname = None
         if self.index and not n.is_dir and st.st_nlink > 1:
             iname = index_name(self, src, n.lowers[0][0])
@@ -109,12 +131,15 @@ cdef class _Copier(_Lister):
                 try:
                     # a big file: other threads go on while its data are copied
                     # (n is busy: changes to it wait, see _wait_idle)
-                    unlock = self._cond is not None and data and st.st_size > COPY_LOCKED_MAX
+                    unlock = (self._cond is not None and data and not mc
+                              and st.st_size > COPY_LOCKED_MAX)
                     if unlock:
                         self._cond.release()
                     try:
-                        if data and st.st_size:
-                            rfd = os.open(_proc(src), os.O_RDONLY | O_CLOEXEC)
+                        if mc:
+                            os.ftruncate(wfd, st.st_size)
+                        elif data and st.st_size:
+                            rfd = os.open(_proc(dsrc), os.O_RDONLY | O_CLOEXEC)
                             try:
                                 sys_copy_data(rfd, wfd, st.st_size, True)
                             finally:
@@ -159,6 +184,8 @@ cdef class _Copier(_Lister):
                             raise
                         log.debug("copy-up: no origin xattr on %r: %s", n.name, e)
                     ino_kept = True
+                if mc:
+                    os.setxattr(_proc(tfd), self.x_metacopy, b"")
                 os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
                 if fmt != S.S_IFLNK:
                     os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
@@ -193,13 +220,19 @@ cdef class _Copier(_Lister):
             os.close(tfd)     # a concurrent lookup already found the copy
         else:
             self._adopt_upper(n, tfd, ino_kept)
-        if not n.is_dir:
+        if mc:
+            # the data stay where they are: the lower object, or the last
+            # of a metacopy chain (its top one kept too, as the kernel does)
+            n.metacopy = True
+            self.counters["metacopy_ups"] += 1
+        elif not n.is_dir:
             # the lower object is no longer needed once the copy is in place
             for _, fd in n.lowers:
                 os.close(fd)
             n.lowers = []
+            n.metacopy = False
         self.counters["copy_ups"] += 1
-        if fmt == S.S_IFREG and data:
+        if fmt == S.S_IFREG and data and not mc:
             self.counters["bytes_copied"] += st.st_size
         log.debug("copied up %r (ino %s)", n.name, n.ino)
         if iname is not None:

@@ -61,7 +61,8 @@ cdef class Node:
     cdef public unsigned char busy      # in use by a copy-up: never evicted
     cdef public unsigned char ghost     # a whiteout that readdir lists (see _Lister.readdir)
     cdef public unsigned char in_lru
-    cdef unsigned char _has_real, _has_ino, _has_cached
+    cdef unsigned char _has_real, _has_ino
+    cdef unsigned char _bits       # NB_CACHED: cached is set; NB_METACOPY: see metacopy
     cdef public unsigned int kernel_refs   # the adapter's count of kernel lookups
     cdef unsigned int _ovi         # its Overlay, by number (see ov): fills what was padding
     cdef public unsigned long long real_dev, real_ino   # the real object behind the fds
@@ -72,11 +73,22 @@ cdef class Node:
     # the allocator's 16-byte steps, 16). The engine's C-level helpers:
 
 
+# Node._bits
+cdef enum:
+    NB_CACHED = 1       # Node.cached holds a fingerprint
+    NB_METACOPY = 2     # Node.metacopy: its data are in its last lower object
+
+
+cdef inline bint node_metacopy(Node n) noexcept:
+    """Node.metacopy, at C level."""
+    return (n._bits & NB_METACOPY) != 0
+
+
 cdef inline void node_note_reported(Node n, long long size, long long mtime_ns,
                                     long long ctime_ns) noexcept:
     """Remember what the kernel was told of a lower file (see Node.cached)."""
     n._c_print = _fingerprint(size, mtime_ns, ctime_ns)
-    n._has_cached = True
+    n._bits |= NB_CACHED
 
 
 cdef inline bint node_is_merged(Node n) noexcept:
@@ -105,7 +117,9 @@ cdef class _Stack:
     cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
     cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."
     cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
-    cdef readonly bytes x_origin, x_impure, x_uuid, x_nlink, x_upper
+    cdef readonly bytes x_origin, x_impure, x_uuid, x_nlink, x_upper, x_metacopy
+    cdef readonly bint metacopy        # metacopy=on: metadata-only copy-up (_metacopy.pxi)
+    cdef bint _origin_seen             # set by upper_ino: the upper had an origin xattr
     cdef readonly bint index           # index=on (after the kernel's fallbacks: _index.pxi)
     cdef readonly int index_fd         # O_PATH fd of <work>/index, or -1
     cdef object _indexed               # key -> (index entry name, origin's nlink) of indexed Nodes
@@ -167,7 +181,9 @@ cdef class _Resolver(_Stack):
     """Name lookup through the layers (_resolve.pxi)."""
     cdef _walk_lower(self, int base, list comps)
     cdef _check_redirect(self, bytes rd, bytes name, bint follow=*)
-    cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir)
+    cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir,
+                        int below=*)
+    cdef _find_data(self, Node parent, bytes name, object path, int below)
     cdef _build_index(self, Node d)
     cdef Node _known_upper(self, Node parent, bytes name, struct_stat *ust, Stat st)
     cpdef Node lookup(self, Node parent, bytes name)
@@ -182,7 +198,7 @@ cdef class _Lister(_Resolver):
 
 cdef class _Copier(_Lister):
     """Copy-up (_copyup.pxi)."""
-    cdef _copy_up(self, Node n, bint data)
+    cdef _copy_up(self, Node n, bint data, bint meta)
 
 
 cdef class Overlay(_Copier):

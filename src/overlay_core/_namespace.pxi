@@ -50,7 +50,11 @@ cdef class Overlay(_Copier):
             dfd, dname = parent.upper, name
         ofd = -1
         if link_src is not None:
-            link_src = self._index_start(self.copy_up(link_src))
+            link_src = self._index_start(self.copy_up(link_src, meta=True))
+            if link_src.metacopy:
+                # its data are found by its path: one that stays (the kernel's
+                # ovl_set_link_redirect)
+                self._set_redirect(link_src, False)
             if link_src.parent is not None and self._has_origin(link_src):
                 set_impure(self, parent)    # a name of a copied-up object: as the kernel
             os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
@@ -155,12 +159,12 @@ cdef class Overlay(_Copier):
             self._need_upper()
             n = self.copy_up(n, data=not (flags & os.O_TRUNC))
         f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | O_NOFOLLOW) | O_CLOEXEC
-        return os.open(_proc(n.fd), f), n
+        return os.open(_proc(n.datafd), f), n
 
     def setattr(self, Node n, mode=None, uid=None, gid=None, size=None,
                 atime_ns=None, mtime_ns=None, fh=None):
         self._need_upper()
-        n = self.copy_up(n, data=size is None or size != 0)
+        n = self.copy_up(n, data=size is None or size != 0, meta=size is None)
         path = _proc(n.upper)
         if size is not None:
             if fh is not None:
@@ -215,7 +219,7 @@ cdef class Overlay(_Copier):
         if n.upper < 0:
             # not for a name of an indexed file: the kernel sets it on the
             # copy without linking that name up
-            n = self.copy_up(n)
+            n = self.copy_up(n, meta=True)
         os.setxattr(_proc(n.upper), self._escape(name), value, flags)
         return n
 
@@ -224,7 +228,7 @@ cdef class Overlay(_Copier):
         name = self._escape(name)
         if n.upper < 0:
             os.getxattr(_proc(n.fd), name)      # ENODATA without copy-up
-            n = self.copy_up(n)
+            n = self.copy_up(n, meta=True)
         os.removexattr(_proc(n.upper), name)
         return n
 
@@ -294,7 +298,7 @@ cdef class Overlay(_Copier):
         if not self.index or n.is_dir:
             return n
         if n.key in self._indexed or (n.upper < 0 and self.getattr(n).st_nlink > 1):
-            n = self.copy_up(n)         # to the index, or just its name linked up
+            n = self.copy_up(n, meta=True)  # to the index, or just its name linked up
         if n.key in self._indexed:
             set_nlink_upper(self, n, overlay_nlink(self, n))
         return n
@@ -357,7 +361,11 @@ cdef class Overlay(_Copier):
     # ------------------------------------------------------------ rename
 
     cdef bint _merge_or_lower(self, Node n):
-        return n.is_dir and (n.upper < 0 or len(n.lowers) > 0)
+        """The kernel's ovl_type_merge_or_lower: a dir from a lower layer, or
+        a file whose data are still there (metacopy)."""
+        if n.is_dir:
+            return n.upper < 0 or len(n.lowers) > 0
+        return n.metacopy
 
     cdef bint _can_move(self, Node n):
         return self.redirect_dir or not n.is_dir or not self._merge_or_lower(n)
@@ -388,7 +396,10 @@ cdef class Overlay(_Copier):
         return n.ino != self._map_real(n)
 
     cdef _set_redirect(self, Node n, bint samedir):
-        absolute = not samedir
+        # a file (metacopy) whose lower object has several links gets an
+        # absolute one even in its own dir: its other names may be
+        # elsewhere (the kernel's ovl_need_absolute_redirect)
+        absolute = not samedir or (not n.is_dir and sys_fstat(n.lowers[0][1]).st_nlink > 1)
         if n.redirect and (not absolute or n.redirect.startswith(b"/")):
             return
         rd = self._abs_redirect(n) if absolute else n.name
@@ -462,10 +473,10 @@ cdef class Overlay(_Copier):
                 cleanup_whiteout = True
         op.dircache = None
         np.dircache = None
-        old = self.copy_up(old)
+        old = self.copy_up(old, meta=True)
         self.copy_up(np)
         if not overwrite:
-            new = self.copy_up(new)
+            new = self.copy_up(new, meta=True)
         elif new is not None and not new.is_dir:
             new = self._index_start(new)
         if need_clear:

@@ -84,7 +84,8 @@ cdef class Node:
 
     property lowers:
         """[(layer index, O_PATH fd)] of the lower objects, top first (a new
-        list for a non-dir, which has one at most, kept in C fields)."""
+        list for a non-dir, which has one, kept in C fields, or two: the top
+        and the data of a metacopy chain)."""
         def __get__(self):
             if self.evicted:
                 self.ov._reopen(self)
@@ -92,6 +93,8 @@ cdef class Node:
                 if self._lowers is None:
                     self._lowers = []
                 return self._lowers
+            if self._lowers is not None:
+                return list(self._lowers)   # a metacopy chain: its top and its data
             if self._lidx >= 0:
                 return [(self._lidx, self._lfd)]
             return []
@@ -136,18 +139,43 @@ cdef class Node:
         kernel; kept as a 64-bit fingerprint (reads give that, or None).
         The adapter asks changed() at the next open."""
         def __get__(self):
-            return self._c_print if self._has_cached else None
+            return self._c_print if self._bits & NB_CACHED else None
 
         def __set__(self, v):
             if v is None:
-                self._has_cached = False
+                self._bits &= ~NB_CACHED
             else:
                 self._c_print = _fingerprint(v[0], v[1], v[2])
-                self._has_cached = True
+                self._bits |= NB_CACHED
 
     def changed(self, long long size, long long mtime_ns, long long ctime_ns):
         """Do these attributes differ from those last reported (cached)?"""
-        return self._has_cached and self._c_print != _fingerprint(size, mtime_ns, ctime_ns)
+        return bool(self._bits & NB_CACHED) and self._c_print != _fingerprint(size, mtime_ns, ctime_ns)
+
+    property metacopy:
+        """A regular file whose object (upper, or top lower) holds only its
+        metadata (the kernel's metacopy xattr): its data are in the last of
+        its lower objects (lowers[-1], see datafd) until a data copy-up."""
+        def __get__(self):
+            return bool(self._bits & NB_METACOPY)
+
+        def __set__(self, bint v):
+            if v:
+                self._bits |= NB_METACOPY
+            else:
+                self._bits &= ~NB_METACOPY
+
+    @property
+    def datafd(self):
+        """O_PATH fd of the object holding the data: fd, or for a metacopy
+        file the lower object its data are read from."""
+        if self.evicted:
+            self.ov._reopen(self)
+        if self._bits & NB_METACOPY:
+            if self._lowers is not None:
+                return self._lowers[-1][1]
+            return self._lfd
+        return self.fd
 
     property dircache:
         """[(name, Node, dir fd)] of a dir's last listing, or None."""

@@ -234,6 +234,7 @@ cdef object upper_ino(_Stack self, int upper_fd, Stat st):
     before origin was (or where it cannot be decoded) keep theirs in
     <prefix>fuse.ino."""
     what, ost = origin_stat(self, upper_fd, st.st_mode)
+    self._origin_seen = what != 0
     if what == 2:
         if ost.st_nlink == 1 or (self.index and check_indexed(self, upper_fd, st, ost)):
             return self.map_ino(ost)

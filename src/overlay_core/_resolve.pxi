@@ -93,11 +93,15 @@ cdef class _Resolver(_Stack):
         if follow and any(c in (b".", b"..") for c in comps):
             raise _err(errno.EACCES, name)
 
-    cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir):
-        """Search the lower layers for name below parent, following redirects.
-        Returns (nondir, dirs, st): nondir is (layer, fd, st) or None; dirs a
-        list of (layer, fd) of directories to merge, top first; st the Stat of
-        the top one."""
+    cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir,
+                        int below=-1):
+        """Search the lower layers for name below parent, following redirects
+        (only the layers after `below`).
+        Returns (nondir, dirs, st): nondir is (layer, fd, st, data) or None;
+        dirs a list of (layer, fd) of directories to merge, top first; st the
+        Stat of the top one. With metacopy=on a metacopy file is followed to
+        its data in the layers below (_metacopy.pxi): nondir is the top one
+        and data the (layer, fd) of the data (None: nondir holds them)."""
         cdef int n = len(self.lower_roots)
         cdef int idx
         cdef Py_ssize_t j = 0
@@ -105,12 +109,13 @@ cdef class _Resolver(_Stack):
         path = redirect if redirect is not None else name
         dirs = []
         topst = None
+        top = None      # the top metacopy file of a chain: (layer, fd, st)
         # which layers to probe: (layer index, dir fd) in order
         if path.startswith(b"/"):
-            plan = [(i, self.lower_roots[i]) for i in range(n)]
+            plan = [(i, self.lower_roots[i]) for i in range(below + 1, n)]
         else:
             plan = parent.lowers
-            if redirect is None and len(plan) >= INDEX_MIN_LAYERS:
+            if redirect is None and below < 0 and len(plan) >= INDEX_MIN_LAYERS:
                 if parent.lindex is None:
                     parent.nlookups += 1
                     if parent.nlookups >= INDEX_AFTER_LOOKUPS:
@@ -121,6 +126,8 @@ cdef class _Resolver(_Stack):
                     if positions is None:
                         return None, dirs, None
                     plan = [parent.lowers[k] for k in positions]
+            if below >= 0:
+                plan = [e for e in plan if e[0] > below]
         while j < len(plan):
             idx, base = plan[j]
             j += 1
@@ -143,8 +150,42 @@ cdef class _Resolver(_Stack):
             if kind == 1:
                 break
             if kind == 2:
-                if not dirs and not have_upper_dir:
-                    return (idx, fd, st), dirs, st
+                if dirs or have_upper_dir:
+                    os.close(fd)
+                    break
+                if self.metacopy and S.S_ISREG(st.st_mode) and has_metacopy(self, fd):
+                    # a metacopy file (a pushed-down upper): its data are
+                    # below, at its redirect or at the same path
+                    rd = self._getx(fd, self.x_redirect)
+                    if top is None:
+                        top = (idx, fd, st)
+                    else:
+                        os.close(fd)    # the kernel keeps only the top one
+                    if rd is not None:
+                        try:
+                            self._check_redirect(rd, name)
+                        except BaseException:
+                            os.close(top[1])
+                            raise
+                        if rd.startswith(b"/"):
+                            path = rd
+                            self._walk_stop = False
+                        else:
+                            head, sep, _ = path.rpartition(b"/")
+                            path = head + sep + rd
+                    if path.startswith(b"/"):
+                        plan = [(i, self.lower_roots[i]) for i in range(idx + 1, n)]
+                    else:
+                        plan = [(i, f) for i, f in parent.lowers if i > idx]
+                    j = 0
+                    continue
+                if top is not None:
+                    if not S.S_ISREG(st.st_mode):
+                        os.close(fd)
+                        break
+                    return (top[0], top[1], top[2], (idx, fd)), dirs, top[2]
+                return (idx, fd, st, None), dirs, st
+            if top is not None:
                 os.close(fd)
                 break
             if not dirs:
@@ -174,7 +215,27 @@ cdef class _Resolver(_Stack):
                 j = 0
             if self._walk_stop:
                 break       # an opaque dir on the way: nothing below counts
+        if top is not None:
+            os.close(top[1])
+            raise no_data(name)
         return None, dirs, topst
+
+    cdef _find_data(self, Node parent, bytes name, object path, int below):
+        """The lower objects of a metacopy upper file known as name under
+        parent, found at path (its redirect) or name: [(layer, fd)] of its
+        data, or of the top lower file and the data where that is a
+        metacopy one too (as the kernel keeps them); EIO where there are no
+        data (the kernel's "metacopy with no lower data found")."""
+        nondir, dirs, _ = self._lookup_lowers(parent, name, path, False, below)
+        for _, fd in dirs:
+            os.close(fd)
+        if nondir is None or not S.S_ISREG(nondir[2].st_mode):
+            if nondir is not None:
+                os.close(nondir[1])
+            raise no_data(name)
+        if nondir[3] is not None:
+            return [(nondir[0], nondir[1]), nondir[3]]
+        return [(nondir[0], nondir[1])]
 
     cdef _build_index(self, Node d):
         """Which of d's lower dirs hold each name: {name: [positions in
@@ -207,6 +268,8 @@ cdef class _Resolver(_Stack):
             return None
         self.counters["lookups"] += 1
         self.counters["lookups_known"] += 1
+        if old._bits & NB_METACOPY:
+            st = metacopy_stat(self, old, st)
         old.st = indexed_stat(self, old, st) if self._indexed else st
         return old
 
@@ -266,7 +329,11 @@ cdef class _Resolver(_Stack):
             nondir, dirs, lst = self._lookup_lowers(parent, name, redirect, have_upper_dir)
             if nondir is not None:
                 n.is_dir = False
-                n.lowers = [(nondir[0], nondir[1])]
+                if nondir[3] is not None:
+                    n.lowers = [(nondir[0], nondir[1]), nondir[3]]
+                    n.metacopy = True
+                else:
+                    n.lowers = [(nondir[0], nondir[1])]
             elif dirs:
                 n.is_dir = True
                 n.lowers = dirs
@@ -277,6 +344,10 @@ cdef class _Resolver(_Stack):
             n.key = _realkey(ust.st_dev, ust.st_ino)
             if not n.is_dir:
                 n.ino = upper_ino(self, n.upper, st)
+                if (S.S_ISREG(st.st_mode) and (self.metacopy or self._origin_seen)
+                        and has_metacopy(self, n.upper)):
+                    self._metacopy_upper(parent, n)
+                    st = metacopy_stat(self, n, st)
                 if self._indexed and n.key in self._indexed:
                     st = indexed_stat(self, n, st)
             elif n.lowers:
@@ -288,7 +359,7 @@ cdef class _Resolver(_Stack):
             else:
                 n.ino = self.map_ino(st)
         else:
-            st = lst
+            st = metacopy_stat(self, n, lst) if n._bits & NB_METACOPY else lst
             n.ino = self.map_ino(lst)
             if n.is_dir or lst.st_nlink == 1:
                 n.key = _realkey(lst.st_dev, lst.st_ino)
@@ -301,9 +372,17 @@ cdef class _Resolver(_Stack):
                 n.key = _realkey(lst.st_dev, lst.st_ino)
                 ist = find_index(self, n, nondir[1], nondir[0], lst)
                 if ist is not None:
-                    os.close(nondir[1])     # the copy in the index stands for it
-                    n.lowers = []
                     ust.st_dev, ust.st_ino = ist.st_dev, ist.st_ino
+                    if (self.metacopy and S.S_ISREG(ist.st_mode) and not n.metacopy
+                            and has_metacopy(self, n.upper)):
+                        # a metacopy in the index: the lower file has the data
+                        n.metacopy = True
+                        ist = metacopy_stat(self, n, ist)
+                    else:
+                        for _, fd in n.lowers:
+                            os.close(fd)    # the copy in the index stands for it
+                        n.lowers = []
+                        n.metacopy = False
                     st = indexed_stat(self, n, ist)
         n.st = st
         n.ov = self
@@ -313,6 +392,20 @@ cdef class _Resolver(_Stack):
             n.real_dev, n.real_ino = lst.st_dev, lst.st_ino
         n._has_real = True
         return self._intern(n)
+
+    def _metacopy_upper(self, Node parent, Node n):
+        """n's upper file carries <prefix>metacopy: find its data in the
+        lower layers (by its redirect, else its name), or refuse it without
+        metacopy=on (EPERM), as the kernel does."""
+        if not self.metacopy:
+            log.warning("refusing to follow metacopy origin for %r (mount with metacopy=on)", n.name)
+            raise _err(errno.EPERM, n.name)
+        rd = self._getx(n.upper, self.x_redirect)
+        if rd is not None:
+            self._check_redirect(rd, n.name, rd.startswith(b"/") or bool(parent.lowers))
+        n.lowers = self._find_data(parent, n.name, rd, -1)
+        n.metacopy = True
+        n.redirect = rd
 
     def _fix_origin(self, Node parent, Node n):
         """A merged upper dir without origin (made before origin was, or by

@@ -14,13 +14,14 @@ cdef class _Stack:
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True,
-                 uuid="auto", xino="off", index=False):
+                 uuid="auto", xino="off", index=False, metacopy=False):
         """keep_listings: keep each dir's listing until it changes through us
         (for adapters whose kernel side does not cache listings itself).
         uuid: the kernel's uuid= option (on, off, null, auto): whether
         origin file handles carry the lower filesystem's uuid (not with
         off) and whether the upper root keeps an overlay uuid.
-        index: the kernel's index=on (_index.pxi)."""
+        index: the kernel's index=on (_index.pxi).
+        metacopy: the kernel's metacopy=on (_metacopy.pxi)."""
         if uuid not in ("on", "off", "null", "auto"):
             raise ValueError(f"bad uuid mode {uuid!r}")
         self.uuid_mode = uuid
@@ -44,6 +45,8 @@ cdef class _Stack:
         self.x_uuid = self.prefix + b"uuid"
         self.x_nlink = self.prefix + b"nlink"
         self.x_upper = self.prefix + b"upper"
+        self.x_metacopy = self.prefix + b"metacopy"
+        self.metacopy = metacopy
         self.index = index
         self.index_fd = -1
         self._indexed = {}
@@ -53,6 +56,7 @@ cdef class _Stack:
         self.no_sync = no_sync
         self.nodes = {}
         self.counters = {"lookups": 0, "lookups_known": 0, "copy_ups": 0, "bytes_copied": 0,
+                         "metacopy_ups": 0, "data_copy_ups": 0,
                          "name_indexes": 0, "name_index_hits": 0}
         self.renumbered = []
         self.fd_cache_len = 0
@@ -314,10 +318,24 @@ cdef class _Stack:
     def _reopen(self, Node n):
         """Reopen the fds of an evicted Node by name, under its parent dir or
         one of its other names, checking it is still the same object."""
-        n.evicted = False
         cdef Node p
         names = [(n.parent, n.name)] + [a for a in (n.aliases or ()) if a != (n.parent, n.name)]
         why = []
+        if n._bits & NB_METACOPY:
+            # its data may be a chain of redirects away: a lookup finds
+            # them again (and hands its fds to n, see _intern)
+            for p, name in names:
+                try:
+                    (<_Resolver>self).lookup(p, name)
+                except OSError as e:
+                    why.append((p.name, name, e.strerror))
+                    continue
+                if not n.evicted:
+                    return
+                why.append((p.name, name, "other object"))
+            log.warning("cannot reopen %r (real %s): %s", n.name, n.real, why)
+            raise _err(errno.ESTALE, n.name)
+        n.evicted = False
         info = self._indexed.get(n.key) if n._upper == EVICTED else None
         if info is not None:
             names.insert(0, (None, info[0]))     # its copy in the index
@@ -428,6 +446,9 @@ cdef class _Stack:
             old._lidx, old._lfd = n._lidx, n._lfd
             n._upper, n._lowers = -1, None
             n._lidx = n._lfd = -1
+            old._bits = (old._bits & ~NB_METACOPY) | (n._bits & NB_METACOPY)
+            if not old.is_dir:
+                old.redirect = n.redirect
             old.evicted = False
             old.real_dev, old.real_ino = n.real_dev, n.real_ino
             old._has_real = n._has_real
@@ -436,6 +457,15 @@ cdef class _Stack:
         if old.upper < 0 and n.upper >= 0:
             old.upper = n.upper
             n.upper = -1
+            if n._bits & NB_METACOPY:
+                # copied up (metadata only) through another Node: its data
+                # are where n found them
+                old._lidx, old._lfd, n._lidx, n._lfd = n._lidx, n._lfd, old._lidx, old._lfd
+                old._lowers, n._lowers = n._lowers, old._lowers
+                old._bits |= NB_METACOPY
+                old.redirect = n.redirect
+            else:
+                old._bits &= ~NB_METACOPY
             if n.is_dir:
                 old.opaque = n.opaque
                 old.redirect = n.redirect
@@ -483,6 +513,8 @@ cdef class _Stack:
         """Stat of the real object (the adapter reports n.ino and, for a
         merged dir, nlink 1); an indexed file's nlink is the overlay's."""
         st = sys_fstat(n.fd)
+        if n._bits & NB_METACOPY:
+            st = metacopy_stat(self, n, st)
         if self._indexed and not n.is_dir:
             return indexed_stat(self, n, st)
         return st
@@ -491,6 +523,8 @@ cdef class _Stack:
         """statx(2) of the real object (birth time included where the
         layer's filesystem records it); nlink as getattr's."""
         cdef StatX x = sys_statx(n.fd, mask)
+        if n._bits & NB_METACOPY:
+            x.stx_blocks = sys_fstat(n.datafd).st_blocks
         if self._indexed and not n.is_dir:
             x.stx_nlink = indexed_nlink(self, n, x.stx_nlink)
         return x

@@ -192,6 +192,7 @@ cdef int _copy_data(int src, int dst, off_t size, bint try_reflink) noexcept nog
     cdef off_t pos = 0, data_pos = -1, left = size, this_len
     cdef bint skip_hole = True
     cdef int err
+    cdef struct_stat dst_st
     if try_reflink and not _reflink_broken:
         if ioctl(dst, FICLONE, src) == 0:
             return 0
@@ -217,7 +218,11 @@ cdef int _copy_data(int src, int dst, off_t size, bint try_reflink) noexcept nog
             return err
         pos += this_len
         left -= this_len
-    if ftruncate(dst, size) != 0:
+    # the size a trailing hole leaves (not where it is already: a truncate
+    # would change the times of a metacopy file's data copy-up)
+    if fstat(dst, &dst_st) != 0:
+        return c_errno
+    if dst_st.st_size != size and ftruncate(dst, size) != 0:
         return c_errno
     return 0
 

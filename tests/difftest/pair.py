@@ -113,6 +113,8 @@ class DiffPair:
         # meaningful with trusted xattrs; in userxattr mode a new link name
         # gets its own st_ino there
         self.compare_groups = stack.prefix == L.TRUSTED_PREFIX
+        # with metacopy=on a metacopy file reports the st_blocks of its data
+        self.compare_blocks = "metacopy=on" in self.kernel_opts
 
     # -- setup ----------------------------------------------------------------
     def build(self):
@@ -232,7 +234,8 @@ class DiffPair:
 
     # -- trees ----------------------------------------------------------------
     def snapshots(self):
-        return snapshot_mount(self.mp_k), snapshot_mount(self.mp_o)
+        return (snapshot_mount(self.mp_k, self.compare_blocks),
+                snapshot_mount(self.mp_o, self.compare_blocks))
 
     def check_trees(self, where="tree"):
         sk, so = self.snapshots()
@@ -271,7 +274,7 @@ class DiffPair:
         if remount:
             self._mount_ours(self.built_o, self.mp_o, self.ours_opts)
             try:
-                s2 = snapshot_mount(self.mp_o)
+                s2 = snapshot_mount(self.mp_o, self.compare_blocks)
                 d = diff_snapshots(sk, s2, "kernel-before-unmount", "ours-remounted",
                                    groups=self.compare_groups)
                 if d:
@@ -288,7 +291,7 @@ class DiffPair:
         if kernel_over_ours and self.stack.has_upper:
             self._mount_kernel(self.built_o, self.mp_o, self.remount_kernel_opts)
             try:
-                s3 = snapshot_mount(self.mp_o)
+                s3 = snapshot_mount(self.mp_o, self.compare_blocks)
                 # in userxattr mode the kernel's st_ino are not persistent (no
                 # origin), so its hardlink partition after a remount is noise
                 d = diff_snapshots(sk, s3, "kernel-side", "kernel-over-our-upper",
@@ -307,7 +310,7 @@ class DiffPair:
             # the other way round: ours over the upper the kernel wrote
             self._mount_ours(self.built_k, self.mp_k, self.ours_opts)
             try:
-                s4 = snapshot_mount(self.mp_k)
+                s4 = snapshot_mount(self.mp_k, self.compare_blocks)
                 d = diff_snapshots(sk, s4, "kernel-side", "ours-over-the-kernel's-upper",
                                    groups=self.compare_groups)
                 d += [f"/{p}: kernel {sk.inos.get(p)} ours {s4.inos.get(p)}"

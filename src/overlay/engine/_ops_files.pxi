@@ -29,8 +29,13 @@ cdef int _passthrough(OverlayFS self, uint64_t nodeid, node) except -2:
     if not self.passthrough or self.passthrough_broken or not node.fuse_id:
         return 0
     bk = self.backings.get(nodeid)
+    if node.metacopy:
+        dst = os.fstat(node.datafd)
+        real = (dst.st_dev, dst.st_ino)     # its data: a lower file
+    else:
+        real = node.real
     if bk is not None and bk.opens > 0:
-        if bk.real == node.real:
+        if bk.real == real:
             bk.opens += 1
             return bk.id
         # the old id keeps its kernel references apart (bridge._forget)
@@ -45,7 +50,7 @@ cdef int _passthrough(OverlayFS self, uint64_t nodeid, node) except -2:
         return 0
     from overlay.engine.wire import backing_open
     try:
-        bid = backing_open(self.devfd, node.fd)
+        bid = backing_open(self.devfd, node.datafd)
     except OSError as e:
         log.warning("passthrough off: BACKING_OPEN failed (%s)", e.strerror)
         self.passthrough_broken = True
@@ -53,7 +58,7 @@ cdef int _passthrough(OverlayFS self, uint64_t nodeid, node) except -2:
     bk = _Backing()
     bk.id = bid
     bk.opens = 1
-    bk.real = node.real
+    bk.real = real
     self.backings[nodeid] = bk
     return bid
 
@@ -91,7 +96,7 @@ cdef int _reply_open(OverlayFS self, int fd, uint64_t unique, uint64_t nodeid, i
     hd.fd = rfd
     hd.node = node
     hd.flags = flags
-    hd.lower = node.upper < 0
+    hd.lower = node.upper < 0 or node.metacopy   # its data may be copied up later
     hd.backing_key = nodeid if bid > 0 else 0
     self.handles[fh] = hd
     node.pins += 1          # keeps its fds: fstat must work after an unlink

@@ -71,7 +71,7 @@ cdef int op_setattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
         if kw:
             try:
                 self.core._need_upper()
-                node = self._copy_up(node, kw.get("size", 1) != 0)
+                node = self._copy_up(node, kw.get("size", 1) != 0, "size" not in kw)
                 self.core.setattr(node, **kw)
                 if valid & FATTR_KILL_SUIDGID and "mode" not in kw:
                     self._kill_suidgid(node)
@@ -128,7 +128,7 @@ cdef int op_link(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
     name = _cstr(arg + sizeof(fuse_link_in), n - sizeof(fuse_link_in))
     with self.lock:
         try:
-            src = self._copy_up(self._node(a.oldnodeid))
+            src = self._copy_up(self._node(a.oldnodeid), True, True)
             node = self.core.link(src, self._node(h.nodeid), name)
         finally:
             self._renumbered()
@@ -282,7 +282,7 @@ cdef int op_setxattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_
         try:
             node = self._node(h.nodeid)
             self.core._need_upper()
-            node = self._copy_up(node)
+            node = self._copy_up(node, True, True)
             self.core.setxattr(node, name, value, xflags)
         finally:
             self._renumbered()

@@ -297,11 +297,12 @@ cdef class OverlayFS(Session):
             g = self.gidmap.host(g)
         return u, g
 
-    cdef object _copy_up(self, node, bint data=True):
-        """Copy node up (the caller holds the lock); the node to use next."""
+    cdef object _copy_up(self, node, bint data=True, bint meta=False):
+        """Copy node up (the caller holds the lock); the node to use next.
+        meta: for a change of its metadata only (see Overlay.copy_up)."""
         if node.upper >= 0:
             return node
-        return self.core.copy_up(node, data)
+        return self.core.copy_up(node, data, meta)
 
     cdef _renumbered(self):
         """Tell the kernel about st_ino/nlink changes made by a copy-up."""
@@ -421,7 +422,7 @@ cdef class OverlayFS(Session):
         on a lower file before it was copied up follows the copy, as the
         kernel overlay's files do: the upper file is put in place of the
         old fd with dup2, so a read running meanwhile sees one or the other."""
-        if hd.lower and hd.node.upper >= 0:
+        if hd.lower and hd.node.upper >= 0 and not hd.node.metacopy:
             nfd = os.open(f"/proc/self/fd/{hd.node.upper}",
                           hd.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY) | os.O_CLOEXEC)
             os.dup2(nfd, hd.fd)
