@@ -1181,3 +1181,74 @@ def test_name_index_agrees_with_probing(mkstack):
     assert d.lindex is not None            # the index was built and used
     assert got == expect
     assert describe(indexed, d, b"not-there") is None
+
+
+# ---------------------------------------------------------------------------
+# metacopy=on (the differential tests compare it with the kernel: test_diff_metacopy)
+
+
+def _read(ov, node):
+    fd, _ = ov.open(node, os.O_RDONLY)
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+def test_metacopy_nodes_evicted_and_reopened(mkstack):
+    """Metacopy files hold two fds (the upper file and their data): the fd
+    cache closes them like any other and a later use finds the data again,
+    through the redirect of a renamed one too."""
+    s = mkstack(1)
+    for i in range(60):
+        mkfile(s.L(0, f"f{i}"), b"data %d\n" % i)
+    ov = s.overlay(metacopy=True)
+    ov.fd_cache_max = 8
+    r = ov.root
+    nodes = []
+    for i in range(60):
+        n = ov.lookup(r, b"f%d" % i)
+        ov.remember(n)
+        ov.setattr(n, mode=0o600)
+        assert n.metacopy and os.getxattr(s.U(f"f{i}"), XO + "metacopy") == b""
+        nodes.append(n)
+    ov.rename(r, b"f0", r, b"moved")
+    assert os.getxattr(s.U("moved"), XO + "redirect") == b"f0"
+    assert sum(n.evicted for n in nodes) > 40
+    for i, n in enumerate(nodes):
+        assert _read(ov, n) == b"data %d\n" % i
+        assert n.metacopy and ov.getattr(n).st_mode & 0o777 == 0o600
+    fd, n = ov.open(nodes[5], os.O_WRONLY)      # the data copy-up, in place
+    os.close(fd)
+    assert not n.metacopy and XO + "metacopy" not in os.listxattr(s.U("f5"))
+    assert open(s.U("f5"), "rb").read() == b"data 5\n"
+
+
+def test_metacopy_chain_through_pushed_down_layers(mkstack):
+    """A metacopy file in a lower layer (an upper pushed down) with a
+    redirect: its metadata from there, its data from the end of the chain;
+    without data below, EIO; in a stack without metacopy=on an upper
+    metacopy file is refused (EPERM)."""
+    s = mkstack(3)
+    mkfile(s.L(2, "data"), b"the data\n" * 100, mode=0o644)
+    mkfile(s.L(1, "mid"), mode=0o600, xattrs={XO + "metacopy": b"", XO + "redirect": b"/data"})
+    os.truncate(s.L(1, "mid"), 900)
+    mkfile(s.L(0, "top"), mode=0o640, xattrs={XO + "metacopy": b"", XO + "redirect": b"/mid"})
+    os.truncate(s.L(0, "top"), 900)
+    mkfile(s.L(0, "lost"), mode=0o640, xattrs={XO + "metacopy": b"", XO + "redirect": b"/nowhere"})
+    ov = s.overlay(metacopy=True)
+    r = ov.root
+    n = ov.lookup(r, b"top")
+    assert n.metacopy and n.st.st_mode & 0o777 == 0o640
+    assert n.st.st_blocks == os.stat(s.L(2, "data")).st_blocks
+    assert _read(ov, n) == b"the data\n" * 100
+    ov.setattr(n, uid=7, gid=7)     # metadata copy-up of a lower metacopy file
+    assert n.upper >= 0 and n.metacopy and _read(ov, n) == b"the data\n" * 100
+    with pytest.raises(OSError) as e:
+        ov.lookup(r, b"lost")
+    assert e.value.errno == errno.EIO
+    ov.close()
+    ov2 = s.overlay()
+    with pytest.raises(OSError) as e:
+        ov2.lookup(ov2.root, b"top")
+    assert e.value.errno == errno.EPERM

@@ -1,0 +1,162 @@
+"""metacopy=on, compared with the kernel overlay mounted with metacopy=on.
+
+Fixed scenarios (every op's result, the whole trees with st_blocks, the
+upper dirs with their metacopy and redirect xattrs after unmount, each
+upper mounted by the other side: see difftest.pair): metadata changes of
+big lower files (the upper files stay sparse), renames and links (redirects
+to the data), reads through fds opened before the data copy-up, the lower
+file changed behind the mount, security.capability kept over the data
+copy-up; then the kernel's refusals: a metacopy upper mounted without
+metacopy=on (EPERM) and a metacopy file whose data are gone (EIO).
+"""
+
+import os
+import struct
+
+import pytest
+
+import mountutil
+from difftest.layers import dir as d
+from difftest.layers import file, link
+
+KOPTS = ("redirect_dir=on", "metacopy=on")
+OOPTS = ("metacopy=on",)
+BIG = 300_000
+
+
+@pytest.fixture(autouse=True)
+def _env():
+    mountutil.require_root()
+    mountutil.require_kernel_overlay()
+    mountutil.require_ours()
+
+
+def _data(n, seed):
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+def stack():
+    return [[file("big", _data(BIG, 1), mode=0o644), file("small", "small\n"),
+             d("d"), file("d/f", _data(BIG, 2), uid=1000, gid=1000), link("d/hl", "d/f"),
+             file("e", _data(BIG, 3)), file("g", _data(70_000, 4))]]
+
+
+def _upper_blocks(p, path):
+    """st_blocks of path in each side's upper dir."""
+    return [os.lstat(os.path.join(b.upper, path)).st_blocks for b in (p.built_k, p.built_o)]
+
+
+def test_metadata_changes_copy_no_data(mk):
+    """chmod, chown, utimes, setxattr of big lower files: the uppers hold
+    no data (on both sides), the mount reports the lower data's st_blocks,
+    reads give the lower data."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("chmod", "big", 0o600), expect="ok")
+    p.op(("chown", "d/f", 5, 6, True), expect="ok")
+    p.op(("utime", "e", 10**18, 10**18, True), expect="ok")
+    p.op(("setxattr", "g", "user.k", b"v", 0, True), expect="ok")
+    for path in ("big", "d/f", "d/hl", "e", "g"):
+        p.op(("stat", path), expect="ok")
+        p.op(("read", path), expect="ok")
+    p.check_trees("after the metadata changes")
+    for path in ("big", "d/f", "e", "g"):
+        assert all(b <= 16 for b in _upper_blocks(p, path)), (path, _upper_blocks(p, path))
+    p.finish()
+
+
+def test_renames_and_links_redirect_to_the_data(mk):
+    """A renamed (same dir, other dir) or linked lower file is a metacopy
+    with a redirect to its data (absolute where it moved dirs or its lower
+    file has several links), on both sides; its data copied up later
+    through another name."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("rename", "big", "big2", 0), expect="ok")
+    p.op(("rename", "e", "d/e", 0), expect="ok")
+    p.op(("rename", "d/hl", "d/hl2", 0), expect="ok")
+    p.op(("link", "g", "d/g2"), expect="ok")
+    p.op(("rename", "d/e", "e3", 0), expect="ok")       # moved twice
+    for path in ("big2", "d/hl2", "d/g2", "e3", "g"):
+        p.op(("read", path), expect="ok")
+        p.op(("stat", path), expect="ok")
+    p.check_trees("after the renames")
+    p.op(("append", "d/g2", b"more"), expect="ok")      # data copy-up via the new name
+    p.op(("read", "g"), expect="ok")
+    p.op(("stat", "g"), expect="ok")
+    p.op(("truncate", "big2", 10), expect="ok")
+    p.finish()
+
+
+def test_fd_opened_before_the_data_copy_up(mk):
+    """A read-only fd opened on a metacopy file (its data in the lower
+    layer) sees the writes made through another fd after the data
+    copy-up, as the kernel's stacked files do."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("chmod", "big", 0o640), expect="ok")
+    p.op(("ro_then_write", "big", 1000, b"WRITTEN"), expect="ok")
+    p.op(("chmod", "g", 0o640), expect="ok")
+    p.op(("open", "g", os.O_WRONLY), expect="ok")       # a data copy-up, no write
+    p.op(("stat", "g"), expect="ok")
+    p.finish()
+
+
+def test_lower_changed_behind_the_mount(mk):
+    """Before the data copy-up a metacopy file's data are the lower file's:
+    a change made to it directly shows through, on both sides."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("chmod", "small", 0o600), expect="ok")
+    p.op(("read", "small"), expect="ok")
+    p.umount()      # what the kernel cached of the old data goes
+    for b in (p.built_k, p.built_o):
+        with open(os.path.join(b.lowers[0], "small"), "r+b") as f:
+            f.write(b"SMALL")
+    p.mount()
+    p.op(("read", "small"), expect="ok")
+    p.op(("stat", "small"), expect="ok")
+    p.finish()
+
+
+def test_capability_kept_over_the_data_copy_up(mk):
+    """security.capability (cleared by writes) survives the in-place data
+    copy-up of a metacopy file opened for write, as in the kernel."""
+    cap = struct.pack("<IIIII", 0x02000000, 1 << 13, 0, 0, 0)     # cap_net_raw=p
+    p = mk([[file("bin", _data(20_000, 5), mode=0o755, xattrs={"security.capability": cap})]],
+           kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("chown", "bin", 0, 0, True), expect="ok")
+    p.op(("getxattr", "bin", "security.capability", True))
+    p.op(("open", "bin", os.O_WRONLY), expect="ok")
+    p.op(("getxattr", "bin", "security.capability", True))
+    p.finish()
+
+
+def test_metacopy_upper_without_metacopy_refused(mk):
+    """An upper holding metacopy files mounted without metacopy=on: the
+    kernel refuses to follow them (EPERM), and so do we."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("chmod", "big", 0o600), expect="ok")
+    p.op(("rename", "e", "d/e", 0), expect="ok")
+    p.umount()
+    p.kernel_opts = ("redirect_dir=on",)
+    p.ours_opts = ()
+    p.mount()
+    for path in ("big", "d/e"):
+        p.op(("stat", path), expect="EPERM")
+        p.op(("read", path), expect="EPERM")
+    p.op(("read", "small"), expect="ok")
+    p.umount()
+
+
+def test_metacopy_without_data_is_an_error(mk):
+    """A metacopy file whose data are gone from the lower layer: EIO."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("chmod", "big", 0o600), expect="ok")
+    p.op(("rename", "e", "d/e", 0), expect="ok")
+    p.umount()
+    for b in (p.built_k, p.built_o):
+        os.unlink(os.path.join(b.lowers[0], "big"))
+        os.unlink(os.path.join(b.lowers[0], "e"))
+    p.mount()
+    for path in ("big", "d/e"):
+        p.op(("stat", path), expect="EIO")
+        p.op(("read", path), expect="EIO")
+    p.op(("stat", "d/f"), expect="ok")
+    p.umount()
