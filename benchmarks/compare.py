@@ -42,7 +42,7 @@ from .macro import FULL, QUICK, Bench, Metric, Sizes
 from .systems import ORDER, SYSTEMS, Missing, System, daemon_pids
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GROUPS = ("tree", "big", "small", "layers")
+GROUPS = ("tree", "big", "small", "layers", "image")
 STACK_RATIO_TARGET = 1.2
 MOUNT_TARGET_S = 0.15
 

@@ -255,3 +255,30 @@ def merge_dir(base: str, n_entries: int = 10_000, n_layers: int = 5,
                 _write(os.path.join(layers[i + 1], "big", name), b"hidden")
         _write_stamp(base, spec)
     return MergeDir(layers=layers, name=b"big", visible=visible, whiteouts=wpl * (n_layers - 1))
+
+
+@dataclass
+class Image:
+    layer: str                        # the one lower layer
+    top: str                          # its dir holding the files
+    files: int
+    size: int                         # bytes in all
+
+
+def image(base: str, n_files: int, total: int, seed: int = 4) -> Image:
+    """An image layer: n_files files of total/n_files bytes each (random
+    data) in dirs of 100 (the chown -R / chmod -R rows: metacopy)."""
+    spec = {"kind": "image", "files": n_files, "total": total, "seed": seed, "v": 1}
+    layer = os.path.join(base, "lower")
+    each = max(1, total // max(1, n_files))
+    if not _stamp_ok(base, spec):
+        _fresh_dir(base)
+        pool = random.Random(seed).randbytes(each + 4096)
+        for k in range(n_files):
+            d = os.path.join(layer, "img", f"d{k // 100:04d}")
+            if k % 100 == 0:
+                os.makedirs(d)
+            _write(os.path.join(d, f"f{k:06d}"), pool[k % 4096:k % 4096 + each])
+        _write_stamp(base, spec)
+    return Image(layer=layer, top="img", files=n_files, size=each * n_files)
+

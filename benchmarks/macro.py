@@ -50,6 +50,8 @@ class Sizes:
     stacks: tuple = (1, 10, 100, 500)   # layer counts for the bottom-stat rows
     bottom: int = 1_000           # files stat()ed at the bottom of a stack
     mount_layers: int = 500       # layers for the mount-time row
+    image_files: int = 10_000     # image for chown -R / chmod -R (metacopy)
+    image_bytes: int = 1 << 30
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -59,7 +61,8 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(files=5_000, dirs=200, stat_paths=1_000, big=64 << 20, create=1_000,
-              untar=2_000, stacks=(1, 10, 100, 500), bottom=200, mount_layers=500)
+              untar=2_000, stacks=(1, 10, 100, 500), bottom=200, mount_layers=500,
+              image_files=1_000, image_bytes=64 << 20)
 
 
 @dataclass
@@ -216,6 +219,16 @@ def op_git(repo: str, paths: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def du_bytes(top: str) -> int:
+    """Bytes allocated to everything below top (st_blocks, as du)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in dirnames + filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -237,14 +250,14 @@ class Bench:
         self.scratch = scratch
         self.on_mounted = on_mounted
         self.log = log or (lambda msg: None)
-        self.tree = self.big = self.tar = None
+        self.tree = self.big = self.tar = self.image = None
         self.stacks: dict[int, data.Stack] = {}
         self._stat_paths: list[str] = []
         self.current = ""     # name of the workload running (for on_mounted)
 
     # ---- data
 
-    def prepare(self, groups=("tree", "big", "small", "layers")) -> None:
+    def prepare(self, groups=("tree", "big", "small", "layers", "image")) -> None:
         s = self.sizes
         os.makedirs(self.data_dir, exist_ok=True)
         os.makedirs(self.scratch, exist_ok=True)
@@ -260,6 +273,10 @@ class Bench:
         if "small" in groups:
             self.log(f"data: tarball of {s.untar} files")
             self.tar = data.tarball(os.path.join(self.data_dir, f"tar-{s.untar}"), s.untar)
+        if "image" in groups:
+            self.log(f"data: image of {s.image_files} files, {_fmt_bytes(s.image_bytes)}")
+            self.image = data.image(os.path.join(self.data_dir, f"image-{s.image_files}-{s.image_bytes}"),
+                                    s.image_files, s.image_bytes)
         if "layers" in groups:
             for n in sorted(set(s.stacks) | {s.mount_layers}):
                 self.log(f"data: stack of {n} layers")
@@ -345,6 +362,16 @@ class Bench:
             out.append(Workload("latcreate", [
                 Metric("lat_create", "µs per create+close of an empty file", "small")],
                 self._lat_create, {"small"}))
+        if self.image is not None:
+            im = f"{self.image.files:,} files, {_fmt_bytes(self.image.size)}"
+            out.append(Workload("metacopy", [
+                Metric("chown_meta", f"chown -R of an image ({im}), metacopy=on", "image"),
+                Metric("chmod_meta", "chmod -R of it next, metacopy=on", "image"),
+                Metric("upper_meta", "upper dir size after both, metacopy=on", "image", unit="B"),
+                Metric("chown_full", "chown -R of it, metacopy=off", "image", fuse_target=None),
+                Metric("upper_full", "upper dir size after it, metacopy=off", "image", unit="B",
+                       fuse_target=None),
+            ], self._metacopy, {"image"}))
         if self.stacks:
             for n in s.stacks:
                 out.append(Workload(f"stack{n}", [Metric(
@@ -465,6 +492,31 @@ class Bench:
         with self.mounted(system, [self.big.layer], fresh=False) as mp:
             t = op_untar(self.tar.path, os.path.join(mp, "extracted"))
         return {"untar": t}
+
+    def _metacopy(self, system):
+        """chown -R then chmod -R of the image with metacopy=on (where the
+        system has it: not fuse-overlayfs), then chown -R with metacopy=off;
+        the upper dir's size (allocated bytes) after each."""
+        self.current = "metacopy"
+        upper = os.path.join(self.scratch, system.name.replace("-", "_"), "upper")
+        out = {}
+        saved = system.extra_options
+        try:
+            for mode in ("meta", "full"):
+                if system.name == "fuse-overlayfs":
+                    system.extra_options = ""
+                else:
+                    system.extra_options = "metacopy=on" if mode == "meta" else "metacopy=off"
+                with self.mounted(system, [self.image.layer]) as mp:
+                    top = os.path.join(mp, self.image.top)
+                    out[f"chown_{mode}"] = timed_cmd(["chown", "-R", "1234:1234", top])
+                    if mode == "meta":
+                        out["chmod_meta"] = timed_cmd(["chmod", "-R", "g+w", top])
+                    os.sync()
+                    out[f"upper_{mode}"] = du_bytes(upper)
+        finally:
+            system.extra_options = saved
+        return out
 
     def _stack_stat(self, n):
         def run(system):

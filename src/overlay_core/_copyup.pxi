@@ -144,7 +144,10 @@ cdef class _Copier(_Lister):
                                 sys_copy_data(rfd, wfd, st.st_size, True)
                             finally:
                                 os.close(rfd)
-                        if not self.no_sync:
+                        if not self.no_sync and not mc:
+                            # (no data, nothing to flush first: the journal
+                            # keeps the metadata in order, as the kernel's
+                            # metadata-only copy-up relies on)
                             sys_fsync(wfd)
                     finally:
                         if unlock:

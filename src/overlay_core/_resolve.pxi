@@ -373,9 +373,10 @@ cdef class _Resolver(_Stack):
                 ist = find_index(self, n, nondir[1], nondir[0], lst)
                 if ist is not None:
                     ust.st_dev, ust.st_ino = ist.st_dev, ist.st_ino
-                    if (self.metacopy and S.S_ISREG(ist.st_mode) and not n.metacopy
+                    if (self.metacopy and S.S_ISREG(ist.st_mode)
                             and has_metacopy(self, n.upper)):
-                        # a metacopy in the index: the lower file has the data
+                        # a metacopy in the index: the lower file (or the
+                        # end of its metacopy chain) has the data
                         n.metacopy = True
                         ist = metacopy_stat(self, n, ist)
                     else:
