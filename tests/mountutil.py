@@ -203,7 +203,15 @@ def _check_path(p):
 def overlay_option_string(lowers, upper, work, opts=()) -> str:
     if not lowers:
         raise ValueError("need at least one lower layer")
-    parts = ["lowerdir=" + ":".join(_check_path(os.path.abspath(str(l))) for l in lowers)]
+    # a "::" entry makes the next layers data-only ones (lowerdir=A:B::D)
+    lowerdir, sep = "", ""
+    for l in lowers:
+        if l == "::":
+            sep = "::"
+            continue
+        lowerdir += sep + _check_path(os.path.abspath(str(l)))
+        sep = ":"
+    parts = ["lowerdir=" + lowerdir]
     if upper is not None:
         if work is None:
             raise ValueError("upper without work")

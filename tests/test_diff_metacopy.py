@@ -8,6 +8,9 @@ to the data), reads through fds opened before the data copy-up, the lower
 file changed behind the mount, security.capability kept over the data
 copy-up; then the kernel's refusals: a metacopy upper mounted without
 metacopy=on (EPERM) and a metacopy file whose data are gone (EIO).
+Data-only lower layers (lowerdir=META::OBJECTS): a composefs-style image
+read-only and with an upper, an object missing from its store, and the
+lowerdir forms the kernel refuses.
 """
 
 import os
@@ -160,3 +163,125 @@ def test_metacopy_without_data_is_an_error(mk):
         p.op(("read", path), expect="EIO")
     p.op(("stat", "d/f"), expect="ok")
     p.umount()
+
+
+# ------------------------------------------------------------ data-only layers
+
+
+def composefs_image(files):
+    """A composefs-style image: a metadata tree of sparse metacopy files,
+    each with an absolute redirect to its content in a content-addressed
+    object store (objects/<2 hex>/<rest of its sha256>), as composefs and
+    mkcomposefs lay them out. Returns (metadata layer, object layer)."""
+    import hashlib
+
+    meta, objects, seen = [d("usr"), d("usr/bin"), d("etc")], [], set()
+    for path, data, mode in files:
+        h = hashlib.sha256(data).hexdigest()
+        obj = f"{h[:2]}/{h[2:]}"
+        if h[:2] not in seen:
+            objects.append(d(h[:2]))
+            seen.add(h[:2])
+        if obj not in {e["p"] for e in objects}:
+            objects.append(file(obj, data))
+        meta.append(file(path, b"", size=len(data), mode=mode,
+                         xattrs={"trusted.overlay.metacopy": b"",
+                                 "trusted.overlay.redirect": f"/{obj}".encode()}))
+    return meta, objects
+
+
+IMAGE = [("usr/bin/tool", _data(50_000, 7), 0o755), ("usr/bin/same", _data(50_000, 7), 0o755),
+         ("etc/conf", b"key=value\n", 0o644), ("etc/empty", b"", 0o600), ("usr/lib", _data(5000, 8), 0o644)]
+
+
+def _image_pair(mk, missing=(), rw=False):
+    from difftest import layers as L
+    from difftest.pair import DiffPair
+
+    meta, objects = composefs_image(IMAGE)
+    objects = [e for e in objects if e["p"] not in missing]
+    stack = L.Stack(lowers=[meta], upper=[], prefix=L.TRUSTED_PREFIX, has_upper=rw,
+                    datalayers=[objects])
+    return stack
+
+
+@pytest.mark.parametrize("rw", [False, True], ids=["read-only", "with-upper"])
+def test_composefs_style_image(difftmp, mounts, rw):
+    """The image mounted as lowerdir=META::OBJECTS, read-only with the
+    kernel's defaults and with an upper and metacopy=on: the tree, contents
+    and st_blocks of the objects, no object name in the mount; with the
+    upper, metadata changes stay metacopies pointing into the store and a
+    write copies the object's data up."""
+    from difftest.pair import DiffPair
+
+    stack = _image_pair(None, rw=rw)
+    opts = (KOPTS, OOPTS) if rw else ((), ())
+    p = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label="composefs", kernel_opts=opts[0],
+                 ours_opts=opts[1])
+    os.makedirs(p.tmp)
+    p.mount()
+    p.check_trees("initial")
+    for path, _, _ in IMAGE:
+        p.op(("read", path), expect="ok")
+        p.op(("stat", path), expect="ok")
+    h = sorted(os.listdir(p.built_k.lowers[-1]))[0]
+    p.op(("stat", h), expect="ENOENT")      # the store's names do not show
+    if rw:
+        p.op(("chmod", "usr/bin/tool", 0o700), expect="ok")
+        p.op(("rename", "usr/bin/same", "usr/same2", 0), expect="ok")
+        p.op(("append", "etc/conf", b"more=1\n"), expect="ok")
+        p.op(("read", "usr/same2"), expect="ok")
+        p.finish()
+    else:
+        p.check_trees("after the reads")
+        p.umount()
+
+
+def test_composefs_missing_object(difftmp, mounts):
+    """An object missing from the store: the file shows (st_blocks from
+    its size), opening it gives ENOENT, on both sides."""
+    import hashlib
+
+    from difftest.pair import DiffPair
+
+    h = hashlib.sha256(IMAGE[2][1]).hexdigest()
+    stack = _image_pair(None, missing={f"{h[:2]}/{h[2:]}"})
+    p = DiffPair(os.path.join(difftmp, "p"), stack, mounts, label="composefs-missing",
+                 kernel_opts=(), ours_opts=())
+    os.makedirs(p.tmp)
+    p.mount()
+    p.op(("stat", "etc/conf"), expect="ok")
+    p.op(("read", "etc/conf"), expect="ENOENT")
+    p.op(("read", "usr/lib"), expect="ok")
+    p.check_trees("with the object missing")
+    p.umount()
+
+
+@pytest.mark.parametrize("lowerdir,word", [
+    ("M::", "trailing"), (":::D", "empty layer path"), ("M:::D", "single ':' or double '::'"),
+    ("M::D:N", "regular lower layers cannot follow"),
+])
+def test_data_only_syntax_refused(difftmp, mounts, lowerdir, word):
+    """lowerdir forms the kernel refuses are refused by us too, in one line."""
+    dirs = {k: os.path.join(difftmp, k) for k in "MDN"}
+    for v in dirs.values():
+        os.makedirs(v)
+    spec = "".join(dirs.get(c, c) for c in lowerdir)
+    mp = os.path.join(difftmp, "mp")
+    os.makedirs(mp)
+    import subprocess
+
+    k = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={spec}", mp],
+                       capture_output=True, text=True)
+    if k.returncode == 0:
+        mounts.track(mp)
+        mounts.umount(mp)
+    assert k.returncode != 0, "the kernel mounted it"
+    env = dict(os.environ, PYTHONPATH=str(mountutil.REPO / "src"))
+    o = subprocess.run([mountutil.ours_python(), "-m", "overlay", "mount", "-o", f"lowerdir={spec}", mp],
+                       capture_output=True, text=True, env=env, timeout=60)
+    if mountutil.is_mounted(mp):
+        mounts.track(mp)
+    assert o.returncode != 0, "ours mounted it"
+    err = o.stderr.strip()
+    assert word in err and "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -88,6 +88,14 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
         kernel_opts, ours_opts = ("redirect_dir=on", "index=on"), ("index=on",)
     elif mode == "metacopy":
         kernel_opts, ours_opts = ("redirect_dir=on", "metacopy=on"), ("metacopy=on",)
+    elif mode in ("data-only", "data-only-ro"):
+        # composefs-style: metadata layers over a data-only content store
+        stack = L.to_data_only(stack, rng)
+        kernel_opts, ours_opts = ("redirect_dir=on", "metacopy=on"), ("metacopy=on",)
+        if mode == "data-only-ro":
+            stack.has_upper = False
+            stack = L.drop_ghost_whiteouts(stack)
+            kernel_opts, ours_opts = (), ()
     elif mode == "metacopy-index":
         kernel_opts = ("redirect_dir=on", "metacopy=on", "index=on")
         ours_opts = ("metacopy=on", "index=on")
@@ -96,7 +104,8 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
         env += "DIFF_IMPL=kernel "
     test = {"rw": "test_random_seed", "userxattr": "test_random_userxattr", "ro": "test_random_readonly",
             "xino": "test_random_xino", "index": "test_random_index",
-            "metacopy": "test_random_metacopy", "metacopy-index": "test_random_metacopy_index"}[mode]
+            "metacopy": "test_random_metacopy", "metacopy-index": "test_random_metacopy_index",
+            "data-only": "test_random_data_only", "data-only-ro": "test_random_data_only"}[mode]
     label = label or (f"{mode} seed={seed} nops={nops}; rerun: {env}DIFF_SEEDS={seed} DIFF_OPS={nops} "
                       f"DIFF_CHECK_EVERY={CHECK_EVERY} python -m pytest tests/test_diff_random.py -k {test}")
     pair = DiffPair(tmp, stack, tracker, label=label, kernel_opts=kernel_opts, ours_opts=ours_opts)
@@ -204,6 +213,20 @@ def test_random_metacopy_index(seed, difftmp, mounts):
     """metacopy=on and index=on together: metadata-only copies of lower
     hard links go to the index."""
     run_seed(seed, difftmp, mounts, mode="metacopy-index")
+
+
+DATA_ONLY_SEEDS = SEEDS[: int(os.environ.get("DIFF_DATA_ONLY_SEEDS", "24"))]
+
+
+@pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
+@pytest.mark.parametrize("seed", DATA_ONLY_SEEDS, ids=[f"seed{s}" for s in DATA_ONLY_SEEDS])
+def test_random_data_only(seed, ro, difftmp, mounts):
+    """Data-only lower layers (lowerdir=A:B::D), composefs-style: most
+    plain lower files are metacopy files with absolute redirects into a
+    content store below (difftest.layers.to_data_only); writable with
+    metacopy=on, and read-only with the kernel's defaults (which follow
+    them too)."""
+    run_seed(seed, difftmp, mounts, mode="data-only-ro" if ro else "data-only")
 
 
 def _top_layer_on_tmpfs(tmp, tracker):

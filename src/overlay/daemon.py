@@ -36,6 +36,7 @@ def build_core(config):
         xino=config.xino,
         index=config.index,
         metacopy=config.metacopy,
+        datadirs=config.datadirs,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

@@ -86,6 +86,7 @@ class MountConfig:
         "xino": "off",  # the kernel's xino=: on, off or auto (st_ino of layers on several fs)
         "index": False,  # the kernel's index=on: hard links kept whole across copy-up
         "metacopy": False,  # the kernel's metacopy=on: metadata-only copy-up
+        "datadirs": [],  # data-only lower layers (lowerdir=A::B), absolute paths
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -247,6 +248,36 @@ def split_lowerdir(value: str) -> list[str]:
     return [_unescape(part) for part in _split_unescaped(value, ":")]
 
 
+def split_layers(value: str) -> tuple[list[str], list[str]]:
+    """The regular and the data-only layers of a ``lowerdir`` value, as the
+    kernel reads it: ``A:B::C::D`` is A and B, then data-only C and D (each
+    after a ``::``, none followed by a regular one)."""
+    parts = _split_unescaped(value, ":")
+    if len(parts) > 1 and parts[-1] == "":
+        raise OptionError("unescaped trailing colons in lowerdir=")
+    lowers: list[str] = []
+    data: list[str] = []
+    i = 0
+    while i < len(parts):
+        if parts[i] != "":
+            if data:
+                raise OptionError("regular lower layers cannot follow data-only lower layers in lowerdir=")
+            lowers.append(_unescape(parts[i]))
+            i += 1
+            continue
+        j = i
+        while j < len(parts) and parts[j] == "":
+            j += 1
+        if i == 0:
+            raise OptionError("empty layer path in lowerdir=")
+        if j - i > 1:
+            raise OptionError("only single ':' or double '::' sequences of unescaped colons "
+                              "are allowed in lowerdir=")
+        data.append(_unescape(parts[j]))
+        i = j + 1
+    return lowers, data
+
+
 def _resolve(path: str, cwd: str) -> str:
     return os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
 
@@ -391,14 +422,17 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
 
     if lowerdir is None:
         raise OptionError("missing required option 'lowerdir='")
-    entries = split_lowerdir(lowerdir)
-    if any(entry == "" for entry in entries):
-        raise OptionError("empty layer path in lowerdir=")
+    entries, data_entries = split_layers(lowerdir)
     lowers: list[str] = []
     for entry in entries:
         path = _resolve(entry, cwd)
         _check_dir(path, "lower layer")
         lowers.append(path)
+    datadirs: list[str] = []
+    for entry in data_entries:
+        path = _resolve(entry, cwd)
+        _check_dir(path, "data-only lower layer")
+        datadirs.append(path)
 
     if read_only and (upperdir is not None or workdir is not None):
         # 'ro' wins: mount the lower layers only, read-only.
@@ -432,11 +466,13 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
 
     # like the kernel ("overlapping lowerdir path"): a lower layer may not be
     # inside (or be) the upper dir, the work dir or another lower layer
-    for i, lower in enumerate(lowers):
+    for i, lower in enumerate(lowers + datadirs):
         for what, other in (("upperdir", upper), ("workdir", work)):
             if other is not None and _is_same_or_inside(lower, other):
                 raise OptionError(f"lower layer '{lower}' overlaps {what} '{other}'")
-    _check_lowers_apart(lowers)
+    _check_lowers_apart(lowers + datadirs)
+    if datadirs:
+        extra["datadirs"] = datadirs
 
     userxattr = flags.get("userxattr", False)
     _check_combination(features, redirect_value, userxattr)

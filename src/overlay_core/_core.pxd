@@ -112,7 +112,9 @@ cdef class _Stack:
     cdef readonly list lower_paths
     cdef readonly object upper_path
     cdef readonly object work_path
-    cdef readonly list lower_roots     # O_PATH fds of lower layer roots
+    cdef readonly list lower_roots     # O_PATH fds of lower layer roots (data-only ones last)
+    cdef readonly int nlower           # regular lower layers (lower_roots[:nlower])
+    cdef readonly int ndata            # data-only lower layers (lowerdir=A::B: _metacopy.pxi)
     cdef readonly int upper_root       # O_PATH fd of upper root or -1
     cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
     cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."

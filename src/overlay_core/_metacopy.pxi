@@ -15,6 +15,15 @@ upper pushed down) is a link of such a chain: the top one gives the
 metadata, the last one (without the xattr) the data.
 
 st_blocks of a metacopy file are its data's, as the kernel reports them.
+
+Data-only lower layers (lowerdir=A:B::C::D: C and D) hold data only: no
+name in them shows in the mount; a metacopy file of a lower layer whose
+absolute redirect leads nowhere in the regular layers has its data at that
+path in the first data-only layer holding a regular file there (how
+composefs images keep their content-addressed objects). Where none has it
+the file still shows (st_blocks: its size in whole blocks) and opening it
+gives ENOENT, as the kernel's lazy lookup. Into data-only layers lower metacopy files are
+followed without metacopy=on too (as the kernel: not into the others).
 Without metacopy=on a metacopy upper is refused with EPERM (the kernel's
 "refusing to follow metacopy origin"); a metacopy file whose data cannot
 be found gives EIO."""
@@ -28,10 +37,18 @@ cdef bint has_metacopy(_Stack self, int fd):
 cdef Stat metacopy_stat(_Stack self, Node n, Stat st):
     """st (of n's metadata object) with the st_blocks of its data."""
     cdef Stat r = Stat.__new__(Stat)
-    cdef Stat d = sys_fstat(n.datafd)
+    cdef int dfd = n.datafd
+    cdef long long blocks, bs
+    if dfd >= 0:
+        blocks = sys_fstat(dfd).st_blocks
+    else:
+        # its data are missing (a data-only layer): what the kernel
+        # reports then, its size in whole blocks
+        bs = st.st_blksize if st.st_blksize > 0 else 4096
+        blocks = (st.st_size + bs - 1) // bs * (bs // 512)
     r.st_dev, r.st_ino, r.st_rdev, r.st_nlink = st.st_dev, st.st_ino, st.st_rdev, st.st_nlink
     r.st_mode, r.st_uid, r.st_gid = st.st_mode, st.st_uid, st.st_gid
-    r.st_size, r.st_blksize, r.st_blocks = st.st_size, st.st_blksize, d.st_blocks
+    r.st_size, r.st_blksize, r.st_blocks = st.st_size, st.st_blksize, blocks
     r.st_atime_ns, r.st_mtime_ns, r.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
     return r
 
@@ -84,7 +101,47 @@ cdef copy_data_up(_Stack self, Node n, bint data):
     self.renumbered.append(n)       # st_blocks and mtime changed
 
 
+cdef object refuse_metacopy(bytes name):
+    """The error of a metacopy file met without metacopy=on (EPERM)."""
+    log.warning("refusing to follow metacopy origin for %r (mount with metacopy=on)", name)
+    return _err(errno.EPERM, name)
+
+
 cdef object no_data(bytes name):
     """The error of a metacopy file whose data are nowhere below (EIO)."""
     log.warning("metacopy with no lower data found for %r", name)
     return _err(errno.EIO, name)
+
+
+cdef tuple data_only(_Stack self, bytes path):
+    """(layer, O_PATH fd) of the regular file at the absolute path in the
+    first data-only layer holding one (plain names: no whiteouts, redirects
+    or symlinks there), or (-1, -1)."""
+    cdef int i, fd, nfd
+    cdef struct_stat st
+    comps = [c for c in path.split(b"/") if c]
+    if not comps or any(c in (b".", b"..") for c in comps):
+        return (-1, -1)
+    for i in range(self.nlower, self.nlower + self.ndata):
+        fd = self.lower_roots[i]
+        owned = False
+        try:
+            for comp in comps[:-1]:
+                try:
+                    nfd = os.open(comp, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    if owned:
+                        os.close(fd)
+                    fd, owned = -1, False
+                    break
+                if owned:
+                    os.close(fd)
+                fd, owned = nfd, True
+            if fd < 0:
+                continue
+            if c_statat(fd, comps[-1], &st) == 0 and S.S_ISREG(st.st_mode):
+                return (i, self._opath(fd, comps[-1], False))
+        finally:
+            if owned:
+                os.close(fd)
+    return (-1, -1)

@@ -102,10 +102,11 @@ cdef class _Resolver(_Stack):
         Stat of the top one. With metacopy=on a metacopy file is followed to
         its data in the layers below (_metacopy.pxi): nondir is the top one
         and data the (layer, fd) of the data (None: nondir holds them)."""
-        cdef int n = len(self.lower_roots)
+        cdef int n = self.nlower     # data-only layers: see below
         cdef int idx
         cdef Py_ssize_t j = 0
         cdef list plan
+        cdef bint follow_mc = self.metacopy or self.ndata > 0
         path = redirect if redirect is not None else name
         dirs = []
         topst = None
@@ -153,7 +154,7 @@ cdef class _Resolver(_Stack):
                 if dirs or have_upper_dir:
                     os.close(fd)
                     break
-                if self.metacopy and S.S_ISREG(st.st_mode) and has_metacopy(self, fd):
+                if follow_mc and S.S_ISREG(st.st_mode) and has_metacopy(self, fd):
                     # a metacopy file (a pushed-down upper): its data are
                     # below, at its redirect or at the same path
                     rd = self._getx(fd, self.x_redirect)
@@ -178,6 +179,11 @@ cdef class _Resolver(_Stack):
                     else:
                         plan = [(i, f) for i, f in parent.lowers if i > idx]
                     j = 0
+                    if plan and not self.metacopy:
+                        # following it into the layers below needs
+                        # metacopy=on (not into data-only ones: see below)
+                        os.close(top[1])
+                        raise refuse_metacopy(name)
                     continue
                 if top is not None:
                     if not S.S_ISREG(st.st_mode):
@@ -216,7 +222,14 @@ cdef class _Resolver(_Stack):
             if self._walk_stop:
                 break       # an opaque dir on the way: nothing below counts
         if top is not None:
+            if self.ndata and path.startswith(b"/"):
+                # its data in a data-only layer (an image's content store);
+                # not there: its metadata show, opening it gives ENOENT, as
+                # the kernel's lazy lookup of them
+                return (top[0], top[1], top[2], data_only(self, path)), dirs, top[2]
             os.close(top[1])
+            if not self.metacopy:
+                raise refuse_metacopy(name)
             raise no_data(name)
         return None, dirs, topst
 
@@ -344,7 +357,7 @@ cdef class _Resolver(_Stack):
             n.key = _realkey(ust.st_dev, ust.st_ino)
             if not n.is_dir:
                 n.ino = upper_ino(self, n.upper, st)
-                if (S.S_ISREG(st.st_mode) and (self.metacopy or self._origin_seen)
+                if (S.S_ISREG(st.st_mode) and (self.metacopy or self.ndata or self._origin_seen)
                         and has_metacopy(self, n.upper)):
                     self._metacopy_upper(parent, n)
                     st = metacopy_stat(self, n, st)
@@ -399,8 +412,7 @@ cdef class _Resolver(_Stack):
         lower layers (by its redirect, else its name), or refuse it without
         metacopy=on (EPERM), as the kernel does."""
         if not self.metacopy:
-            log.warning("refusing to follow metacopy origin for %r (mount with metacopy=on)", n.name)
-            raise _err(errno.EPERM, n.name)
+            raise refuse_metacopy(n.name)
         rd = self._getx(n.upper, self.x_redirect)
         if rd is not None:
             self._check_redirect(rd, n.name, rd.startswith(b"/") or bool(parent.lowers))

@@ -14,14 +14,17 @@ cdef class _Stack:
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True,
-                 uuid="auto", xino="off", index=False, metacopy=False):
+                 uuid="auto", xino="off", index=False, metacopy=False, datadirs=()):
         """keep_listings: keep each dir's listing until it changes through us
         (for adapters whose kernel side does not cache listings itself).
         uuid: the kernel's uuid= option (on, off, null, auto): whether
         origin file handles carry the lower filesystem's uuid (not with
         off) and whether the upper root keeps an overlay uuid.
         index: the kernel's index=on (_index.pxi).
-        metacopy: the kernel's metacopy=on (_metacopy.pxi)."""
+        metacopy: the kernel's metacopy=on (_metacopy.pxi).
+        datadirs: data-only lower layers (the kernel's lowerdir=A::B), below
+        the others: only the absolute redirects of metacopy files lead
+        there (_metacopy.pxi)."""
         if uuid not in ("on", "off", "null", "auto"):
             raise ValueError(f"bad uuid mode {uuid!r}")
         self.uuid_mode = uuid
@@ -32,7 +35,9 @@ cdef class _Stack:
             raise ValueError("at least one lower layer is needed")
         if (upper is None) != (work is None):
             raise ValueError("upperdir and workdir go together")
-        self.lower_paths = [os.fsencode(p) for p in lowers]
+        self.lower_paths = [os.fsencode(p) for p in list(lowers) + list(datadirs)]
+        self.nlower = len(lowers)
+        self.ndata = len(datadirs)
         self.upper_path = os.fsencode(upper) if upper is not None else None
         self.work_path = os.fsencode(work) if work is not None else None
         self.prefix = b"user.overlay." if userxattr else b"trusted.overlay."
@@ -169,8 +174,8 @@ cdef class _Stack:
         n.is_dir = True
         if self.upper_root >= 0:
             n.upper = os.dup(self.upper_root)
-        for i, fd in enumerate(self.lower_roots):
-            n.lowers.append((i, os.dup(fd)))
+        for i in range(self.nlower):
+            n.lowers.append((i, os.dup(self.lower_roots[i])))
         n.ino = self.map_ino(os.stat(n.fd))
         return n
 
@@ -524,7 +529,7 @@ cdef class _Stack:
         layer's filesystem records it); nlink as getattr's."""
         cdef StatX x = sys_statx(n.fd, mask)
         if n._bits & NB_METACOPY:
-            x.stx_blocks = sys_fstat(n.datafd).st_blocks
+            x.stx_blocks = metacopy_stat(self, n, sys_fstat(n.fd)).st_blocks
         if self._indexed and not n.is_dir:
             x.stx_nlink = indexed_nlink(self, n, x.stx_nlink)
         return x

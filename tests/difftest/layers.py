@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import random
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # All generated timestamps lie before this; anything at/after it is "new"
 # (set by the filesystem at op time) and compared only as "NEW".
@@ -45,11 +45,13 @@ class Stack:
     upper: list | None = None
     prefix: str = TRUSTED_PREFIX
     has_upper: bool = True  # False -> read-only mount (no upper/work)
+    datalayers: list = field(default_factory=list)  # data-only lower layers (lowerdir=A::D)
 
     def describe(self) -> str:
         n = [len(l) for l in self.lowers]
         u = len(self.upper) if self.upper else 0
-        return f"{len(self.lowers)} lower layers (entries {n}), upper entries {u}, rw={self.has_upper}"
+        dl = f", {len(self.datalayers)} data-only" if self.datalayers else ""
+        return f"{len(self.lowers)} lower layers (entries {n}){dl}, upper entries {u}, rw={self.has_upper}"
 
 
 def _e(kind, path, **kw):
@@ -203,6 +205,11 @@ def build_stack(stack: Stack, base: str, lower_names=None) -> BuiltStack:
         d = os.path.join(base, str(i) if lower_names is None else lower_names[i])
         build_layer(d, layer, stack.prefix)
         lowers.append(d)
+    for i, layer in enumerate(stack.datalayers):
+        # a "::" before each: mountutil writes lowerdir=A:B::D
+        d = os.path.join(base, f"d{i}")
+        build_layer(d, layer, stack.prefix)
+        lowers += ["::", d]
     upper = work = None
     if stack.has_upper:
         upper = os.path.join(base, "u")
@@ -414,7 +421,7 @@ def drop_ghost_whiteouts(stack: Stack) -> Stack:
             keep.append(e)
         new.append(keep)
     return Stack(lowers=new[n_up:], upper=new[0] if n_up else stack.upper, prefix=stack.prefix,
-                 has_upper=stack.has_upper)
+                 has_upper=stack.has_upper, datalayers=stack.datalayers)
 
 
 def gen_stack(rng: random.Random, nlowers: int | None = None, upper: bool | None = None,
@@ -441,3 +448,29 @@ def all_names(stack: Stack) -> set:
             if e["p"]:
                 names.add(e["p"].rsplit("/", 1)[-1])
     return names
+
+
+def to_data_only(stack: Stack, rng: random.Random, share: float = 0.6) -> Stack:
+    """A composefs-style stack from ``stack``: a share of the plain files of
+    its lower layers become metacopy files (no data, their size, the
+    kernel's metacopy xattr and an absolute redirect to /objs/<n>) whose
+    data are in a new data-only layer below them."""
+    objects = [dir("objs")]
+    lowers = []
+    k = 0
+    for layer in stack.lowers:
+        out = []
+        for e in layer:
+            if (e["t"] == "file" and not e.get("chunks") and e.get("size") is None
+                    and e.get("data") and rng.random() < share):
+                name = f"objs/{k:03d}"
+                k += 1
+                objects.append(file(name, e["data"]))
+                x = dict(e.get("xattrs") or {})
+                x[stack.prefix + "metacopy"] = b""
+                x[stack.prefix + "redirect"] = ("/" + name).encode()
+                e = dict(e, data=b"", size=len(e["data"]), xattrs=x)
+            out.append(e)
+        lowers.append(out)
+    return Stack(lowers=lowers, upper=stack.upper, prefix=stack.prefix, has_upper=stack.has_upper,
+                 datalayers=[objects])

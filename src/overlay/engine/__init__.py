@@ -102,7 +102,7 @@ def _stack_depth(config) -> int:
     kernel overlay), else 1."""
     from overlay.engine.wire import fs_type
 
-    for path in [*config.lowers, *([config.upper] if config.upper else [])]:
+    for path in [*config.lowers, *config.datadirs, *([config.upper] if config.upper else [])]:
         try:
             if fs_type(path) in (OVERLAYFS_MAGIC, FUSE_MAGIC):
                 return 2
