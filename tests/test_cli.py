@@ -297,7 +297,6 @@ def test_later_option_wins(tree: Path):
         ("lowerdir=l1,nfs_export=on,metacopy=on", "conflicting options: nfs_export=on,metacopy=on"),
         ("lowerdir=l1,userxattr,metacopy=on", "conflicting options: userxattr,metacopy=on"),
         ("lowerdir=l1,userxattr,redirect_dir=on", "conflicting options: userxattr,redirect_dir=on"),
-        ("lowerdir=l1,verity=require", "verity=require is not supported yet"),
     ],
 )
 def test_option_errors(tree: Path, opts: str, message: str):

@@ -285,3 +285,37 @@ def test_data_only_syntax_refused(difftmp, mounts, lowerdir, word):
     assert o.returncode != 0, "ours mounted it"
     err = o.stderr.strip()
     assert word in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------ verity
+
+
+def _verity_stack():
+    """Metacopy files over their data (no fs-verity: this kernel has no
+    CONFIG_FS_VERITY): one whose metacopy xattr names a sha256 digest,
+    one with none; a plain lower file."""
+    digest = bytes([0, 4 + 32, 0, 1]) + bytes(range(32))
+    mc = {"trusted.overlay.redirect": b"/data"}
+    return [[file("dg", b"", size=9000, xattrs=dict(mc, **{"trusted.overlay.metacopy": digest})),
+             file("nodg", b"", size=9000, xattrs=dict(mc, **{"trusted.overlay.metacopy": b""}))],
+            [file("data", _data(9000, 9)), file("pl", "plain\n")]]
+
+
+@pytest.mark.parametrize("verity,dg,nodg", [("off", "ok", "ok"), ("on", "EIO", "ok"),
+                                            ("require", "EIO", "EIO")])
+def test_verity_modes(mk, verity, dg, nodg):
+    """verity=on checks the digest a metacopy file names against its data
+    (none here: EIO), verity=require also refuses metacopy files naming
+    none and copies up the data of files without fs-verity on chmod; stat
+    works in every mode, as in the kernel."""
+    opts = ("metacopy=on",) + ((f"verity={verity}",) if verity != "off" else ())
+    p = mk(_verity_stack(), kernel_opts=("redirect_dir=on",) + opts, ours_opts=opts)
+    for path, want in (("dg", dg), ("nodg", nodg)):
+        p.op(("stat", path), expect="ok")
+        p.op(("read", path), expect=want)
+    p.op(("chmod", "pl", 0o600), expect="ok")
+    p.op(("chmod", "nodg", 0o600), expect=nodg)      # the copy-up checks it too
+    p.op(("chmod", "dg", 0o600), expect=dg)
+    p.finish()
+    pl = [os.listxattr(os.path.join(b.upper, "pl")) for b in (p.built_k, p.built_o)]
+    assert ("trusted.overlay.metacopy" in pl[1]) == (verity != "require"), pl

@@ -37,6 +37,7 @@ def build_core(config):
         index=config.index,
         metacopy=config.metacopy,
         datadirs=config.datadirs,
+        verity=config.verity,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

@@ -87,6 +87,7 @@ class MountConfig:
         "index": False,  # the kernel's index=on: hard links kept whole across copy-up
         "metacopy": False,  # the kernel's metacopy=on: metadata-only copy-up
         "datadirs": [],  # data-only lower layers (lowerdir=A::B), absolute paths
+        "verity": "off",  # the kernel's verity=: on, require or off (fs-verity digests of metacopy data)
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -190,7 +191,6 @@ _FEATURE_VALUES = {
 }
 _NOT_YET = {
     "nfs_export": ("on",),
-    "verity": ("on", "require"),
 }
 _REDIRECT_DIR = {"on": True, "off": False, "follow": False, "nofollow": False}
 
@@ -483,6 +483,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             extra["xino"] = value
         elif name in ("index", "metacopy"):
             extra[name] = value == "on"
+        elif name == "verity":
+            extra["verity"] = value
         else:
             ignored.append(f"{name}={value}")
     if redirect_dir is None:

@@ -104,12 +104,19 @@ cdef class _Copier(_Lister):
                     copy_data_up(self, n, data)
                 return n
             raise _err(errno.EEXIST, n.name)
+        if n._bits & NB_METACOPY and self.verity != "off":
+            check_verity(self, n)   # a lower metacopy file: as the kernel, before copying it
         src = n.lowers[0][1]
         dsrc = n.datafd         # src, or the data of a metacopy chain
         st = os.stat(src)
         # metadata only: the upper file has no data (a sparse file of the
         # same size), the lower keeps them (the kernel's metacopy)
         mc = meta and self.metacopy and S.S_ISREG(st.st_mode)
+        mcval = b""
+        if mc and self.verity != "off":
+            mcval = metacopy_value(self, dsrc)
+            if self.verity == "require" and not mcval:
+                mc = False      # data without fs-verity: copied up (the kernel's fallback)
         iname = None
         if self.index and not n.is_dir and st.st_nlink > 1:
             iname = index_name(self, src, n.lowers[0][0])
@@ -188,7 +195,7 @@ cdef class _Copier(_Lister):
                         log.debug("copy-up: no origin xattr on %r: %s", n.name, e)
                     ino_kept = True
                 if mc:
-                    os.setxattr(_proc(tfd), self.x_metacopy, b"")
+                    os.setxattr(_proc(tfd), self.x_metacopy, mcval)
                 os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
                 if fmt != S.S_IFLNK:
                     os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))

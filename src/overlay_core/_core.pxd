@@ -77,6 +77,7 @@ cdef class Node:
 cdef enum:
     NB_CACHED = 1       # Node.cached holds a fingerprint
     NB_METACOPY = 2     # Node.metacopy: its data are in its last lower object
+    NB_VERIFIED = 4     # its data's fs-verity digest was checked (verity=on)
 
 
 cdef inline bint node_metacopy(Node n) noexcept:
@@ -121,6 +122,7 @@ cdef class _Stack:
     cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
     cdef readonly bytes x_origin, x_impure, x_uuid, x_nlink, x_upper, x_metacopy
     cdef readonly bint metacopy        # metacopy=on: metadata-only copy-up (_metacopy.pxi)
+    cdef readonly object verity        # "off", "on" or "require" (the kernel's verity=)
     cdef bint _origin_seen             # set by upper_ino: the upper had an origin xattr
     cdef readonly bint index           # index=on (after the kernel's fallbacks: _index.pxi)
     cdef readonly int index_fd         # O_PATH fd of <work>/index, or -1

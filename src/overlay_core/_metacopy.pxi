@@ -16,6 +16,15 @@ metadata, the last one (without the xattr) the data.
 
 st_blocks of a metacopy file are its data's, as the kernel reports them.
 
+verity=on|require: <prefix>metacopy may hold the fs-verity digest of the
+data (the kernel's struct ovl_metacopy: version 0, length, flags, digest
+algorithm, digest); with verity=on a metacopy copy-up of a lower file that
+has fs-verity stores it, and opening a metacopy file whose xattr names a
+digest checks it against the data's (FS_IOC_MEASURE_VERITY): another
+digest, or data without fs-verity, is EIO. verity=require also refuses
+(EIO) metacopy files without a digest and copies up the data of lower
+files without fs-verity instead of their metadata only.
+
 Data-only lower layers (lowerdir=A:B::C::D: C and D) hold data only: no
 name in them shows in the mount; a metacopy file of a lower layer whose
 absolute redirect leads nowhere in the regular layers has its data at that
@@ -64,6 +73,8 @@ cdef copy_data_up(_Stack self, Node n, bint data):
     upath = _proc(n.upper)
     size = sys_fstat(n.upper).st_size
     cap = None
+    if data and self.verity != "off":
+        check_verity(self, n)
     if data and size:
         try:
             cap = os.getxattr(upath, b"security.capability")
@@ -145,3 +156,69 @@ cdef tuple data_only(_Stack self, bytes path):
             if owned:
                 os.close(fd)
     return (-1, -1)
+
+
+DEF FS_IOC_MEASURE_VERITY = 0xc0046686     # _IOWR('f', 134, struct fsverity_digest)
+DEF OVL_METACOPY_MIN = 4                   # version, len, flags, digest_algo
+
+
+cdef object measure_verity(int fd):
+    """(algorithm, digest) of the fs-verity file behind fd, or None where
+    it has none (or its filesystem no fs-verity)."""
+    import fcntl
+    import struct
+    buf = bytearray(struct.pack("=HH", 0, 64) + bytes(64))
+    try:
+        rfd = os.open(_proc(fd), os.O_RDONLY | O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.ioctl(rfd, FS_IOC_MEASURE_VERITY, buf, True)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+            return None
+        raise
+    finally:
+        os.close(rfd)
+    algo, size = struct.unpack_from("=HH", buf)
+    return algo, bytes(buf[4:4 + size])
+
+
+cdef bytes metacopy_value(_Stack self, int data_fd):
+    """The <prefix>metacopy value of a metacopy copy-up: empty, or with
+    verity=on the data's fs-verity digest where they have one."""
+    if self.verity == "off":
+        return b""
+    m = measure_verity(data_fd)
+    if m is None:
+        return b""
+    return bytes([0, OVL_METACOPY_MIN + len(m[1]), 0, m[0]]) + m[1]
+
+
+cdef check_verity(_Stack self, Node n):
+    """verity=on|require: the digest n's metacopy xattr names is its data's
+    (else EIO); verity=require: it names one. Checked once a Node."""
+    if n._bits & NB_VERIFIED:
+        return
+    v = self._getx(n.fd, self.x_metacopy)
+    if v is None:
+        return
+    if len(v) < OVL_METACOPY_MIN or v[1] > len(v) or v[0] != 0:
+        if v:
+            log.warning("metacopy file %r: invalid metacopy xattr", n.name)
+            raise _err(errno.EIO, n.name)
+    if len(v) <= OVL_METACOPY_MIN or v[3] == 0:
+        if self.verity == "require":
+            log.warning("metacopy file %r has no digest specified", n.name)
+            raise _err(errno.EIO, n.name)
+    else:
+        if n.datafd < 0:
+            return      # no data: opening them gives ENOENT
+        m = measure_verity(n.datafd)
+        if m is None:
+            log.warning("lower file of %r has no fs-verity digest", n.name)
+            raise _err(errno.EIO, n.name)
+        if m[0] != v[3] or m[1] != v[OVL_METACOPY_MIN:v[1]]:
+            log.warning("lower file of %r: fs-verity digest mismatch", n.name)
+            raise _err(errno.EIO, n.name)
+    n._bits |= NB_VERIFIED

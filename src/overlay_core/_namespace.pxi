@@ -159,6 +159,8 @@ cdef class Overlay(_Copier):
             self._need_upper()
             n = self.copy_up(n, data=not (flags & os.O_TRUNC))
         f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | O_NOFOLLOW) | O_CLOEXEC
+        if n._bits & NB_METACOPY and self.verity != "off":
+            check_verity(self, n)
         return os.open(_proc(n.datafd), f), n
 
     def setattr(self, Node n, mode=None, uid=None, gid=None, size=None,

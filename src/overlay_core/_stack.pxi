@@ -14,7 +14,8 @@ cdef class _Stack:
 
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True,
-                 uuid="auto", xino="off", index=False, metacopy=False, datadirs=()):
+                 uuid="auto", xino="off", index=False, metacopy=False, datadirs=(),
+                 verity="off"):
         """keep_listings: keep each dir's listing until it changes through us
         (for adapters whose kernel side does not cache listings itself).
         uuid: the kernel's uuid= option (on, off, null, auto): whether
@@ -52,6 +53,9 @@ cdef class _Stack:
         self.x_upper = self.prefix + b"upper"
         self.x_metacopy = self.prefix + b"metacopy"
         self.metacopy = metacopy
+        if verity not in ("off", "on", "require"):
+            raise ValueError(f"bad verity mode {verity!r}")
+        self.verity = verity
         self.index = index
         self.index_fd = -1
         self._indexed = {}
