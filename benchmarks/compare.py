@@ -85,15 +85,19 @@ def parse_args(argv=None):
     g.add_argument("--stacks", help="layer counts, e.g. 1,10,100,500")
     g.add_argument("--bottom", type=int, help="files stat()ed at the bottom of each stack")
     g.add_argument("--mount-layers", type=int)
+    g.add_argument("--image-files", type=int, help="files of the image (chown -R / chmod -R rows)")
+    g.add_argument("--image-mib", type=int, help="MiB of the image")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
     sizes = Sizes(**base.__dict__)
-    for attr in ("files", "dirs", "stat_paths", "create", "untar", "bottom", "mount_layers"):
+    for attr in ("files", "dirs", "stat_paths", "create", "untar", "bottom", "mount_layers", "image_files"):
         v = getattr(args, attr)
         if v is not None:
             setattr(sizes, attr, v)
     if args.big_mib is not None:
         sizes.big = args.big_mib << 20
+    if args.image_mib is not None:
+        sizes.image_bytes = args.image_mib << 20
     if args.stacks:
         sizes.stacks = tuple(int(x) for x in args.stacks.split(",") if x)
     args.sizes = sizes

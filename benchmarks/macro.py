@@ -226,7 +226,7 @@ def du_bytes(top: str) -> int:
         for n in dirnames + filenames:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
-    return total
+    return float(total)
 
 
 def rss_bytes(pid: int) -> int:

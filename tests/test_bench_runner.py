@@ -28,10 +28,11 @@ from benchmarks import compare, macro  # noqa: E402
 SYSTEMS = ["kernel", "fuse-overlayfs", "ours", "ours-pyfuse3"]
 TINY = ["--quick", "--reps", "1", "--files", "60", "--dirs", "6", "--stat-paths", "20",
         "--big-mib", "1", "--create", "20", "--untar", "30", "--stacks", "1,3",
-        "--bottom", "5", "--mount-layers", "4"]
+        "--bottom", "5", "--mount-layers", "4", "--image-files", "20", "--image-mib", "1"]
 ROW_IDS = ["find_fresh", "find_warm", "lsR_fresh", "lsR_warm", "stat_fresh", "stat_warm",
            "cpa", "rm_copy", "rm_lower", "git", "lat_stat", "mem_inode",
            "read_fresh", "read_warm", "write", "copyup", "create", "untar", "lat_create",
+           "chown_meta", "chmod_meta", "upper_meta", "chown_full", "upper_full",
            "stack_stat_1", "stack_stat_3", "mount_4"]
 
 

@@ -131,38 +131,39 @@ def test_capability_kept_over_the_data_copy_up(mk):
     p.finish()
 
 
-def test_metacopy_upper_without_metacopy_refused(mk):
-    """An upper holding metacopy files mounted without metacopy=on: the
-    kernel refuses to follow them (EPERM), and so do we."""
+def _two_metacopies_remounted(mk, change, err, still):
+    """A metacopy upper file (chmod) and a renamed one (a redirect); after
+    unmount `change` (of the pair) runs; remounted, both give err, `still`
+    shows."""
     p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
     p.op(("chmod", "big", 0o600), expect="ok")
     p.op(("rename", "e", "d/e", 0), expect="ok")
     p.umount()
-    p.kernel_opts = ("redirect_dir=on",)
-    p.ours_opts = ()
+    change(p)
     p.mount()
     for path in ("big", "d/e"):
-        p.op(("stat", path), expect="EPERM")
-        p.op(("read", path), expect="EPERM")
-    p.op(("read", "small"), expect="ok")
+        p.op(("stat", path), expect=err)
+        p.op(("read", path), expect=err)
+    p.op(("read", still), expect="ok")
     p.umount()
+
+
+def test_metacopy_upper_without_metacopy_refused(mk):
+    """An upper holding metacopy files mounted without metacopy=on: the
+    kernel refuses to follow them (EPERM), and so do we."""
+    def without_metacopy(p):
+        p.kernel_opts = ("redirect_dir=on",)
+        p.ours_opts = ()
+    _two_metacopies_remounted(mk, without_metacopy, "EPERM", "small")
 
 
 def test_metacopy_without_data_is_an_error(mk):
     """A metacopy file whose data are gone from the lower layer: EIO."""
-    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
-    p.op(("chmod", "big", 0o600), expect="ok")
-    p.op(("rename", "e", "d/e", 0), expect="ok")
-    p.umount()
-    for b in (p.built_k, p.built_o):
-        os.unlink(os.path.join(b.lowers[0], "big"))
-        os.unlink(os.path.join(b.lowers[0], "e"))
-    p.mount()
-    for path in ("big", "d/e"):
-        p.op(("stat", path), expect="EIO")
-        p.op(("read", path), expect="EIO")
-    p.op(("stat", "d/f"), expect="ok")
-    p.umount()
+    def lose_data(p):
+        for b in (p.built_k, p.built_o):
+            os.unlink(os.path.join(b.lowers[0], "big"))
+            os.unlink(os.path.join(b.lowers[0], "e"))
+    _two_metacopies_remounted(mk, lose_data, "EIO", "d/f")
 
 
 # ------------------------------------------------------------ data-only layers
