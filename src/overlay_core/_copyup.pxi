@@ -50,21 +50,18 @@ cdef class _Copier(_Lister):
         are copied up."""
         if n.upper < 0 or n._bits & NB_METACOPY:
             self._wait_idle(n)      # another thread copies it up: use its copy
-        if n.upper >= 0:
-            if n._bits & NB_METACOPY and not meta:
-                n.busy = True
-                try:
-                    copy_data_up(self, n, data)
-                finally:
-                    n.busy = False
-                    if self._cond is not None:
-                        self._cond.notify_all()
+        if n.upper >= 0 and (meta or not n._bits & NB_METACOPY):
             if self._indexed and not n.is_dir and n.key in self._indexed:
                 self._link_up(n)
             return n
         n.busy = True           # the fd cache must not close its fds meanwhile
         try:
-            return self._copy_up(n, data, meta)
+            if n.upper < 0:
+                return self._copy_up(n, data, meta)
+            copy_data_up(self, n, data)
+            if self._indexed and n.key in self._indexed:
+                self._link_up(n)
+            return n
         finally:
             n.busy = False
             if self._cond is not None:

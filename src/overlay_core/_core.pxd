@@ -187,6 +187,8 @@ cdef class _Resolver(_Stack):
     cdef _check_redirect(self, bytes rd, bytes name, bint follow=*)
     cdef _lookup_lowers(self, Node parent, bytes name, object redirect, bint have_upper_dir,
                         int below=*)
+    cdef bytes _redirected(self, bytes path, bytes rd, bytes name)
+    cdef list _plan_below(self, Node parent, bytes path, int idx)
     cdef _find_data(self, Node parent, bytes name, object path, int below)
     cdef _build_index(self, Node d)
     cdef Node _known_upper(self, Node parent, bytes name, struct_stat *ust, Stat st)

@@ -43,23 +43,22 @@ cdef bint has_metacopy(_Stack self, int fd):
     return self._getx(fd, self.x_metacopy) is not None
 
 
-cdef Stat metacopy_stat(_Stack self, Node n, Stat st):
-    """st (of n's metadata object) with the st_blocks of its data."""
-    cdef Stat r = Stat.__new__(Stat)
+cdef long long data_blocks(_Stack self, Node n, long long size, long long blksize):
+    """st_blocks of a metacopy n: its data's; where they are missing (a
+    data-only layer), what the kernel reports then: size in whole blocks."""
     cdef int dfd = n.datafd
-    cdef long long blocks, bs
     if dfd >= 0:
-        blocks = sys_fstat(dfd).st_blocks
-    else:
-        # its data are missing (a data-only layer): what the kernel
-        # reports then, its size in whole blocks
-        bs = st.st_blksize if st.st_blksize > 0 else 4096
-        blocks = (st.st_size + bs - 1) // bs * (bs // 512)
-    r.st_dev, r.st_ino, r.st_rdev, r.st_nlink = st.st_dev, st.st_ino, st.st_rdev, st.st_nlink
-    r.st_mode, r.st_uid, r.st_gid = st.st_mode, st.st_uid, st.st_gid
-    r.st_size, r.st_blksize, r.st_blocks = st.st_size, st.st_blksize, blocks
-    r.st_atime_ns, r.st_mtime_ns, r.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-    return r
+        return sys_fstat(dfd).st_blocks
+    if blksize <= 0:
+        blksize = 4096
+    return (size + blksize - 1) // blksize * (blksize // 512)
+
+
+cdef Stat metacopy_stat(_Stack self, Node n, Stat st):
+    """st (of n's metadata object, a fresh one) with the st_blocks of its
+    data (in place, as indexed_stat does the nlink)."""
+    st.st_blocks = data_blocks(self, n, st.st_size, st.st_blksize)
+    return st
 
 
 cdef copy_data_up(_Stack self, Node n, bint data):

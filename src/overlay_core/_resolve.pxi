@@ -164,20 +164,11 @@ cdef class _Resolver(_Stack):
                         os.close(fd)    # the kernel keeps only the top one
                     if rd is not None:
                         try:
-                            self._check_redirect(rd, name)
+                            path = self._redirected(path, rd, name)
                         except BaseException:
                             os.close(top[1])
                             raise
-                        if rd.startswith(b"/"):
-                            path = rd
-                            self._walk_stop = False
-                        else:
-                            head, sep, _ = path.rpartition(b"/")
-                            path = head + sep + rd
-                    if path.startswith(b"/"):
-                        plan = [(i, self.lower_roots[i]) for i in range(idx + 1, n)]
-                    else:
-                        plan = [(i, f) for i, f in parent.lowers if i > idx]
+                    plan = self._plan_below(parent, path, idx)
                     j = 0
                     if plan and not self.metacopy:
                         # following it into the layers below needs
@@ -204,20 +195,9 @@ cdef class _Resolver(_Stack):
                 break
             rd = self._getx(fd, self.x_redirect)
             if rd is not None:
-                self._check_redirect(rd, name)
-                if rd.startswith(b"/"):
-                    path = rd
-                    # as the kernel: an absolute redirect goes on below an
-                    # opaque dir met on the way to it
-                    self._walk_stop = False
-                else:
-                    head, sep, _ = path.rpartition(b"/")
-                    path = head + sep + rd
                 # the rest of the search follows the new path
-                if path.startswith(b"/"):
-                    plan = [(i, self.lower_roots[i]) for i in range(idx + 1, n)]
-                else:
-                    plan = [(i, f) for i, f in parent.lowers if i > idx]
+                path = self._redirected(path, rd, name)
+                plan = self._plan_below(parent, path, idx)
                 j = 0
             if self._walk_stop:
                 break       # an opaque dir on the way: nothing below counts
@@ -232,6 +212,26 @@ cdef class _Resolver(_Stack):
                 raise refuse_metacopy(name)
             raise no_data(name)
         return None, dirs, topst
+
+    cdef bytes _redirected(self, bytes path, bytes rd, bytes name):
+        """The path searched for in the layers below after a redirect rd (of
+        a dir, or of a metacopy file) met on the way to path (rd checked as
+        the kernel checks it)."""
+        self._check_redirect(rd, name)
+        if rd.startswith(b"/"):
+            # as the kernel: an absolute redirect goes on below an opaque
+            # dir met on the way to it
+            self._walk_stop = False
+            return rd
+        head, sep, _ = path.rpartition(b"/")
+        return head + sep + rd
+
+    cdef list _plan_below(self, Node parent, bytes path, int idx):
+        """The (layer, dir fd) to search for path in after layer idx: the
+        regular layers' roots for an absolute path, else parent's dirs."""
+        if path.startswith(b"/"):
+            return [(i, self.lower_roots[i]) for i in range(idx + 1, self.nlower)]
+        return [(i, f) for i, f in parent.lowers if i > idx]
 
     cdef _find_data(self, Node parent, bytes name, object path, int below):
         """The lower objects of a metacopy upper file known as name under

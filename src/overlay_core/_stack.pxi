@@ -533,7 +533,7 @@ cdef class _Stack:
         layer's filesystem records it); nlink as getattr's."""
         cdef StatX x = sys_statx(n.fd, mask)
         if n._bits & NB_METACOPY:
-            x.stx_blocks = metacopy_stat(self, n, sys_fstat(n.fd)).st_blocks
+            x.stx_blocks = data_blocks(self, n, x.stx_size, x.stx_blksize)
         if self._indexed and not n.is_dir:
             x.stx_nlink = indexed_nlink(self, n, x.stx_nlink)
         return x
