@@ -286,17 +286,24 @@ def test_later_option_wins(tree: Path):
         ),
         ("lowerdir=l1,redirect_dir", "mount option 'redirect_dir' needs a value (redirect_dir=...)"),
         ("lowerdir=l1,volatile=yes", "mount option 'volatile' takes no value"),
-        ("lowerdir=l1,nfs_export=on", "nfs_export=on is not supported yet"),
         ("lowerdir=l1,index=yes", "bad value 'yes' for index (expected on or off)"),
         ("lowerdir=l1,xino=maybe", "bad value 'maybe' for xino (expected on, off or auto)"),
         ("lowerdir=l1,uuid=x", "bad value 'x' for uuid (expected on, off, null or auto)"),
         ("lowerdir=l1,metacopy=on,redirect_dir=off", "conflicting options: metacopy=on,redirect_dir=follow"),
         ("lowerdir=l1,metacopy=on,redirect_dir=nofollow",
          "conflicting options: metacopy=on,redirect_dir=nofollow"),
-        ("lowerdir=l1,nfs_export=on,index=off", "conflicting options: nfs_export=on,index=off"),
-        ("lowerdir=l1,nfs_export=on,metacopy=on", "conflicting options: nfs_export=on,metacopy=on"),
+        # without upper layer the kernel first falls back to nfs_export=off
+        # unless redirect_dir=nofollow: then it checks the combination
+        ("lowerdir=l1,nfs_export=on,index=off,redirect_dir=nofollow",
+         "conflicting options: nfs_export=on,index=off"),
+        ("lowerdir=l1,upperdir=u,workdir=w,nfs_export=on,index=off",
+         "conflicting options: nfs_export=on,index=off"),
+        ("lowerdir=l1,upperdir=u,workdir=w,nfs_export=on,metacopy=on",
+         "conflicting options: nfs_export=on,metacopy=on"),
         ("lowerdir=l1,userxattr,metacopy=on", "conflicting options: userxattr,metacopy=on"),
         ("lowerdir=l1,userxattr,redirect_dir=on", "conflicting options: userxattr,redirect_dir=on"),
+        ("lowerdir=l1,userxattr,redirect_dir=off", "conflicting options: userxattr,redirect_dir=follow"),
+        ("lowerdir=l1,userxattr,redirect_dir=follow", "conflicting options: userxattr,redirect_dir=follow"),
     ],
 )
 def test_option_errors(tree: Path, opts: str, message: str):
@@ -304,6 +311,30 @@ def test_option_errors(tree: Path, opts: str, message: str):
         parse_options(opts, str(tree))
     assert str(info.value) == message.format(t=tree)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("opts", "nfs_export", "index", "follow"),
+    [
+        # the kernel's fallback: no upper layer, redirects followed
+        ("lowerdir=l1,nfs_export=on", False, False, True),
+        ("lowerdir=l1,nfs_export=on,index=off", False, False, True),
+        ("lowerdir=l1,nfs_export=on,metacopy=on", False, False, True),
+        ("lowerdir=l1,nfs_export=on,redirect_dir=nofollow", True, False, False),
+        # with an upper layer nfs_export=on brings index=on
+        ("lowerdir=l1,upperdir=u,workdir=w,nfs_export=on", True, True, True),
+        ("lowerdir=l1,upperdir=u,workdir=w,nfs_export=on,redirect_dir=on", True, True, True),
+        ("lowerdir=l1,upperdir=u,workdir=w,nfs_export=on,userxattr", True, True, False),
+        ("lowerdir=l1,upperdir=u,workdir=w,redirect_dir=nofollow", False, False, False),
+        ("lowerdir=l1,upperdir=u,workdir=w,userxattr", False, False, False),
+        ("lowerdir=l1,upperdir=u,workdir=w,redirect_dir=follow", False, False, True),
+    ],
+)
+def test_nfs_export_and_redirect_follow(tree: Path, opts: str, nfs_export, index, follow):
+    for d in ("u", "w"):
+        (tree / d).mkdir(exist_ok=True)
+    cfg = parse_options(opts, str(tree))
+    assert (cfg.nfs_export, cfg.index, cfg.redirect_follow) == (nfs_export, index, follow)
 
 
 def test_work_on_other_filesystem_in_process(tree: Path, other_fs: Path):

@@ -84,13 +84,19 @@ def _finish_rotation(pair, r):
     sk, so = pair.check_trees(f"rotation {r} end")
     pair.umount()
     pair.check_uppers()
-    for who, built, mp, want in (("kernel", pair.built_o, pair.mp_o, so),
-                                 ("ours", pair.built_k, pair.mp_k, sk)):
+    ref_k, ref_o = sk, so
+    if pair.remount_reference_kernel:
+        # nfs_export: the trees change across a remount (see DiffPair): the
+        # reference is each side's own stack mounted again
+        ref_k = _snapshot_mounted(pair, "kernel", pair.built_k, pair.mp_k, pair.kernel_opts)
+        ref_o = _snapshot_mounted(pair, "ours", pair.built_o, pair.mp_o, pair.ours_opts)
+    for who, built, mp, want in (("kernel", pair.built_o, pair.mp_o, ref_o),
+                                 ("ours", pair.built_k, pair.mp_k, ref_k)):
         opts = pair.kernel_opts if who == "kernel" else pair.ours_opts
         getattr(pair.tracker, who)(built.lowers, built.upper, built.work, mp, opts)
         try:
             other = snapshot_mount(mp, pair.compare_blocks)
-            diff = diff_snapshots(sk, other, "kernel-side", f"{who}-over-the-other-stack")
+            diff = diff_snapshots(ref_k, other, "kernel-side", f"{who}-over-the-other-stack")
             diff += [f"/{p}: {want.inos.get(p)} there, {other.inos.get(p)} here"
                      for p in sorted(set(want.inos) | set(other.inos))
                      if want.inos.get(p) != other.inos.get(p)]
@@ -101,11 +107,24 @@ def _finish_rotation(pair, r):
     return sk, so
 
 
+def _snapshot_mounted(pair, who, built, mp, opts):
+    """A snapshot of built's stack mounted by who (kernel or ours)."""
+    getattr(pair.tracker, who)(built.lowers, built.upper, built.work, mp, opts)
+    try:
+        return snapshot_mount(mp, pair.compare_blocks)
+    finally:
+        pair.tracker.umount(mp)
+
+
 INDEX_SEEDS = SEEDS[: int(os.environ.get("DIFF_PUSHDOWN_INDEX_SEEDS", "2"))]
 METACOPY_SEEDS = SEEDS[: int(os.environ.get("DIFF_PUSHDOWN_METACOPY_SEEDS", "2"))]
-MODE_OPTS = {"": (), "index": ("index=on",), "metacopy": ("metacopy=on",)}
+NFS_EXPORT_SEEDS = SEEDS[: int(os.environ.get("DIFF_PUSHDOWN_NFS_EXPORT_SEEDS", "1"))]
+METACOPY_INDEX_SEEDS = SEEDS[: int(os.environ.get("DIFF_PUSHDOWN_METACOPY_INDEX_SEEDS", "1"))]
+MODE_OPTS = {"": (), "index": ("index=on",), "metacopy": ("metacopy=on",),
+             "nfs_export": ("nfs_export=on",), "metacopy-index": ("metacopy=on", "index=on")}
 CASES = ([(s, "") for s in SEEDS] + [(s, "index") for s in INDEX_SEEDS]
-         + [(s, "metacopy") for s in METACOPY_SEEDS])
+         + [(s, "metacopy") for s in METACOPY_SEEDS] + [(s, "nfs_export") for s in NFS_EXPORT_SEEDS]
+         + [(s, "metacopy-index") for s in METACOPY_INDEX_SEEDS])
 
 
 @pytest.mark.parametrize("seed,mode", CASES, ids=[f"seed{s}" + (f"-{m}" if m else "") for s, m in CASES])
@@ -113,7 +132,10 @@ def test_pushdown_rotations(seed, mode, difftmp, mounts):
     """With index=on (both sides) the pushed-down uppers hold indexed copies
     whose names were linked up in some rotations and not in others; with
     metacopy=on they hold metacopy files (chains of them, through
-    redirects, across the rotations) whose data are layers below."""
+    redirects, across the rotations) whose data are layers below; with
+    nfs_export=on every copy-up of each rotation was indexed (its files
+    have a link more, in the index of a work dir now gone from the stack);
+    with metacopy=on and index=on, metacopy files that are hard links."""
     rng = random.Random(seed)
     stack = L.gen_stack(rng, nlowers=2, upper=False, no_hardlinks=tolerate.on("lower-hardlinks"))
     label = (f"pushdown seed={seed} mode={mode or 'default'}; rerun: DIFF_PUSHDOWN_SEEDS={seed} "

@@ -96,6 +96,8 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
             stack.has_upper = False
             stack = L.drop_ghost_whiteouts(stack)
             kernel_opts, ours_opts = (), ()
+    elif mode == "nfs_export":
+        kernel_opts, ours_opts = ("redirect_dir=on", "nfs_export=on"), ("nfs_export=on",)
     elif mode == "metacopy-index":
         kernel_opts = ("redirect_dir=on", "metacopy=on", "index=on")
         ours_opts = ("metacopy=on", "index=on")
@@ -105,12 +107,16 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
     test = {"rw": "test_random_seed", "userxattr": "test_random_userxattr", "ro": "test_random_readonly",
             "xino": "test_random_xino", "index": "test_random_index",
             "metacopy": "test_random_metacopy", "metacopy-index": "test_random_metacopy_index",
-            "data-only": "test_random_data_only", "data-only-ro": "test_random_data_only"}[mode]
+            "data-only": "test_random_data_only", "data-only-ro": "test_random_data_only",
+            "nfs_export": "test_random_nfs_export"}[mode]
     label = label or (f"{mode} seed={seed} nops={nops}; rerun: {env}DIFF_SEEDS={seed} DIFF_OPS={nops} "
                       f"DIFF_CHECK_EVERY={CHECK_EVERY} python -m pytest tests/test_diff_random.py -k {test}")
     pair = DiffPair(tmp, stack, tracker, label=label, kernel_opts=kernel_opts, ours_opts=ours_opts)
     pair.mount()
     weights = None
+    if mode == "nfs_export" and mountutil.engine() != "pyfuse3":
+        # (pyfuse3 has no export support: its handles die with the inodes)
+        weights = dict(O.OP_WEIGHTS, **O.HANDLE_OP_WEIGHTS)
     if mode == "xino":
         # copy_file_range between files on two filesystems: EXDEV on the
         # kernel, done on ours (the kernel's FUSE client falls back to a
@@ -189,6 +195,19 @@ def test_random_index(seed, difftmp, mounts):
     check), the upper and the index dir compared after unmount, and each
     side's upper mounted by the other (both with index=on)."""
     run_seed(seed, difftmp, mounts, mode="index")
+
+
+NFS_EXPORT_SEEDS = SEEDS[: int(os.environ.get("DIFF_NFS_EXPORT_SEEDS", "30"))]
+
+
+@pytest.mark.parametrize("seed", NFS_EXPORT_SEEDS, ids=[f"seed{s}" for s in NFS_EXPORT_SEEDS])
+def test_random_nfs_export(seed, difftmp, mounts):
+    """nfs_export=on on both sides: every copy-up indexed (files with one
+    link too, dirs with an index entry of their own), removed objects
+    leaving whiteouts in the index, st_ino and nlink of indexed objects;
+    the index dirs compared after unmount, and each upper mounted by the
+    other side with nfs_export=on."""
+    run_seed(seed, difftmp, mounts, mode="nfs_export")
 
 
 METACOPY_SEEDS = SEEDS[: int(os.environ.get("DIFF_METACOPY_SEEDS", "40"))]

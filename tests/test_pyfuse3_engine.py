@@ -30,10 +30,7 @@ def test_subset_on_pyfuse3_engine():
         pytest.skip("pyfuse3 is not installed (pip install 'overlay-fuse[pyfuse3]')")
     env = dict(os.environ, OVERLAY_TEST_ENGINE="pyfuse3", DIFF_SEEDS=SEEDS, DIFF_EXTRA_SEEDS="5")
     env.pop("DIFF_TOLERATE", None)
-    # not metacopy=on / data-only layers: on pyfuse3 a metacopy file's
-    # st_blocks after a link can be the upper file's (a known bug, README)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "not metacopy and not data_only",
            os.path.join(HERE, "test_walkthrough.py"),
            os.path.join(HERE, "test_diff_fixed.py"),
            os.path.join(HERE, "test_diff_random.py")]

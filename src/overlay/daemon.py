@@ -30,6 +30,7 @@ def build_core(config):
         config.work,
         userxattr=config.userxattr,
         redirect_dir=config.redirect_dir,
+        redirect_follow=config.redirect_follow,
         no_sync=config.volatile,
         oci_whiteouts=config.oci_whiteouts,
         uuid=config.uuid,
@@ -38,6 +39,7 @@ def build_core(config):
         metacopy=config.metacopy,
         datadirs=config.datadirs,
         verity=config.verity,
+        nfs_export=config.nfs_export,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

@@ -67,6 +67,7 @@ class MountConfig:
     DEFAULTS = {
         "userxattr": False,  # user.overlay.* instead of trusted.overlay.*
         "redirect_dir": True,  # False -> EXDEV on renaming a merged/lower dir
+        "redirect_follow": True,  # False (redirect_dir=nofollow): a redirect met at lookup is EPERM
         "volatile": False,
         "allow_other": False,
         "default_permissions": False,
@@ -88,6 +89,7 @@ class MountConfig:
         "metacopy": False,  # the kernel's metacopy=on: metadata-only copy-up
         "datadirs": [],  # data-only lower layers (lowerdir=A::B), absolute paths
         "verity": "off",  # the kernel's verity=: on, require or off (fs-verity digests of metacopy data)
+        "nfs_export": False,  # the kernel's nfs_export=on: every copy-up indexed, file handles decoded
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -178,8 +180,8 @@ _VALUE_OPTIONS = frozenset(
      "timeout", "entry_timeout", "attr_timeout", "workers", "uidmapping", "gidmapping",
      "engine", "passthrough", "uuid", "nfs_export", "verity"}
 )
-# The kernel's on/off features and the values it takes; KERNEL_FEATURES are
-# the ones we do not have yet (refused with a line saying so, after the
+# The kernel's on/off features and the values it takes; _NOT_YET are the
+# ones we do not have yet (refused with a line saying so, after the
 # kernel's own checks of the combination).
 _ONOFF = ("on", "off")
 _FEATURE_VALUES = {
@@ -189,9 +191,7 @@ _FEATURE_VALUES = {
     "xino": ("on", "off", "auto"),
     "verity": ("on", "off", "require"),
 }
-_NOT_YET = {
-    "nfs_export": ("on",),
-}
+_NOT_YET: dict[str, tuple] = {}
 _REDIRECT_DIR = {"on": True, "off": False, "follow": False, "nofollow": False}
 
 
@@ -475,13 +475,13 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         extra["datadirs"] = datadirs
 
     userxattr = flags.get("userxattr", False)
-    _check_combination(features, redirect_value, userxattr)
+    _check_combination(features, redirect_value, userxattr, upper is not None)
     for name, value in features.items():
         if value in _NOT_YET.get(name, ()):
             raise OptionError(f"{name}={value} is not supported yet")
         if name == "xino":
             extra["xino"] = value
-        elif name in ("index", "metacopy"):
+        elif name in ("index", "metacopy", "nfs_export"):
             extra[name] = value == "on"
         elif name == "verity":
             extra["verity"] = value
@@ -491,6 +491,12 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         # like the kernel, which refuses redirect_dir=on with userxattr
         # (unprivileged mounts): renaming merged dirs then gives EXDEV
         redirect_dir = not userxattr
+    if redirect_value == "nofollow" or (redirect_value is None and userxattr):
+        # the kernel's nofollow (userxattr's default): a dir's redirect is
+        # not followed, its lookup fails (EPERM)
+        extra["redirect_follow"] = False
+    if extra.get("nfs_export") and upper is not None and features.get("index") != "off":
+        extra["index"] = True       # as the kernel: nfs_export=on needs the index
 
     if extra.get("engine", "native") == "native" and extra.get("workers", 1) > 64:
         raise OptionError(f"bad value '{extra['workers']}' for workers (expected 1 to 64 with engine=native)")
@@ -518,9 +524,11 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     return config
 
 
-def _check_combination(features: dict, redirect_value, userxattr: bool) -> None:
+def _check_combination(features: dict, redirect_value, userxattr: bool, has_upper: bool) -> None:
     """The option combinations the kernel overlay refuses, in its words
-    ("conflicting options: ..."), checked in the order it checks them."""
+    ("conflicting options: ..."), checked in the order it checks them, and
+    its fallback of nfs_export=on on a mount without upper layer (dropped
+    from features, with its line in the log)."""
     def conflict(a, b):
         raise OptionError(f"conflicting options: {a},{b}")
 
@@ -529,12 +537,21 @@ def _check_combination(features: dict, redirect_value, userxattr: bool) -> None:
     if metacopy and redirect_value in ("off", "follow", "nofollow"):
         # the kernel names redirect_dir=off as it reads it: follow
         conflict("metacopy=on", "redirect_dir=" + ("follow" if redirect_value == "off" else redirect_value))
+    if nfs_export and not has_upper and redirect_value != "nofollow":
+        # lower handles of redirected dirs could not be decoded
+        log.info('NFS export requires "redirect_dir=nofollow" on non-upper mount,'
+                 " falling back to nfs_export=off")
+        features["nfs_export"] = "off"
+        nfs_export = False
     if nfs_export and features.get("index") == "off":
         conflict("nfs_export=on", "index=off")
     if nfs_export and metacopy:
         conflict("nfs_export=on", "metacopy=on")
     if userxattr and redirect_value == "on":
         conflict("userxattr", "redirect_dir=on")
+    if userxattr and redirect_value in ("off", "follow"):
+        # (with userxattr only nofollow is allowed; off reads as follow)
+        conflict("userxattr", "redirect_dir=follow")
     if userxattr and metacopy:
         conflict("userxattr", "metacopy=on")
 

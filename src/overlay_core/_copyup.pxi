@@ -84,11 +84,20 @@ cdef class _Copier(_Lister):
         cdef Node p
         self._need_upper()
         p = n.parent
-        if p is None:
+        # (the name it is known by now: a lookup of another name of an
+        # indexed file may rename n while a big copy runs unlocked)
+        name = n.name
+        if p is None and not (self.index_all and not n.is_dir):
             raise _err(errno.EROFS)
-        self.copy_up(p)
-        # Someone (another Node of the same dir) may have done it already.
-        ust = self._upper_entry(p, n.name)
+        if p is not None:
+            self.copy_up(p)
+            # Someone (another Node of the same dir) may have done it already.
+            ust = self._upper_entry(p, n.name)
+        else:
+            # a non-dir decoded from a file handle, with no name known
+            # (nfs_export): copied up into the index only, as the kernel
+            # does; a lookup of its name finds it there
+            ust = None
         if ust is not None and not self._upper_whiteout(p.upper, n.name, ust):
             src_st = os.stat(n.fd)
             if S.S_IFMT(ust.st_mode) == S.S_IFMT(src_st.st_mode):
@@ -115,10 +124,13 @@ cdef class _Copier(_Lister):
             if self.verity == "require" and not mcval:
                 mc = False      # data without fs-verity: copied up (the kernel's fallback)
         iname = None
-        if self.index and not n.is_dir and st.st_nlink > 1:
+        if self.index and ((not n.is_dir and st.st_nlink > 1) or self.index_all):
+            # (a dir's own index entry is made once it is in place)
             iname = index_name(self, src, n.lowers[0][0])
+        if p is None and iname is None:
+            raise _err(errno.EROFS)
         # the kernel keeps the parent's times across a copy-up into it
-        pst = os.stat(p.upper)
+        pst = os.stat(p.upper) if p is not None else None
         wd = self.work_fd
         t = self._tmpname()
         tpath = b"/proc/self/fd/%d/%s" % (wd, t)
@@ -197,22 +209,31 @@ cdef class _Copier(_Lister):
                 if fmt != S.S_IFLNK:
                     os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
                 sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
-                set_impure(self, p)     # as the kernel, before the copy lands
-                if iname is not None:
+                if p is not None:
+                    set_impure(self, p)     # as the kernel, before the copy lands
+                if iname is not None and fmt != S.S_IFDIR:
                     # the copy of all the names goes to the index (the
                     # overlay nlink is the lower's); this name is linked
                     # to it below, as the others will be (link-up)
                     os.setxattr(_proc(tfd), self.x_nlink, b"U%+d" % (st.st_nlink - 1))
                     sys_renameat2(wd, t, self.index_fd, iname, RENAME_NOREPLACE)
                 else:
-                    sys_renameat2(wd, t, p.upper, n.name, RENAME_NOREPLACE)
+                    sys_renameat2(wd, t, p.upper, name, RENAME_NOREPLACE)
             except BaseException:
                 os.close(tfd)
                 raise
-            try:
-                sys_utimens(_proc(p.upper), pst.st_atime_ns, pst.st_mtime_ns, False)
-            except OSError as e:
-                log.debug("copy-up: parent times not restored: %s", e)
+            if iname is not None and fmt == S.S_IFDIR:
+                # nfs_export: its index entry names the upper dir
+                try:
+                    make_dir_index(self, iname, tfd)
+                    _dirstate(n).indexed = True
+                except OSError as e:
+                    log.warning("copy-up: no index entry for dir %r: %s", n.name, e)
+            if p is not None:
+                try:
+                    sys_utimens(_proc(p.upper), pst.st_atime_ns, pst.st_mtime_ns, False)
+                except OSError as e:
+                    log.debug("copy-up: parent times not restored: %s", e)
         except BaseException:
             if created:
                 try:
@@ -242,25 +263,29 @@ cdef class _Copier(_Lister):
         if fmt == S.S_IFREG and data and not mc:
             self.counters["bytes_copied"] += st.st_size
         log.debug("copied up %r (ino %s)", n.name, n.ino)
-        if iname is not None:
-            self._indexed[n.key] = (iname, st.st_nlink)
-            self._link_up(n)
+        if iname is not None and fmt != S.S_IFDIR:
+            # (fresh: the overlay nlink is the one kept in the xattr, as the
+            # kernel's in-memory count, also for a lower file of one link)
+            self._indexed[n.key] = (iname, st.st_nlink, True)
+            self._link_up(n, p, name)
         return n
 
-    def _link_up(self, Node n):
+    def _link_up(self, Node n, Node p=None, bytes name=None):
         """The kernel's link-up: n, indexed (its copy is in the index), is
-        known by a name that is not in the upper dir yet; link it there
-        (parents copied up first), with the overlay nlink kept."""
-        cdef Node p = n.parent
+        known by a name (name under p, default its own) that is not in the
+        upper dir yet; link it there (parents copied up first), with the
+        overlay nlink kept."""
+        if p is None:
+            p, name = n.parent, n.name
         if p is None:
             return
         self.copy_up(p)
-        ust = self._upper_entry(p, n.name)
+        ust = self._upper_entry(p, name)
         if ust is not None:
             if (ust.st_dev, ust.st_ino) == (n.real_dev, n.real_ino):
                 return
-            if not self._upper_whiteout(p.upper, n.name, ust):
-                raise _err(errno.EEXIST, n.name)
+            if not self._upper_whiteout(p.upper, name, ust):
+                raise _err(errno.EEXIST, name)
         nl = overlay_nlink(self, n)
         iname = self._indexed[n.key][0]
         pst = os.stat(p.upper)
@@ -271,10 +296,10 @@ cdef class _Copier(_Lister):
             t = self._tmpname()
             os.link(iname, t, src_dir_fd=self.index_fd, dst_dir_fd=self.work_fd,
                     follow_symlinks=False)
-            sys_renameat2(self.work_fd, t, p.upper, n.name, RENAME_EXCHANGE)
+            sys_renameat2(self.work_fd, t, p.upper, name, RENAME_EXCHANGE)
             os.unlink(t, dir_fd=self.work_fd)
         else:
-            os.link(iname, n.name, src_dir_fd=self.index_fd, dst_dir_fd=p.upper,
+            os.link(iname, name, src_dir_fd=self.index_fd, dst_dir_fd=p.upper,
                     follow_symlinks=False)
         set_nlink_upper(self, n, nl)
         p.dircache = None

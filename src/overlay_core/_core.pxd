@@ -37,6 +37,7 @@ cdef class _DirState:
     cdef int nlookups              # lookups below it before lindex was built
     cdef bint opaque               # upper dir has <prefix>opaque=y
     cdef bint impure               # upper dir has <prefix>impure=y (known set)
+    cdef bint indexed              # nfs_export: its copy-up has an index entry
 
 
 cdef class Node:
@@ -131,8 +132,13 @@ cdef class _Stack:
     cdef readonly list layer_uuids     # uuid of each lower layer's filesystem (16 bytes)
     cdef readonly bint can_decode      # origin file handles can be opened here
     cdef list _mount_fds               # O_RDONLY fds of the lower roots (open_by_handle_at)
+    cdef int _upper_mount_fd           # O_RDONLY fd of the upper root (opened when needed), or -1
     cdef object _bad_uuid_layers       # lower layers whose fs uuid is not unique
     cdef readonly bint redirect_dir
+    cdef readonly bint redirect_follow # False: redirect_dir=nofollow (a redirect is EPERM)
+    cdef readonly bint nfs_export      # nfs_export=on (after the kernel's fallbacks)
+    cdef readonly bint index_all       # nfs_export with index: every copy-up indexed
+    cdef bytes _upper_uuid             # uuid in handles of upper objects (index upper xattrs)
     cdef readonly bint userxattr
     cdef readonly bint oci             # lower layers use OCI .wh. whiteouts
     cdef readonly bint no_sync
@@ -179,6 +185,7 @@ cdef class _Stack:
     cpdef forget(self, Node n)
     cpdef release(self, Node n)
     cpdef Stat getattr(self, Node n)
+    cdef Stat shown_stat(self, Node n, Stat st)
 
 
 cdef class _Resolver(_Stack):
@@ -192,6 +199,8 @@ cdef class _Resolver(_Stack):
     cdef _find_data(self, Node parent, bytes name, object path, int below)
     cdef _build_index(self, Node d)
     cdef Node _known_upper(self, Node parent, bytes name, struct_stat *ust, Stat st)
+    cdef _lower_indexed(self, Node n, tuple nondir, Stat lst)
+    cdef _verify_merged(self, Node n, object origin, Stat st)
     cpdef Node lookup(self, Node parent, bytes name)
 
 
@@ -214,7 +223,11 @@ cdef class Overlay(_Copier):
     cdef object _unescape(self, bytes stored)
     cdef _only_whiteouts(self, int dirfd, bytes name)
     cdef _unname(self, Node n)
+    cdef bytes _dir_index_name(self, Node n)
+    cdef _dir_index_end(self, bytes iname)
     cdef bint _merge_or_lower(self, Node n)
     cdef bint _can_move(self, Node n)
     cdef bytes _abs_redirect(self, Node n)
     cdef _set_redirect(self, Node n, bint samedir)
+    cpdef bytes encode_handle(self, Node n)
+    cpdef Node decode_handle(self, bytes h)

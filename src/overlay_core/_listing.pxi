@@ -90,7 +90,7 @@ cdef class _Lister(_Resolver):
                 if cur is not None and cur is not child:
                     child = cur
                     n.dircache[i] = (name, child, dfd)
-                child.st = _mkstat(&st)
+                child.st = self.shown_stat(child, _mkstat(&st))
                 out.append((name, child))
             else:
                 return out
@@ -120,6 +120,8 @@ cdef class _Lister(_Resolver):
                 except OSError:
                     child = self._blind_ghost(fd, name)
             except OSError:
+                if recheck and fd == n.upper:
+                    continue    # the kernel's lookup for d_ino failed: not listed
                 # a whiteout, or an entry whose lookup fails (bad redirect,
                 # EIO...): listed, and only its lookup fails, as the kernel
                 try:

@@ -296,10 +296,17 @@ cdef class Overlay(_Copier):
         it), as the kernel's ovl_nlink_start: with index=on, a lower file
         with several links is copied up to the index first, with the name
         it is known by linked up, and the overlay nlink of an indexed n is
-        stored relative to its upper inode's. Returns the Node to use."""
-        if not self.index or n.is_dir:
+        stored relative to its upper inode's. With nfs_export any lower
+        object, dirs too, is copied up (and so indexed) first, so that its
+        index entry can say it is gone. Returns the Node to use."""
+        if not self.index:
             return n
-        if n.key in self._indexed or (n.upper < 0 and self.getattr(n).st_nlink > 1):
+        if n.is_dir:
+            if self.index_all and n.upper < 0:
+                n = self.copy_up(n)
+            return n
+        if n.key in self._indexed or (n.upper < 0 and (self.index_all
+                                                       or self.getattr(n).st_nlink > 1)):
             n = self.copy_up(n, meta=True)  # to the index, or just its name linked up
         if n.key in self._indexed:
             set_nlink_upper(self, n, overlay_nlink(self, n))
@@ -313,12 +320,30 @@ cdef class Overlay(_Copier):
             return
         unl = sys_fstat(n.upper).st_nlink
         if unl == 1:
-            os.unlink(info[0], dir_fd=self.index_fd)
+            if self.index_all:
+                # its file handle must not be decoded any more
+                index_whiteout(self, info[0], False)
+            else:
+                os.unlink(info[0], dir_fd=self.index_fd)
             del self._indexed[n.key]
         else:
             # as the kernel: a link made in the upper dir behind our back
             log.warning("index entry %r still has %d links", os.fsdecode(info[0]), unl)
             set_nlink_upper(self, n, unl - 1)
+
+    cdef bytes _dir_index_name(self, Node n):
+        """nfs_export: the index entry name of an indexed dir n, else None."""
+        if not self.index_all or n._dir is None or not n._dir.indexed or not n.lowers:
+            return None
+        return index_name(self, n.lowers[0][1], n.lowers[0][0])
+
+    cdef _dir_index_end(self, bytes iname):
+        """An indexed dir removed (rmdir, renamed over): its index entry
+        becomes a whiteout, as the kernel's ovl_cleanup_index."""
+        cdef struct_stat st
+        if iname is None or c_statat(self.index_fd, iname, &st) != 0 or not S.S_ISDIR(st.st_mode):
+            return
+        index_whiteout(self, iname, True)
 
     cdef _unname(self, Node n):
         """n lost its last known name: it is no longer the Node of its
@@ -335,7 +360,10 @@ cdef class Overlay(_Copier):
             raise _err(errno.ENOTDIR, name)
         if self.nonempty_names(n):
             raise _err(errno.ENOTEMPTY, name)
+        n = self._index_start(n)
+        iname = self._dir_index_name(n)
         self._remove(parent, name, n)
+        self._dir_index_end(iname)
         self._unname(n)
         return n
 
@@ -477,10 +505,14 @@ cdef class Overlay(_Copier):
         np.dircache = None
         old = self.copy_up(old, meta=True)
         self.copy_up(np)
+        new_iname = None
         if not overwrite:
             new = self.copy_up(new, meta=True)
-        elif new is not None and not new.is_dir:
+        elif new is not None:
             new = self._index_start(new)
+            new_iname = self._dir_index_name(new)
+            if new.is_dir and new.lowers and new.upper >= 0 and not need_clear:
+                need_clear = True       # copied up just now (nfs_export)
         if need_clear:
             # make the target an empty opaque dir first, as the kernel does
             t = self._tmpname()
@@ -524,9 +556,23 @@ cdef class Overlay(_Copier):
         elif new is not None:
             if not new.is_dir:
                 self._index_end(new)
+            else:
+                self._dir_index_end(new_iname)
             self._drop_alias(new, np, nname)
             if (new.parent, new.name) == (np, nname):
                 self._unname(new)
+
+    # ------------------------------------------------------------ file handles
+
+    cpdef bytes encode_handle(self, Node n):
+        """nfs_export: a file handle of n that stays good while n exists,
+        whatever renames and copy-ups it goes through (_export.pxi)."""
+        return _encode_handle(self, n)
+
+    cpdef Node decode_handle(self, bytes h):
+        """The Node a handle of encode_handle stands for, or ESTALE where
+        the object was removed (_export.pxi)."""
+        return _decode_handle(self, h)
 
     # ------------------------------------------------------------ misc
 

@@ -236,6 +236,10 @@ cdef object upper_ino(_Stack self, int upper_fd, Stat st):
     what, ost = origin_stat(self, upper_fd, st.st_mode)
     self._origin_seen = what != 0
     if what == 2:
+        if self.index_all:
+            # nfs_export: only an indexed copy stands for its origin (the
+            # kernel's ovl_verify_lower)
+            return self.map_ino(ost if check_indexed(self, upper_fd, st, ost) else st)
         if ost.st_nlink == 1 or (self.index and check_indexed(self, upper_fd, st, ost)):
             return self.map_ino(ost)
         return self.map_ino(st)

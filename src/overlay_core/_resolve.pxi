@@ -6,6 +6,13 @@ following redirects (relative and absolute, checked as the kernel checks
 them), with a name index for dirs of deep stacks."""
 
 
+cdef refuse_redirect(bytes name):
+    """redirect_dir=nofollow: a redirect the lookup would follow (the
+    kernel's "refusing to follow redirect")."""
+    log.warning("refusing to follow redirect for %r", name)
+    return _err(errno.EPERM, name)
+
+
 cdef class _Resolver(_Stack):
     """Name lookup through the layers."""
 
@@ -199,6 +206,10 @@ cdef class _Resolver(_Stack):
                 path = self._redirected(path, rd, name)
                 plan = self._plan_below(parent, path, idx)
                 j = 0
+                if plan and not self.redirect_follow:
+                    for _, fd in dirs:
+                        os.close(fd)
+                    raise refuse_redirect(name)
             if self._walk_stop:
                 break       # an opaque dir on the way: nothing below counts
         if top is not None:
@@ -281,9 +292,7 @@ cdef class _Resolver(_Stack):
             return None
         self.counters["lookups"] += 1
         self.counters["lookups_known"] += 1
-        if old._bits & NB_METACOPY:
-            st = metacopy_stat(self, old, st)
-        old.st = indexed_stat(self, old, st) if self._indexed else st
+        old.st = self.shown_stat(old, st)
         return old
 
     cpdef Node lookup(self, Node parent, bytes name):
@@ -326,6 +335,8 @@ cdef class _Resolver(_Stack):
                         self._check_redirect(redirect, name, follow)
                         if not follow:
                             redirect = None
+                        elif not self.redirect_follow and not n.opaque:
+                            raise refuse_redirect(name)
                     n.redirect = redirect
                 else:
                     known = self._known_upper(parent, name, &ust, st)
@@ -367,14 +378,30 @@ cdef class _Resolver(_Stack):
                 # a merged dir: the kernel reports its top lower dir's
                 # number, and names that dir in the upper's origin
                 n.ino = self.map_ino(lst)
-                if self._getx(n.upper, self.x_origin) is None:
+                v = self._getx(n.upper, self.x_origin)
+                if v is None:
                     self._fix_origin(parent, n)
+                if self.index_all:
+                    self._verify_merged(n, v, st)
             else:
                 n.ino = self.map_ino(st)
         else:
             st = metacopy_stat(self, n, lst) if n._bits & NB_METACOPY else lst
             n.ino = self.map_ino(lst)
-            if n.is_dir or lst.st_nlink == 1:
+            if self.index_all:
+                # nfs_export: an index entry for a dir only in a lower layer
+                # is an error; a non-dir's is its copy (as with hard links)
+                n.key = _realkey(lst.st_dev, lst.st_ino)
+                if n.is_dir:
+                    iname = index_name(self, n.lowers[0][1], n.lowers[0][0])
+                    if iname is not None:
+                        dir_index_state(self, iname, -1)
+                else:
+                    self._lower_indexed(n, nondir, lst)
+                    if n.upper >= 0:
+                        st = n.st
+                        ust.st_dev, ust.st_ino = st.st_dev, st.st_ino
+            elif n.is_dir or lst.st_nlink == 1:
                 n.key = _realkey(lst.st_dev, lst.st_ino)
             elif not self.index:
                 # without index, a copy-up breaks a lower hard link: each
@@ -383,21 +410,10 @@ cdef class _Resolver(_Stack):
             else:
                 # with index, its names are one object, copied up or not
                 n.key = _realkey(lst.st_dev, lst.st_ino)
-                ist = find_index(self, n, nondir[1], nondir[0], lst)
-                if ist is not None:
-                    ust.st_dev, ust.st_ino = ist.st_dev, ist.st_ino
-                    if (self.metacopy and S.S_ISREG(ist.st_mode)
-                            and has_metacopy(self, n.upper)):
-                        # a metacopy in the index: the lower file (or the
-                        # end of its metacopy chain) has the data
-                        n.metacopy = True
-                        ist = metacopy_stat(self, n, ist)
-                    else:
-                        for _, fd in n.lowers:
-                            os.close(fd)    # the copy in the index stands for it
-                        n.lowers = []
-                        n.metacopy = False
-                    st = indexed_stat(self, n, ist)
+                self._lower_indexed(n, nondir, lst)
+                if n.upper >= 0:
+                    st = n.st
+                    ust.st_dev, ust.st_ino = st.st_dev, st.st_ino
         n.st = st
         n.ov = self
         if n.upper >= 0:
@@ -406,6 +422,45 @@ cdef class _Resolver(_Stack):
             n.real_dev, n.real_ino = lst.st_dev, lst.st_ino
         n._has_real = True
         return self._intern(n)
+
+    cdef _lower_indexed(self, Node n, tuple nondir, Stat lst):
+        """A lower non-dir found by name (with several links, or any with
+        nfs_export): where its copy is in the index, n becomes that copy
+        (n.upper, key, n.st its Stat)."""
+        ist = find_index(self, n, nondir[1], nondir[0], lst)
+        if ist is None:
+            return
+        if (self.metacopy and S.S_ISREG(ist.st_mode)
+                and has_metacopy(self, n.upper)):
+            # a metacopy in the index: the lower file (or the
+            # end of its metacopy chain) has the data
+            n.metacopy = True
+            ist = metacopy_stat(self, n, ist)
+        else:
+            for _, fd in n.lowers:
+                os.close(fd)    # the copy in the index stands for it
+            n.lowers = []
+            n.metacopy = False
+        n.st = indexed_stat(self, n, ist)
+
+    cdef _verify_merged(self, Node n, object origin, Stat st):
+        """nfs_export, a merged dir n: its upper's origin must name its top
+        lower dir, else that is not merged (the kernel's verify_lower); an
+        index entry must name its upper dir (else EIO). Only an indexed
+        one reports the lower dir's st_ino."""
+        idx, fd = n.lowers[0]
+        top = origin_fh(self, fd, idx)
+        if origin is not None and origin != top:
+            log.warning("failed to verify origin of %r: not merged with its lower dir", n.name)
+            for _, f in n.lowers:
+                os.close(f)
+            n.lowers = []
+            n.ino = self.map_ino(st)
+            return
+        if top and dir_index_state(self, top.hex().encode(), n.upper) == 1:
+            _dirstate(n).indexed = True
+        else:
+            n.ino = self.map_ino(st)
 
     def _metacopy_upper(self, Node parent, Node n):
         """n's upper file carries <prefix>metacopy: find its data in the

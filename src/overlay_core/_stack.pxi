@@ -15,7 +15,7 @@ cdef class _Stack:
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True,
                  uuid="auto", xino="off", index=False, metacopy=False, datadirs=(),
-                 verity="off"):
+                 verity="off", redirect_follow=True, nfs_export=False):
         """keep_listings: keep each dir's listing until it changes through us
         (for adapters whose kernel side does not cache listings itself).
         uuid: the kernel's uuid= option (on, off, null, auto): whether
@@ -25,7 +25,12 @@ cdef class _Stack:
         metacopy: the kernel's metacopy=on (_metacopy.pxi).
         datadirs: data-only lower layers (the kernel's lowerdir=A::B), below
         the others: only the absolute redirects of metacopy files lead
-        there (_metacopy.pxi)."""
+        there (_metacopy.pxi).
+        redirect_follow: False is the kernel's redirect_dir=nofollow (a
+        redirect met at lookup is refused, EPERM).
+        nfs_export: the kernel's nfs_export=on (needs index with an upper
+        layer): every copy-up is indexed, file handles of the mount's
+        objects are encoded and decoded (_export.pxi)."""
         if uuid not in ("on", "off", "null", "auto"):
             raise ValueError(f"bad uuid mode {uuid!r}")
         self.uuid_mode = uuid
@@ -60,13 +65,18 @@ cdef class _Stack:
         self.index_fd = -1
         self._indexed = {}
         self.redirect_dir = redirect_dir
+        self.redirect_follow = redirect_follow
+        self.nfs_export = nfs_export
+        self.index_all = False
+        self._upper_mount_fd = -1
+        self._upper_uuid = NULL_UUID
         self.userxattr = userxattr
         self.oci = oci_whiteouts
         self.no_sync = no_sync
         self.nodes = {}
         self.counters = {"lookups": 0, "lookups_known": 0, "copy_ups": 0, "bytes_copied": 0,
                          "metacopy_ups": 0, "data_copy_ups": 0,
-                         "name_indexes": 0, "name_index_hits": 0}
+                         "name_indexes": 0, "name_index_hits": 0, "handles_decoded": 0}
         self.renumbered = []
         self.fd_cache_len = 0
         import resource
@@ -197,6 +207,9 @@ cdef class _Stack:
         if self.index_fd >= 0:
             os.close(self.index_fd)
             self.index_fd = -1
+        if self._upper_mount_fd >= 0:
+            os.close(self._upper_mount_fd)
+            self._upper_mount_fd = -1
 
     # ------------------------------------------------------------ xattr helpers
 
@@ -490,6 +503,12 @@ cdef class _Stack:
         """The kernel forgot n: drop it, and close its fds unless in use."""
         if self.nodes.get(n.key) is n:
             del self.nodes[n.key]
+        if self._indexed:
+            info = self._indexed.get(n.key)
+            if info is not None and info[2]:
+                # the kernel's overlay nlink of it, kept in memory, is gone
+                # with its inode: found again, it is read as at a mount
+                self._indexed[n.key] = (info[0], info[1], False)
         self.release(n)
 
     cpdef release(self, Node n):
@@ -521,7 +540,13 @@ cdef class _Stack:
     cpdef Stat getattr(self, Node n):
         """Stat of the real object (the adapter reports n.ino and, for a
         merged dir, nlink 1); an indexed file's nlink is the overlay's."""
-        st = sys_fstat(n.fd)
+        return self.shown_stat(n, sys_fstat(n.fd))
+
+    cdef Stat shown_stat(self, Node n, Stat st):
+        """st, a fresh stat of n's real object, made what the mount shows
+        (in place): a metacopy file's st_blocks are its data's, an indexed
+        file's nlink the overlay's. Every Stat handed to an adapter passes
+        here (getattr, lookup, listings)."""
         if n._bits & NB_METACOPY:
             st = metacopy_stat(self, n, st)
         if self._indexed and not n.is_dir:

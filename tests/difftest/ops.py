@@ -37,6 +37,12 @@ _renameat2.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 _libc.syncfs.argtypes = [ctypes.c_int]
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+MAX_HANDLE_SZ = 128
+# file handles saved by fh_save, per mount root: {root: {slot: handle bytes}}
+_HANDLES: dict = {}
 AT_EMPTY_PATH = 0x1000
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 1, 2, 0x10
 # the fallocate modes a FUSE server is given (collapse/insert/unshare never
@@ -62,6 +68,38 @@ def seeks(fd) -> tuple:
             except OSError as e:
                 out.append(errno.errorcode.get(e.errno, str(e.errno)))
     return tuple(out)
+
+
+def name_to_handle(path: str) -> bytes:
+    """name_to_handle_at(2) of path (not following a last symlink): the
+    struct file_handle, as bytes."""
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    ctypes.c_uint.from_buffer(buf).value = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), 0), path)
+    return buf.raw[:8 + ctypes.c_uint.from_buffer(buf).value]
+
+
+def open_by_handle(root: str, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2) of a handle of a file below mount root."""
+    mfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = ctypes.create_string_buffer(handle, len(handle))
+        fd = _libc.open_by_handle_at(mfd, buf, flags)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return fd
+    finally:
+        os.close(mfd)
+
+
+def drop_inode_caches():
+    """Have the kernel forget the dentries and inodes it can (a FUSE mount
+    gets FORGETs): what a file handle is decoded from afterwards is the
+    filesystem's own."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
 
 
 def renameat2(src: str, dst: str, flags: int = 0):
@@ -361,6 +399,52 @@ def _do(root: str, op: tuple):
             return res
         finally:
             os.close(fd)
+    if name == "fh_save":
+        # a file handle of path, kept in slot for fh_open / fh_write
+        _, path, slot = op
+        handles = _HANDLES.setdefault(root, {})
+        handles.pop(slot, None)
+        handles[slot] = name_to_handle(P(path))
+        return None
+    if name == "fh_open":
+        # caches dropped, then the handle in slot opened: what it names now
+        _, slot = op
+        h = _HANDLES.get(root, {}).get(slot)
+        if h is None:
+            raise OSError(errno.EBADF, "no handle in slot")
+        drop_inode_caches()
+        fd = open_by_handle(root, h, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            res = norm_stat(st)
+            if stat.S_ISREG(st.st_mode):
+                rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+                try:
+                    res["data"] = os.pread(rfd, 1 << 20, 0)
+                finally:
+                    os.close(rfd)
+            return res
+        finally:
+            os.close(fd)
+    if name == "fh_write":
+        # caches dropped, then the file of the handle in slot written
+        _, slot, off, data = op
+        h = _HANDLES.get(root, {}).get(slot)
+        if h is None:
+            raise OSError(errno.EBADF, "no handle in slot")
+        drop_inode_caches()
+        pfd = open_by_handle(root, h, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode):
+                return ("not a file", ftype(st.st_mode))    # (a fifo would block)
+            fd = open_by_handle(root, h, os.O_WRONLY)
+        finally:
+            os.close(pfd)
+        try:
+            return os.pwrite(fd, data, off)
+        finally:
+            os.close(fd)
     if name == "syncfs":
         fd = os.open(P(op[1]), os.O_RDONLY)
         try:
@@ -382,7 +466,7 @@ def execute(root: str, op: tuple):
 MUTATING = {
     "open", "create", "open_trunc", "write", "append", "rw", "ro_then_write", "truncate", "chmod", "chown", "utime",
     "setxattr", "removexattr", "mkdir", "rmdir", "rmtree", "unlink", "rename", "link", "symlink",
-    "mkfifo", "mknod", "fallocate", "copy_range", "tmpfile",
+    "mkfifo", "mknod", "fallocate", "copy_range", "tmpfile", "fh_write",
 }
 
 
@@ -456,6 +540,9 @@ OP_WEIGHTS = {
     "seek": 2, "fallocate": 3, "copy_range": 3, "tmpfile": 2, "syncfs": 1,
 }
 EXTENDED_OPS = ("seek", "fallocate", "copy_range", "tmpfile", "syncfs")
+# file handles (nfs_export=on runs): saved, then decoded after the kernel
+# forgot the inodes, across whatever ops came between
+HANDLE_OP_WEIGHTS = {"fh_save": 5, "fh_open": 5, "fh_write": 2}
 
 XATTR_NAMES = ["user.k0", "user.k1", "user.k2", "user.new", "trusted.foo", "trusted.bar"]
 
@@ -711,4 +798,14 @@ class OpGenerator:
             return ("tmpfile", d, self.data(), link)
         if k == "syncfs":
             return ("syncfs", self.openable(tree, p_exist=0.9))
+        if k == "fh_save":
+            # not of dirs: the kernel copies a lower dir up when a handle of
+            # it is taken (to find it again under a redirect), and a FUSE
+            # daemon is not asked for handles: a documented difference
+            p = self.path(tree, types=("f", "f", "f", "l", "p"), p_exist=0.95)
+            return ("fh_save", p, rng.randrange(4))
+        if k == "fh_open":
+            return ("fh_open", rng.randrange(4))
+        if k == "fh_write":
+            return ("fh_write", rng.randrange(4), rng.choice([0, 7, 5000]), self.data(50))
         raise AssertionError(k)

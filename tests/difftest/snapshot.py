@@ -150,12 +150,12 @@ def _identity_xattrs(full: str, prefix: str) -> dict:
     sides can agree: origin's shape, impure's value, whether uuid is set,
     nlink's and metacopy's values."""
     out = {}
-    for name in ("origin", "impure", "uuid", "nlink", "metacopy"):
+    for name in ("origin", "impure", "uuid", "nlink", "metacopy", "upper"):
         try:
             v = os.getxattr(full, prefix + name, follow_symlinks=False)
         except OSError:
             continue
-        if name == "origin":
+        if name in ("origin", "upper"):
             out[name] = _fh_shape(v)
         elif name == "uuid":
             out[name] = f"{len(v)} bytes"
@@ -164,12 +164,13 @@ def _identity_xattrs(full: str, prefix: str) -> dict:
     return out
 
 
-def snapshot_index(work: str, prefix: str = "trusted.overlay.") -> list:
+def snapshot_index(work: str, prefix: str = "trusted.overlay.", nlink_xattr: bool = True) -> list:
     """The index dir of an index=on mount, as far as two copies of the
     layers can agree: each entry's type, nlink, size, content, its
-    ``<prefix>nlink`` and its origin's shape; not the names (file handles
-    of other inodes) nor the temporary ``#...`` entries (the kernel's
-    shared whiteout lives there)."""
+    ``<prefix>nlink`` and its origin's shape (a dir's: its ``upper``'s,
+    with nfs_export=on); not the names (file handles of other inodes), the
+    temporary ``#...`` entries (the kernel's shared whiteout lives there),
+    nor the nlink of whiteouts (the kernel's share one inode)."""
     d = os.path.join(work, "index")
     out = []
     if not os.path.isdir(d):
@@ -180,13 +181,15 @@ def snapshot_index(work: str, prefix: str = "trusted.overlay.") -> list:
         full = os.path.join(d, name)
         st = os.lstat(full)
         ident = _identity_xattrs(full, prefix)
-        out.append((stat.filemode(st.st_mode)[0], st.st_nlink, st.st_size,
+        whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        out.append((stat.filemode(st.st_mode)[0], 1 if whiteout else st.st_nlink, st.st_size,
                     _hash_file(full) if stat.S_ISREG(st.st_mode) else "",
-                    ident.get("nlink", b"").decode(), ident.get("origin", "")))
+                    ident.get("nlink", b"").decode() if nlink_xattr else "",
+                    ident.get("origin", ident.get("upper", ""))))
     return sorted(out)
 
 
-def snapshot_upper(upper: str, prefix: str = "trusted.overlay.") -> Snapshot:
+def snapshot_upper(upper: str, prefix: str = "trusted.overlay.", nlink_xattr: bool = True) -> Snapshot:
     keep_names = {prefix + "opaque", prefix + "redirect"}
 
     def keep(n):
@@ -210,6 +213,8 @@ def snapshot_upper(upper: str, prefix: str = "trusted.overlay.") -> Snapshot:
         if rec["type"] == "d":
             rec.pop("nlink", None)
         ident = _identity_xattrs(full, prefix)
+        if not nlink_xattr:
+            ident.pop("nlink", None)
         if ident:
             rec["identity"] = ident
         entries[rel] = rec

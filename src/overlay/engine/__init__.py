@@ -73,6 +73,9 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                 squash_to_root=config.squash_to_root,
             )
             fs.want_writeback = config.writeback
+            # nfs_export=on: the kernel's file handles (node ids) of our
+            # objects are decoded even once it has forgotten them
+            fs.want_export = core.nfs_export
             # passthrough needs CAP_SYS_ADMIN (BACKING_OPEN) and excludes
             # the writeback cache
             fs.want_passthrough = (config.passthrough and not config.writeback

@@ -7,6 +7,10 @@ handler takes the request as the wire gives it and calls into the core."""
 cdef int op_lookup(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
     cdef fuse_entry_out e
     name = _cstr(arg, n)
+    if name == b"." or name == b"..":
+        # the kernel decodes a file handle (export support): "." in a
+        # node id it may have forgotten, ".." the parent of a dir
+        return op_lookup_handle(self, fd, h, name == b"..")
     with self.lock:
         try:
             node = self.core.lookup(self._node(h.nodeid), name)
@@ -20,6 +24,48 @@ cdef int op_lookup(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t 
             self.reply(fd, h.unique, &e, sizeof(e))
             return 0
         self._reply_entry(fd, h.unique, node)
+    return 0
+
+
+cdef int op_lookup_handle(OverlayFS self, int fd, fuse_in_header *h, bint parent) except -1:
+    """LOOKUP of "." or ".." (FUSE_EXPORT_SUPPORT): the node of a node id
+    the kernel got from a file handle, found again from the core handle
+    kept when the kernel forgot it (ESTALE where the object is gone), or
+    the parent of a dir."""
+    cdef Node node
+    with self.lock:
+        found = self.inodes.get(h.nodeid)
+        if parent:
+            if found is None:
+                self.reply_err(fd, h.unique, E.ESTALE)
+                return 0
+            node = <Node>found
+            if node.parent is not None:
+                node = <Node>node.parent
+            self._reply_entry(fd, h.unique, node)
+            return 0
+        if found is not None:
+            node = <Node>found
+            if node.fuse_id != h.nodeid:
+                self._reply_old_id(fd, h.unique, node, h.nodeid)
+            else:
+                self._reply_entry(fd, h.unique, node)
+            return 0
+        handle = self.forgotten.get(h.nodeid)
+        if handle is None:
+            self.reply_err(fd, h.unique, E.ESTALE)
+            return 0
+        node = self.core.decode_handle(handle)      # OSError: ESTALE (removed)
+        if node.fuse_id == 0 or node.fuse_id == h.nodeid:
+            node.fuse_id = h.nodeid
+            self._reply_entry(fd, h.unique, node)
+        elif self.inodes.contains(node.fuse_id):
+            # known under another id meanwhile: that id's inode and this one
+            # stand for the same object
+            self._reply_old_id(fd, h.unique, node, h.nodeid)
+        else:
+            node.fuse_id = h.nodeid
+            self._reply_entry(fd, h.unique, node)
     return 0
 
 
@@ -167,6 +213,14 @@ cdef int op_rename(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t 
     with self.lock:
         try:
             self.core.rename(self._node(h.nodeid), oldname, self._node(newdir), newname, flags)
+        except OSError:
+            # a rename refused by the upper filesystem (ENOTEMPTY...) may
+            # have changed its dirs' times (ext4 makes the whiteout first):
+            # the kernel keeps the attributes it has unless told
+            for nid in (h.nodeid, newdir):
+                if self.inodes.contains(nid):
+                    self.notify_inval_inode(nid, -1, 0, True)
+            raise
         finally:
             self._renumbered()
     self.reply_err(fd, h.unique, 0)

@@ -117,6 +117,7 @@ cdef class OverlayFS(Session):
     cdef bint squash
     cdef uint64_t counts[FUSE_OPCODE_MAX]
     cdef dict backings            # node id -> _Backing
+    cdef dict forgotten           # nfs_export: node id <-> core handle of nodes forgotten
     cdef public bint passthrough_broken   # BACKING_OPEN refused: serve data ourselves
 
     def __init__(self, core, *, double entry_timeout=300.0, double attr_timeout=300.0,
@@ -143,16 +144,48 @@ cdef class OverlayFS(Session):
         self.squash = squash_to_root
         memset(self.counts, 0, sizeof(self.counts))
         self.backings = {}
+        self.forgotten = {}
 
     # ------------------------------------------------------------ tables
 
     cdef uint64_t _key(self, Node node):
         cdef uint64_t fid = node.fuse_id
         if not fid:
-            fid = self.next_id
-            self.next_id += 1
+            if self.forgotten:
+                fid = self._known_id(node)
+            if not fid:
+                fid = self.next_id
+                self.next_id += 1
             node.fuse_id = fid
         return fid
+
+    cdef uint64_t _known_id(self, Node node):
+        """nfs_export: the node id node's object had before the kernel
+        forgot it (its file handles name that id), or 0."""
+        try:
+            h = self.core.encode_handle(node)
+        except OSError:
+            return 0
+        fid = self.forgotten.pop(h, 0)
+        if fid:
+            self.forgotten.pop(fid, None)
+        return fid
+
+    cdef _remember_forgotten(self, uint64_t nodeid, Node node):
+        """nfs_export: the kernel forgot nodeid; keep what finds its object
+        again (a core file handle), for the LOOKUP of "." in that id that
+        decodes a file handle of it (op_lookup)."""
+        try:
+            h = self.core.encode_handle(node)
+        except OSError as e:
+            log.debug("no handle kept for forgotten node %d: %s", nodeid, e)
+            return
+        self.forgotten[nodeid] = h
+        if nodeid == node.fuse_id:
+            # (a later node of the object takes this id again; another id
+            # with the same handle, e.g. a lower hard link's other name
+            # without index, still decodes: to an alias, see op_lookup)
+            self.forgotten[h] = nodeid
 
     cdef Node _node(self, uint64_t nodeid):
         node = self.inodes.get(nodeid)
@@ -168,6 +201,10 @@ cdef class OverlayFS(Session):
         if not self.inodes.contains(key):
             self.inodes.put(key, node)
             self.core.remember(node)
+            if self.forgotten:
+                h = self.forgotten.pop(key, None)     # known again under its id
+                if h is not None:
+                    self.forgotten.pop(h, None)
         node.kernel_refs += count
         return key
 
@@ -191,6 +228,8 @@ cdef class OverlayFS(Session):
             return
         self.inodes.pop(nodeid)
         self.listings.pop(nodeid, None)
+        if self.want_export:
+            self._remember_forgotten(nodeid, <Node>node)
         if node.fuse_id != nodeid and self.inodes.contains(node.fuse_id):
             return      # the node lives on under its newer id
         self.core.forget(node)
@@ -206,6 +245,7 @@ cdef class OverlayFS(Session):
                 "inodes_known": len(self.inodes), "open_files": len(self.handles),
                 "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,
                 "backing_files": len(self.backings),
+                "handles_kept": sum(1 for k in self.forgotten if type(k) is int),
                 "workers": self.nworkers}
 
     # ------------------------------------------------------------ attributes
@@ -275,6 +315,23 @@ cdef class OverlayFS(Session):
         key = self._ref(node, 1)
         if self.reply(fd, unique, &e, sizeof(e)) == -E.ENOENT:
             self._forget(key, 1)
+        return 0
+
+    cdef int _reply_old_id(self, int fd, uint64_t unique, Node node, uint64_t nodeid) except -1:
+        """An entry for node under nodeid, an id it is not known by now (a
+        file handle the kernel made before it forgot that id): counted
+        apart, as the ids a node had before a new one (see _forget)."""
+        cdef fuse_entry_out e
+        cdef Stat st = node.st
+        node.st = None
+        self._fill_entry(&e, node, st)
+        e.nodeid = nodeid
+        if not self.inodes.contains(nodeid):
+            self.inodes.put(nodeid, node)
+        self.old_refs[nodeid] = self.old_refs.get(nodeid, 0) + 1
+        self.forgotten.pop(nodeid, None)
+        if self.reply(fd, unique, &e, sizeof(e)) == -E.ENOENT:
+            self._forget(nodeid, 1)
         return 0
 
     cdef int _reply_attr(self, int fd, uint64_t unique, Node node, Stat st=None) except -1:

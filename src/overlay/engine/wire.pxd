@@ -28,6 +28,7 @@ cdef class Session:
     cdef readonly bint setxattr_ext     # fuse_setxattr_in is the 16-byte form
     cdef public bint want_passthrough
     cdef public bint want_writeback
+    cdef public bint want_export        # FUSE_EXPORT_SUPPORT: LOOKUP of "." and ".."
     cdef public int stack_depth         # max_stack_depth for passthrough (1 or 2)
     cdef public bint debug
     cdef readonly bint stopping
