@@ -1252,3 +1252,91 @@ def test_metacopy_chain_through_pushed_down_layers(mkstack):
     with pytest.raises(OSError) as e:
         ov2.lookup(ov2.root, b"top")
     assert e.value.errno == errno.EPERM
+
+
+def test_nfs_export_handles_decoded_after_forget(mkstack):
+    """nfs_export: a handle of each kind of object (lower file, lower dir,
+    merged dir, upper-only file, the root) finds the object again once its
+    Node is forgotten: through a copy-up, a rename of its dir (redirect and
+    index entry) and a rename of the file; ESTALE once it is removed (the
+    index holds a whiteout for it)."""
+    s = mkstack(1)
+    mkfile(s.L(0, "d/f"), b"lower file\n")
+    mkfile(s.L(0, "d/g"), b"other\n")
+    mkdirp(s.L(0, "d/sub"))
+    mkfile(s.L(0, "top"), b"top\n")
+    ov = s.overlay(nfs_export=True, index=True)
+    assert (ov.nfs_export, ov.index_all) == (True, True)
+    r = ov.root
+    d = ov.lookup(r, b"d")
+    f = ov.lookup(d, b"f")
+    sub = ov.lookup(d, b"sub")
+    up = ov.create(r, b"new", os.O_WRONLY, 0o644, 0, 0)
+    os.close(up[0])
+    handles = {name: ov.encode_handle(n) for name, n in
+               (("root", r), ("d", d), ("f", f), ("sub", sub), ("new", up[1]))}
+    assert handles["new"][3] & 4            # an upper handle (PATH_UPPER)
+    assert not handles["f"][3] & 4          # a lower one
+    for n in (f, sub, up[1]):
+        ov.forget(n)
+    assert ov.decode_handle(handles["root"]) is r
+    n = ov.decode_handle(handles["f"])
+    assert _read(ov, n) == b"lower file\n"
+    assert ov.decode_handle(handles["sub"]).name == b"sub"
+    # a copy-up (indexed), then the dir renamed (redirect + index entry)
+    fd, n = ov.open(ov.lookup(d, b"f"), os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"more\n")
+    os.close(fd)
+    ov.rename(r, b"d", r, b"dd")
+    ov.rename(ov.lookup(r, b"dd"), b"f", r, b"moved")
+    for n in list(ov.nodes.values()):
+        if n is not r:
+            ov.forget(n)
+    n = ov.decode_handle(handles["f"])
+    assert _read(ov, n) == b"lower file\nmore\n"
+    n = ov.decode_handle(handles["sub"])
+    assert (n.name, n.parent.name) == (b"sub", b"dd")
+    assert ov.decode_handle(handles["d"]).name == b"dd"
+    n = ov.decode_handle(handles["new"])     # (a non-dir may come back without a name)
+    assert _read(ov, n) == b"" and n.upper >= 0
+    # removed: ESTALE (a whiteout in the index for the lower-origin ones)
+    g = ov.lookup(ov.lookup(r, b"dd"), b"g")
+    handles["g"] = ov.encode_handle(g)
+    ov.setattr(g, mode=0o600)               # copied up (indexed), then removed
+    ov.unlink(ov.lookup(r, b"dd"), b"g")
+    ov.unlink(r, b"new")
+    ov.rmdir(ov.lookup(r, b"dd"), b"sub")
+    for n in list(ov.nodes.values()):
+        if n is not r:
+            ov.forget(n)
+    for name in ("g", "new", "sub"):
+        with pytest.raises(OSError) as e:
+            ov.decode_handle(handles[name])
+        assert e.value.errno == errno.ESTALE, name
+    index = os.path.join(s.work, "index")
+    kinds = sorted("w" if S.S_ISCHR(os.lstat(os.path.join(index, e)).st_mode) else
+                   "d" if S.S_ISDIR(os.lstat(os.path.join(index, e)).st_mode) else "f"
+                   for e in os.listdir(index))
+    assert kinds == ["d", "f", "w", "w"]    # dd's entry, f's copy; g's and sub's whiteouts
+
+
+def test_nfs_export_write_through_disconnected_handle(mkstack):
+    """A lower file decoded from its handle with no name known (no parent)
+    and opened for writing is copied up into the index only, as the
+    kernel's disconnected copy-up; a lookup of its name finds that copy."""
+    s = mkstack(1)
+    mkfile(s.L(0, "a/f"), b"hello\n")
+    ov = s.overlay(nfs_export=True, index=True)
+    h = ov.encode_handle(ov.lookup(ov.lookup(ov.root, b"a"), b"f"))
+    for n in list(ov.nodes.values()):
+        ov.forget(n)
+    n = ov.decode_handle(h)
+    assert n.parent is None
+    fd, n2 = ov.open(n, os.O_WRONLY)
+    os.pwrite(fd, b"J", 0)
+    os.close(fd)
+    assert not os.path.exists(s.U("a/f"))
+    assert n2.upper >= 0
+    again = ov.lookup(ov.lookup(ov.root, b"a"), b"f")
+    assert again is n2 and again.parent is not None
+    assert _read(ov, again) == b"Jello\n"

@@ -68,8 +68,9 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
     """mode: "rw" (trusted.overlay.*, kernel redirect_dir=on), "userxattr"
     (user.overlay.*, both sides -o userxattr), "ro" (no upper), "xino"
     (rw with the top lower layer on a tmpfs, xino=on on both sides),
-    "index", "metacopy" or "metacopy-index" (rw with those options on both
-    sides)."""
+    "index", "metacopy", "metacopy-index" or "nfs_export" (rw with those
+    options on both sides), or features joined by "+" (index, metacopy,
+    xino, nfs_export, data-only: "index+xino"...)."""
     rng = random.Random(seed)
     if mode == "ro" and nlowers is None:
         nlowers = rng.randrange(2, 5)  # the kernel needs 2+ lowers without upper
@@ -101,6 +102,15 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
     elif mode == "metacopy-index":
         kernel_opts = ("redirect_dir=on", "metacopy=on", "index=on")
         ours_opts = ("metacopy=on", "index=on")
+    elif "+" in mode:
+        feats = mode.split("+")
+        if "data-only" in feats:
+            stack = L.to_data_only(stack, rng)
+            feats.append("metacopy")
+        if "xino" in feats:
+            _top_layer_on_tmpfs(tmp, tracker)
+        ours_opts = tuple(f"{f}=on" for f in ("index", "metacopy", "xino", "nfs_export") if f in feats)
+        kernel_opts = ("redirect_dir=on",) + ours_opts
     env = f"DIFF_TOLERATE={','.join(sorted(tolerate.TOLERATE)) or 'none'} "
     if mountutil.ours_is_kernel():
         env += "DIFF_IMPL=kernel "
@@ -108,20 +118,20 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
             "xino": "test_random_xino", "index": "test_random_index",
             "metacopy": "test_random_metacopy", "metacopy-index": "test_random_metacopy_index",
             "data-only": "test_random_data_only", "data-only-ro": "test_random_data_only",
-            "nfs_export": "test_random_nfs_export"}[mode]
+            "nfs_export": "test_random_nfs_export"}.get(mode, "test_random_combined")
     label = label or (f"{mode} seed={seed} nops={nops}; rerun: {env}DIFF_SEEDS={seed} DIFF_OPS={nops} "
                       f"DIFF_CHECK_EVERY={CHECK_EVERY} python -m pytest tests/test_diff_random.py -k {test}")
     pair = DiffPair(tmp, stack, tracker, label=label, kernel_opts=kernel_opts, ours_opts=ours_opts)
     pair.mount()
     weights = None
-    if mode == "nfs_export" and mountutil.engine() != "pyfuse3":
+    if "nfs_export" in mode and mountutil.engine() != "pyfuse3":
         # (pyfuse3 has no export support: its handles die with the inodes)
         weights = dict(O.OP_WEIGHTS, **O.HANDLE_OP_WEIGHTS)
-    if mode == "xino":
+    if "xino" in mode:
         # copy_file_range between files on two filesystems: EXDEV on the
         # kernel, done on ours (the kernel's FUSE client falls back to a
         # copy through splice on EXDEV: a documented difference)
-        weights = {k: w for k, w in O.OP_WEIGHTS.items() if k != "copy_range"}
+        weights = {k: w for k, w in (weights or O.OP_WEIGHTS).items() if k != "copy_range"}
     gen = O.OpGenerator(rng, extra_names=L.all_names(stack), resolve_root=pair.mp_k, weights=weights,
                         safe_setxattr=tolerate.on("no-failing-setxattr"),
                         extended=mountutil.engine() != "pyfuse3")
@@ -134,7 +144,7 @@ def run_seed(seed, tmp, tracker, nops=NOPS, nlowers=None, label=None, mode="rw")
             tree = O.list_tree(pair.mp_k)
         if CHECK_EVERY and (i + 1) % CHECK_EVERY == 0 and i + 1 < nops:
             pair.check_trees(f"after op #{i}")
-    if mode == "xino":
+    if "xino" in mode:
         _check_xino_bits(pair)
     pair.finish()
     return pair
@@ -208,6 +218,23 @@ def test_random_nfs_export(seed, difftmp, mounts):
     the index dirs compared after unmount, and each upper mounted by the
     other side with nfs_export=on."""
     run_seed(seed, difftmp, mounts, mode="nfs_export")
+
+
+# the other option sets the kernel allows among index, metacopy, xino,
+# nfs_export and data-only layers (each seed takes one in turn)
+COMBINED = ("index+xino", "metacopy+xino", "metacopy+index+xino", "nfs_export+xino",
+            "data-only+index", "data-only+xino")
+COMBINED_SEEDS = SEEDS[: int(os.environ.get("DIFF_COMBINED_SEEDS", "24"))]
+
+
+@pytest.mark.parametrize("seed", COMBINED_SEEDS,
+                         ids=[f"seed{s}-{COMBINED[s % len(COMBINED)]}" for s in COMBINED_SEEDS])
+def test_random_combined(seed, difftmp, mounts):
+    """The option sets not run above, one per seed in turn (COMBINED),
+    xino ones with the top lower layer on a tmpfs."""
+    mode = COMBINED[seed % len(COMBINED)]
+    nlowers = random.Random(seed).randrange(1, 3) if "xino" in mode else None
+    run_seed(seed, difftmp, mounts, nlowers=nlowers, mode=mode)
 
 
 METACOPY_SEEDS = SEEDS[: int(os.environ.get("DIFF_METACOPY_SEEDS", "40"))]
