@@ -8,6 +8,7 @@ engine. Importing this module loads neither engine nor the core.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -20,18 +21,51 @@ log = logging.getLogger(__name__)
 READAHEAD_KIB = 1024
 
 
+def trusted_xattrs_work(workdir: str) -> bool:
+    """Can this process set trusted.* xattrs on the upper layer's
+    filesystem (CAP_SYS_ADMIN in the initial user namespace)?"""
+    probe = os.path.join(workdir, ".overlay-xattr-probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        fd = os.open(probe, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return True         # (the core reports what is wrong with the work dir)
+    try:
+        os.setxattr(fd, "trusted.overlay.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def build_core(config):
-    """The Overlay core for a MountConfig."""
+    """The Overlay core for a MountConfig. Without the privilege to write
+    trusted.* xattrs (rootless containers: a user namespace, or a plain
+    user through fusermount3) the overlay's own xattrs are user.overlay.*,
+    as the kernel's userxattr, with its rules."""
     from overlay_core import Overlay  # noqa: PLC0415 - the compiled core
 
+    userxattr, redirect_dir, redirect_follow = config.userxattr, config.redirect_dir, config.redirect_follow
+    if not userxattr and config.upper is not None and not trusted_xattrs_work(config.work):
+        if config.metacopy or config.index or config.nfs_export:
+            raise OSError(errno.EPERM, "metacopy, index and nfs_export need trusted.* xattrs,"
+                          " which this process may not write (not privileged)")
+        log.warning("trusted.* xattrs cannot be written here (not privileged): the overlay's own"
+                    " xattrs are user.overlay.* (opaque, origin, impure...), as the kernel's"
+                    " userxattr; renaming a lower dir gives EXDEV")
+        userxattr, redirect_dir, redirect_follow = True, False, False
     return Overlay(
         config.lowers,
         config.upper,
         config.work,
-        userxattr=config.userxattr,
-        redirect_dir=config.redirect_dir,
-        redirect_follow=config.redirect_follow,
-        no_sync=config.volatile,
+        userxattr=userxattr,
+        redirect_dir=redirect_dir,
+        redirect_follow=redirect_follow,
+        no_sync=config.volatile or config.no_fsync,
+        volatile_marker=config.volatile,
         oci_whiteouts=config.oci_whiteouts,
         uuid=config.uuid,
         xino=config.xino,
@@ -40,6 +74,7 @@ def build_core(config):
         datadirs=config.datadirs,
         verity=config.verity,
         nfs_export=config.nfs_export,
+        xattr_permissions=config.xattr_permissions,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

@@ -12,6 +12,8 @@ Syntax notes:
   are ignored;
 * a backslash escapes the next character, so ``\\,`` is a comma inside a
   value and ``\\:`` is a colon inside one ``lowerdir`` entry;
+* a double-quoted part of an option keeps its commas (``context="a:b,c"``,
+  as containers/storage passes SELinux labels);
 * ``lowerdir`` lists the layers top first: ``lowerdir=A:B`` -> ``[A, B]``;
 * relative paths are resolved against the ``cwd`` given to
   :func:`parse_options`; stored paths are absolute and canonical
@@ -90,6 +92,16 @@ class MountConfig:
         "datadirs": [],  # data-only lower layers (lowerdir=A::B), absolute paths
         "verity": "off",  # the kernel's verity=: on, require or off (fs-verity digests of metacopy data)
         "nfs_export": False,  # the kernel's nfs_export=on: every copy-up indexed, file handles decoded
+        # fuse-overlayfs's options (containers pass them: see README, Podman)
+        "context": None,  # SELinux label for the mount (context="..."), or None
+        "squash_to_uid": None,  # show every object as owned by this uid
+        "squash_to_gid": None,  # ... and this gid
+        "xattr_permissions": 0,  # 1/2: owner and mode kept in an xattr (security./user.)
+        "static_nlink": False,  # dirs show nlink 1
+        "noacl": False,  # no POSIX ACLs
+        "noxattrs": False,  # xattr calls fail with EOPNOTSUPP
+        "ino32": False,  # ino32_t: st_ino folded to 32 bits
+        "no_fsync": False,  # fsync=0: fsync does not reach the upper layer (no volatile marker)
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -173,12 +185,32 @@ _GENERIC_PREFIXES = ("x-", "comment=")
 
 _FLAG_OPTIONS = frozenset(
     {"userxattr", "volatile", "allow_other", "default_permissions", "debug", "ro", "writeback",
-     "oci_whiteouts", "squash_to_root"}
+     "oci_whiteouts", "squash_to_root", "static_nlink", "noacl", "ino32_t"}
+)
+# FUSE's generic options (libfuse's and the kernel's), as fuse-overlayfs users
+# and mount.fuse3 pass them: accepted, and what they would tune is already
+# set (allow_root: see the README)
+FUSE_GENERIC_FLAGS = frozenset(
+    {"allow_root", "auto_unmount", "kernel_cache", "auto_cache", "noauto_cache", "direct_io",
+     "nonempty", "hard_remove", "use_ino", "readdir_ino", "big_writes", "no_remote_lock",
+     "no_remote_posix_lock", "no_remote_flock", "splice_read", "splice_write", "splice_move",
+     "no_splice_read", "no_splice_write", "no_splice_move", "clone_fd", "blkdev",
+     "intr", "nointr", "async_read", "sync_read", "atomic_o_trunc", "writeback_cache",
+     "no_writeback_cache", "noforget", "fast_ino"}
+)
+FUSE_GENERIC_VALUES = frozenset(
+    {"max_read", "max_write", "max_readahead", "max_background", "congestion_threshold",
+     "blksize", "subtype", "user_id", "group_id", "rootmode", "max_idle_threads", "max_threads",
+     "umask", "uid", "gid", "negative_timeout", "ac_attr_timeout", "modules", "intr_signal",
+     "fd", "remember", "fast_ino"}
 )
 _VALUE_OPTIONS = frozenset(
     {"lowerdir", "upperdir", "workdir", "redirect_dir", "index", "metacopy", "xino", "fsname",
      "timeout", "entry_timeout", "attr_timeout", "workers", "uidmapping", "gidmapping",
-     "engine", "passthrough", "uuid", "nfs_export", "verity"}
+     "engine", "passthrough", "uuid", "nfs_export", "verity",
+     # fuse-overlayfs's
+     "context", "squash_to_uid", "squash_to_gid", "xattr_permissions", "threaded", "fsync",
+     "writeback", "noxattrs", "plugins"}
 )
 # The kernel's on/off features and the values it takes; _NOT_YET are the
 # ones we do not have yet (refused with a line saying so, after the
@@ -239,8 +271,38 @@ def _unescape(text: str) -> str:
 
 
 def split_options(optstring: str) -> list[str]:
-    """Split an option string on unescaped commas, dropping empty options."""
+    """Split an option string on unescaped commas outside double quotes,
+    dropping empty options."""
+    if '"' in optstring:
+        return [opt for opt in _split_quoted(optstring) if opt.strip()]
     return [opt for opt in _split_unescaped(optstring, ",") if opt.strip()]
+
+
+def _split_quoted(text: str) -> list[str]:
+    """_split_unescaped on commas, where a comma between double quotes
+    does not split (the quotes are kept)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            cur.append(text[i : i + 2])
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    if quoted:
+        raise OptionError("unbalanced double quote in the mount options")
+    parts.append("".join(cur))
+    return parts
 
 
 def split_lowerdir(value: str) -> list[str]:
@@ -350,6 +412,14 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         if opt in GENERIC_OPTIONS or opt.startswith(_GENERIC_PREFIXES):
             ignored.append(opt)
             continue
+        if (name in FUSE_GENERIC_FLAGS and not has_value) or (name in FUSE_GENERIC_VALUES and has_value):
+            ignored.append(opt)
+            continue
+        if name == "writeback" and has_value:
+            if value not in ("0", "1"):
+                raise OptionError(f"bad value '{value}' for writeback (expected 0 or 1)")
+            flags["writeback"] = value == "1"
+            continue
         if name in _FLAG_OPTIONS:
             if has_value:
                 raise OptionError(f"mount option '{name}' takes no value")
@@ -394,13 +464,41 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 seconds = float(value)
             except ValueError:
                 seconds = -1.0
-            if not 0 <= seconds < 1e9:
+            if not 0 <= seconds <= 1e10:
                 raise OptionError(f"bad value '{value}' for {name} (expected seconds >= 0)")
+            # (fuse-overlayfs's default is 1e9 s; the kernel's timers take less)
+            seconds = min(seconds, 1e8)
             if name == "timeout":
                 timeouts.setdefault("entry_timeout", seconds)
                 timeouts.setdefault("attr_timeout", seconds)
             else:
                 timeouts[name] = seconds
+        elif name == "context":
+            extra["context"] = value
+        elif name in ("squash_to_uid", "squash_to_gid"):
+            if not value.isdigit() or int(value) > 0xFFFFFFFE:
+                raise OptionError(f"bad value '{value}' for {name} (expected an id)")
+            extra[name] = int(value)
+        elif name == "xattr_permissions":
+            if value not in ("0", "1", "2"):
+                raise OptionError(f"bad value '{value}' for xattr_permissions (expected 0, 1 or 2)")
+            extra["xattr_permissions"] = int(value)
+        elif name in ("threaded", "noxattrs", "fsync"):
+            if value not in ("0", "1"):
+                raise OptionError(f"bad value '{value}' for {name} (expected 0 or 1)")
+            if name == "threaded":
+                # fuse-overlayfs's single-threaded mode: one request at a time
+                if value == "0":
+                    extra.setdefault("workers", 1)
+            elif name == "noxattrs":
+                extra["noxattrs"] = value == "1"
+            else:
+                extra["no_fsync"] = value == "0"
+        elif name == "plugins":
+            if value:
+                raise OptionError("plugins= is not supported: fuse-overlayfs's layer plugins"
+                                  " have no equivalent here (use regular layer dirs)")
+            ignored.append(opt)
         elif name == "uuid":
             if value not in ("on", "off", "null", "auto"):
                 raise OptionError(f"bad value '{value}' for uuid (expected on, off, null or auto)")
@@ -498,6 +596,15 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     if extra.get("nfs_export") and upper is not None and features.get("index") != "off":
         extra["index"] = True       # as the kernel: nfs_export=on needs the index
 
+    if extra.get("engine") == "pyfuse3":
+        for name, given in (("squash_to_uid", "squash_to_uid" in extra),
+                            ("squash_to_gid", "squash_to_gid" in extra),
+                            ("static_nlink", flags.get("static_nlink")), ("noacl", flags.get("noacl")),
+                            ("ino32_t", flags.get("ino32_t")), ("noxattrs", extra.get("noxattrs"))):
+            if given:
+                raise OptionError(f"{name} needs the native engine (not engine=pyfuse3)")
+    if extra.get("xattr_permissions") and upper is None:
+        extra["xattr_permissions"] = 0      # (as fuse-overlayfs: only an upper layer is written)
     if extra.get("engine", "native") == "native" and extra.get("workers", 1) > 64:
         raise OptionError(f"bad value '{extra['workers']}' for workers (expected 1 to 64 with engine=native)")
 
@@ -514,6 +621,9 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         writeback=flags.get("writeback", False),
         oci_whiteouts=flags.get("oci_whiteouts", False),
         squash_to_root=flags.get("squash_to_root", False),
+        static_nlink=flags.get("static_nlink", False),
+        noacl=flags.get("noacl", False),
+        ino32=flags.get("ino32_t", False),
         **idmaps,
         fsname=fsname,
         **timeouts,

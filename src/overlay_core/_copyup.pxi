@@ -19,6 +19,8 @@ cdef class _Copier(_Lister):
             b = os.fsencode(nm)
             if b.startswith(self.prefix) and not b.startswith(self.prefix + b"overlay."):
                 continue        # private; escaped user xattrs are copied
+            if self._ovr_any and b in OVR_NAMES:
+                continue        # owners kept in xattrs: written anew below
             try:
                 v = os.getxattr(_proc(src_fd), b)
             except OSError as e:
@@ -205,9 +207,18 @@ cdef class _Copier(_Lister):
                     ino_kept = True
                 if mc:
                     os.setxattr(_proc(tfd), self.x_metacopy, mcval)
-                os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
-                if fmt != S.S_IFLNK:
-                    os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
+                if self._ovr_upper is not None:
+                    # the owner and mode shown (the lower's xattr, or its
+                    # own) go in the upper's xattr; the daemon keeps the file
+                    ov = override_of(self, n) or (st.st_uid, st.st_gid, S.S_IMODE(st.st_mode))
+                    if fmt != S.S_IFLNK:
+                        os.chmod(_proc(tfd), override_disk_mode(fmt | ov[2]))
+                    if not override_write(self, _proc(tfd), ov[0], ov[1], fmt | ov[2], True):
+                        _chown_or_not(t, wd, st.st_uid, st.st_gid)
+                else:
+                    os.chown(t, st.st_uid, st.st_gid, dir_fd=wd, follow_symlinks=False)
+                    if fmt != S.S_IFLNK:
+                        os.chmod(_proc(tfd), S.S_IMODE(st.st_mode))
                 sys_utimens(tpath, st.st_atime_ns, st.st_mtime_ns, True)
                 if p is not None:
                     set_impure(self, p)     # as the kernel, before the copy lands

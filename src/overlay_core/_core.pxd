@@ -139,9 +139,14 @@ cdef class _Stack:
     cdef readonly bint nfs_export      # nfs_export=on (after the kernel's fallbacks)
     cdef readonly bint index_all       # nfs_export with index: every copy-up indexed
     cdef bytes _upper_uuid             # uuid in handles of upper objects (index upper xattrs)
+    cdef list _ovr_lower               # per lower layer: its override_stat xattr name, or None
+    cdef readonly object _ovr_upper    # the upper's override_stat xattr name (read), or None
+    cdef list _ovr_write               # the names written in the upper ([] none)
+    cdef bint _ovr_any                 # some layer keeps owners and modes in xattrs
     cdef readonly bint userxattr
     cdef readonly bint oci             # lower layers use OCI .wh. whiteouts
     cdef readonly bint no_sync
+    cdef bint _volatile_marker         # work/incompat/volatile written at mount
     cdef readonly Node root
     cdef readonly unsigned int ovi     # this Overlay's number, kept by its Nodes (Node.ov)
     cdef object __weakref__            # Node.ov finds the Overlay through a weak reference

@@ -12,7 +12,7 @@ cdef class Overlay(_Copier):
     # ------------------------------------------------------------ create
 
     cdef object _parent_owner(self, Node parent, int uid, int gid):
-        pst = os.stat(parent.fd)
+        pst = self.getattr(parent) if self._ovr_any else os.stat(parent.fd)
         if pst.st_mode & S.S_ISGID:
             return uid, pst.st_gid, True
         return uid, gid, False
@@ -68,7 +68,14 @@ cdef class Overlay(_Copier):
         else:
             os.mknod(dname, kind | (mode & 0o7777), rdev, dir_fd=dfd)
         try:
-            if link_src is None:
+            if link_src is None and self._ovr_upper is not None:
+                # owner and mode in the xattr; the daemon keeps the object
+                dpath = b"/proc/self/fd/%d/%s" % (dfd, dname)
+                if kind != S.S_IFLNK:
+                    os.chmod(dpath, override_disk_mode(kind | (mode & 0o7777)))
+                if not override_write(self, dpath, uid, gid, kind | (mode & 0o7777), False):
+                    _chown_or_not(dname, dfd, uid, gid)
+            elif link_src is None:
                 os.chown(dname, uid, gid, dir_fd=dfd, follow_symlinks=False)
                 if kind != S.S_IFLNK:
                     # chown may clear set-id bits: apply the mode after it
@@ -173,6 +180,15 @@ cdef class Overlay(_Copier):
                 os.ftruncate(fh, size)
             else:
                 os.truncate(path, size)
+        if self._ovr_upper is not None and (uid is not None or gid is not None or mode is not None):
+            st = self.getattr(n)        # the owner and mode shown
+            new_mode = S.S_IMODE(st.st_mode) if mode is None else S.S_IMODE(mode)
+            if override_write(self, path, st.st_uid if uid is None else uid,
+                              st.st_gid if gid is None else gid, S.S_IFMT(st.st_mode) | new_mode,
+                              True):
+                if not S.S_ISLNK(st.st_mode):
+                    os.chmod(path, override_disk_mode(S.S_IFMT(st.st_mode) | new_mode))
+                uid = gid = mode = None     # done: the xattr holds them
         if uid is not None or gid is not None:
             os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
@@ -206,17 +222,21 @@ cdef class Overlay(_Copier):
         return stored
 
     def getxattr(self, Node n, bytes name):
+        if self._ovr_any and name in OVR_NAMES:
+            raise _err(errno.ENODATA, name)     # owners kept in xattrs: not shown
         return os.getxattr(_proc(n.fd), self._escape(name))
 
     def listxattr(self, Node n):
         out = []
         for nm in os.listxattr(_proc(n.fd)):
             shown = self._unescape(os.fsencode(nm))
-            if shown is not None:
+            if shown is not None and not (self._ovr_any and shown in OVR_NAMES):
                 out.append(shown)
         return out
 
     def setxattr(self, Node n, bytes name, bytes value, int flags=0):
+        if self._ovr_any and name in OVR_NAMES:
+            raise _err(errno.EPERM, name)
         self._need_upper()
         if n.upper < 0:
             # not for a name of an indexed file: the kernel sets it on the
@@ -226,6 +246,8 @@ cdef class Overlay(_Copier):
         return n
 
     def removexattr(self, Node n, bytes name):
+        if self._ovr_any and name in OVR_NAMES:
+            raise _err(errno.EPERM, name)
         self._need_upper()
         name = self._escape(name)
         if n.upper < 0:

@@ -414,6 +414,8 @@ cdef class _Resolver(_Stack):
                 if n.upper >= 0:
                     st = n.st
                     ust.st_dev, ust.st_ino = st.st_dev, st.st_ino
+        if self._ovr_any:
+            st = override_stat(self, n, st)
         n.st = st
         n.ov = self
         if n.upper >= 0:

@@ -15,7 +15,8 @@ cdef class _Stack:
     def __init__(self, lowers, upper=None, work=None, *, userxattr=False,
                  redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True,
                  uuid="auto", xino="off", index=False, metacopy=False, datadirs=(),
-                 verity="off", redirect_follow=True, nfs_export=False):
+                 verity="off", redirect_follow=True, nfs_export=False, volatile_marker=None,
+                 xattr_permissions=0):
         """keep_listings: keep each dir's listing until it changes through us
         (for adapters whose kernel side does not cache listings itself).
         uuid: the kernel's uuid= option (on, off, null, auto): whether
@@ -30,7 +31,9 @@ cdef class _Stack:
         redirect met at lookup is refused, EPERM).
         nfs_export: the kernel's nfs_export=on (needs index with an upper
         layer): every copy-up is indexed, file handles of the mount's
-        objects are encoded and decoded (_export.pxi)."""
+        objects are encoded and decoded (_export.pxi).
+        xattr_permissions: fuse-overlayfs's 1 or 2: owners and modes of the
+        upper layer kept in an xattr (_override.pxi)."""
         if uuid not in ("on", "off", "null", "auto"):
             raise ValueError(f"bad uuid mode {uuid!r}")
         self.uuid_mode = uuid
@@ -73,6 +76,8 @@ cdef class _Stack:
         self.userxattr = userxattr
         self.oci = oci_whiteouts
         self.no_sync = no_sync
+        # the kernel's volatile marker (no_sync alone: fuse-overlayfs's fsync=0)
+        self._volatile_marker = no_sync if volatile_marker is None else volatile_marker
         self.nodes = {}
         self.counters = {"lookups": 0, "lookups_known": 0, "copy_ups": 0, "bytes_copied": 0,
                          "metacopy_ups": 0, "data_copy_ups": 0,
@@ -108,6 +113,7 @@ cdef class _Stack:
         setup_ino_map(self, devs, xino)
         setup_identity(self, devs)
         setup_index(self)
+        setup_override(self, xattr_permissions)
         self.ovi = _register_overlay(self)
         self.root = self._make_root()
 
@@ -133,7 +139,7 @@ cdef class _Stack:
         self.work_fd = fd
         self._check_incompat(fd)
         self._clean_dir(fd)
-        if self.no_sync:
+        if self._volatile_marker:
             self._mark_volatile(fd)
 
     def _check_incompat(self, int fd):
@@ -229,9 +235,14 @@ cdef class _Stack:
         return c_statat(dirfd, OCI_WH + name, &st) == 0
 
     cdef bint _oci_opaque(self, int dirfd) except -1:
-        """OCI layers: does the dir hold the opaque marker .wh..wh..opq?"""
+        """OCI layers: does the dir hold the opaque marker .wh..wh..opq, or
+        an opaque xattr fuse-overlayfs writes or reads without privilege
+        (user.fuseoverlayfs.opaque, user.overlay.opaque)?"""
         cdef struct_stat st
-        return c_statat(dirfd, OCI_OPQ, &st) == 0
+        if c_statat(dirfd, OCI_OPQ, &st) == 0:
+            return True
+        return (self._getx(dirfd, b"user.fuseoverlayfs.opaque") == b"y"
+                or (self.prefix != b"user.overlay." and self._getx(dirfd, b"user.overlay.opaque") == b"y"))
 
     cdef bint _lower_whiteout(self, int dirfd, bytes name, st) except -1:
         return self._lower_whiteout_c(dirfd, name, st.st_mode, st.st_rdev, st.st_size)
@@ -549,6 +560,8 @@ cdef class _Stack:
         here (getattr, lookup, listings)."""
         if n._bits & NB_METACOPY:
             st = metacopy_stat(self, n, st)
+        if self._ovr_any:
+            override_stat(self, n, st)
         if self._indexed and not n.is_dir:
             return indexed_stat(self, n, st)
         return st
@@ -561,6 +574,8 @@ cdef class _Stack:
             x.stx_blocks = data_blocks(self, n, x.stx_size, x.stx_blksize)
         if self._indexed and not n.is_dir:
             x.stx_nlink = indexed_nlink(self, n, x.stx_nlink)
+        if self._ovr_any:
+            override_statx(self, n, x)
         return x
 
     cdef object _upper_entry(self, Node parent, bytes name):

@@ -71,7 +71,13 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                 uidmap=IdMap.parse(config.uidmapping, "uidmapping") if config.uidmapping else None,
                 gidmap=IdMap.parse(config.gidmapping, "gidmapping") if config.gidmapping else None,
                 squash_to_root=config.squash_to_root,
+                squash_to_uid=config.squash_to_uid,
+                squash_to_gid=config.squash_to_gid,
+                static_nlink=config.static_nlink,
+                ino32=config.ino32,
+                noxattrs=config.noxattrs,
             )
+            fs.no_acl = config.noacl
             fs.want_writeback = config.writeback
             # nfs_export=on: the kernel's file handles (node ids) of our
             # objects are decoded even once it has forgotten them
@@ -83,8 +89,17 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
             fs.stack_depth = _stack_depth(config)
             fs.debug = config.debug
             flags = mnt.mount_flags(config.ignored, config.read_only)
+            context = None
+            if config.context:
+                # an SELinux label: the kernel takes it where SELinux runs
+                if mnt.selinux_enabled():
+                    context = config.context
+                else:
+                    log.info("context=%s: SELinux is not enabled here, no label applied",
+                             config.context)
             m = mnt.mount(mountpoint, fsname=config.fsname, subtype="overlay", flags=flags,
-                          allow_other=config.allow_other, root_mode=stat.S_IFDIR)
+                          allow_other=config.allow_other, root_mode=stat.S_IFDIR,
+                          context=context)
             state["mount"] = m
             state["fs"] = fs
             _serve(fs, m, config, mountpoint, on_ready, state)

@@ -92,7 +92,7 @@ cdef int op_readdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
                     break
                 de = <fuse_dirent*>(out + used)
                 memset(de, 0, reclen)
-            de.ino = child.ino
+            de.ino = self._shown_ino(child.ino)
             de.off = (gen << 32) | <uint64_t>(i + 1)
             de.namelen = namelen
             de.type = (st.st_mode & 0o170000) >> 12

@@ -118,6 +118,15 @@ cdef int op_setattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
             try:
                 self.core._need_upper()
                 node = self._copy_up(node, kw.get("size", 1) != 0, "size" not in kw)
+                if (self.squash or self.squash_uid >= 0 or self.squash_gid >= 0) and (
+                        "uid" in kw or "gid" in kw):
+                    # as fuse-overlayfs: with the ids squashed, a chown the
+                    # layer refuses is not an error (the ids shown stay)
+                    ids = {k: kw.pop(k) for k in ("uid", "gid") if k in kw}
+                    try:
+                        self.core.setattr(node, **ids)
+                    except OSError as exc:
+                        log.debug("chown under squash ignored: %s", exc)
                 self.core.setattr(node, **kw)
                 if valid & FATTR_KILL_SUIDGID and "mode" not in kw:
                     self._kill_suidgid(node)
@@ -237,8 +246,8 @@ cdef int op_statx(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
     with self.lock:
         node = self._node(h.nodeid)
         x = self.core.statx(node, mask | 0x7ff)       # STATX_BASIC_STATS too
-        merged = node.merged
-        o.stat.ino = node.ino
+        o.stat.nlink = self._shown_nlink(node, x.stx_nlink)
+        o.stat.ino = self._shown_ino(node.ino)
         ghost = node.ghost
     o.attr_valid = 0 if ghost else self.attr_sec
     o.attr_valid_nsec = 0 if ghost else self.attr_nsec
@@ -246,12 +255,8 @@ cdef int op_statx(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
     o.stat.blksize = x.stx_blksize
     o.stat.attributes = x.stx_attributes
     o.stat.attributes_mask = x.stx_attributes_mask
-    o.stat.nlink = 1 if merged else x.stx_nlink
-    if self.squash:
-        o.stat.uid = o.stat.gid = 0
-    else:
-        o.stat.uid = self.uidmap.shown(x.stx_uid) if self.uidmap else x.stx_uid
-        o.stat.gid = self.gidmap.shown(x.stx_gid) if self.gidmap else x.stx_gid
+    o.stat.uid = self._shown_uid(x.stx_uid)
+    o.stat.gid = self._shown_gid(x.stx_gid)
     o.stat.mode = x.stx_mode
     o.stat.size = x.stx_size
     o.stat.blocks = x.stx_blocks

@@ -115,13 +115,19 @@ cdef class OverlayFS(Session):
     cdef uint32_t entry_nsec, attr_nsec
     cdef object uidmap, gidmap
     cdef bint squash
+    cdef int64_t squash_uid, squash_gid   # squash_to_uid/gid, or -1
+    cdef bint static_nlink        # dirs show nlink 1 (fuse-overlayfs's static_nlink)
+    cdef bint ino32               # st_ino folded to 32 bits (ino32_t)
+    cdef bint noxattrs            # xattr requests answered ENOSYS (noxattrs=1)
     cdef uint64_t counts[FUSE_OPCODE_MAX]
     cdef dict backings            # node id -> _Backing
     cdef dict forgotten           # nfs_export: node id <-> core handle of nodes forgotten
     cdef public bint passthrough_broken   # BACKING_OPEN refused: serve data ourselves
 
     def __init__(self, core, *, double entry_timeout=300.0, double attr_timeout=300.0,
-                 uidmap=None, gidmap=None, bint squash_to_root=False):
+                 uidmap=None, gidmap=None, bint squash_to_root=False, squash_to_uid=None,
+                 squash_to_gid=None, bint static_nlink=False, bint ino32=False,
+                 bint noxattrs=False):
         Session.__init__(self)
         self.core = core
         self.inodes = IdTable()
@@ -142,6 +148,11 @@ cdef class OverlayFS(Session):
         self.uidmap = uidmap or None
         self.gidmap = gidmap or None
         self.squash = squash_to_root
+        self.squash_uid = -1 if squash_to_uid is None else squash_to_uid
+        self.squash_gid = -1 if squash_to_gid is None else squash_to_gid
+        self.static_nlink = static_nlink
+        self.ino32 = ino32
+        self.noxattrs = noxattrs
         memset(self.counts, 0, sizeof(self.counts))
         self.backings = {}
         self.forgotten = {}
@@ -254,7 +265,6 @@ cdef class OverlayFS(Session):
         """fuse_attr of node from its Stat st (C fields only: no Python
         object is made here)."""
         cdef int64_t t
-        a.ino = node._ino
         a.size = st.st_size
         a.blocks = st.st_blocks
         t = st.st_atime_ns
@@ -267,12 +277,10 @@ cdef class OverlayFS(Session):
         a.ctime = t // 1000000000
         a.ctimensec = t % 1000000000
         a.mode = st.st_mode
-        a.nlink = 1 if node_is_merged(node) else st.st_nlink
-        if self.squash:
-            a.uid = a.gid = 0
-        else:
-            a.uid = self.uidmap.shown(st.st_uid) if self.uidmap is not None else st.st_uid
-            a.gid = self.gidmap.shown(st.st_gid) if self.gidmap is not None else st.st_gid
+        a.ino = self._shown_ino(node._ino)
+        a.nlink = self._shown_nlink(node, st.st_nlink)
+        a.uid = self._shown_uid(st.st_uid)
+        a.gid = self._shown_gid(st.st_gid)
         a.rdev = _encode_dev(st.st_rdev)
         a.blksize = st.st_blksize
         a.flags = 0
@@ -280,6 +288,33 @@ cdef class OverlayFS(Session):
             # remember what the kernel now believes of a lower file, so an
             # edit made to it directly is noticed at the next open
             node_note_reported(node, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    cdef uint32_t _shown_uid(self, uint32_t uid):
+        """The owner the mount shows for a host uid."""
+        if self.squash_uid >= 0:
+            return <uint32_t>self.squash_uid
+        if self.squash:
+            return 0
+        return self.uidmap.shown(uid) if self.uidmap is not None else uid
+
+    cdef uint32_t _shown_gid(self, uint32_t gid):
+        if self.squash_gid >= 0:
+            return <uint32_t>self.squash_gid
+        if self.squash:
+            return 0
+        return self.gidmap.shown(gid) if self.gidmap is not None else gid
+
+    cdef uint64_t _shown_ino(self, uint64_t ino) noexcept:
+        """st_ino as shown: with ino32_t folded into 32 bits (programs
+        built without large-file support fail with EOVERFLOW otherwise)."""
+        if self.ino32 and ino > 0xFFFFFFFF:
+            return (ino ^ (ino >> 32)) & 0xFFFFFFFF
+        return ino
+
+    cdef uint32_t _shown_nlink(self, Node node, uint64_t nlink):
+        if node_is_merged(node) or (self.static_nlink and node.is_dir):
+            return 1
+        return <uint32_t>nlink
 
     cdef _fill_entry(self, fuse_entry_out *e, Node node, Stat st):
         """An entry for node (not counted: see _ref)."""
@@ -377,6 +412,11 @@ cdef class OverlayFS(Session):
         if op < FUSE_OPCODE_MAX:
             self.counts[op] += 1
         try:
+            if self.noxattrs and (op == FUSE_GETXATTR or op == FUSE_LISTXATTR
+                                  or op == FUSE_SETXATTR or op == FUSE_REMOVEXATTR):
+                # noxattrs=1: the kernel then fails them all with EOPNOTSUPP
+                self.reply_err(fd, unique, E.ENOSYS)
+                return 0
             if op == FUSE_LOOKUP:
                 op_lookup(self, fd, h, arg, n)
             elif op == FUSE_GETATTR:

@@ -163,17 +163,23 @@ def can_mount() -> bool:
     return os.geteuid() == 0
 
 
+def selinux_enabled() -> bool:
+    """Does an SELinux policy run here (so the kernel takes context=)?"""
+    return os.path.exists("/sys/fs/selinux/enforce")
+
+
 def mount(mountpoint: str, *, fsname: str, subtype: str, flags: int,
-          allow_other: bool, root_mode: int) -> Mounted:
-    """Mount a FUSE filesystem on mountpoint; returns the Mounted."""
+          allow_other: bool, root_mode: int, context: str | None = None) -> Mounted:
+    """Mount a FUSE filesystem on mountpoint; returns the Mounted. context:
+    an SELinux label for the kernel (its context= mount option)."""
     method = os.environ.get("OVERLAY_MOUNT_METHOD", "")
     if method not in ("", "mount", "fusermount3"):
         raise MountFailed(errno.EINVAL, f"OVERLAY_MOUNT_METHOD={method}: expected mount or fusermount3")
     if not method:
         method = "mount" if can_mount() else "fusermount3"
     if method == "mount":
-        return _mount_direct(mountpoint, fsname, subtype, flags, allow_other, root_mode)
-    return _mount_fusermount(mountpoint, fsname, subtype, flags, allow_other)
+        return _mount_direct(mountpoint, fsname, subtype, flags, allow_other, root_mode, context)
+    return _mount_fusermount(mountpoint, fsname, subtype, flags, allow_other, context)
 
 
 def _open_dev() -> int:
@@ -189,12 +195,14 @@ def _open_dev() -> int:
         raise MountFailed(exc.errno, f"cannot open /dev/fuse: {exc.strerror}") from None
 
 
-def _mount_direct(mountpoint, fsname, subtype, flags, allow_other, root_mode) -> Mounted:
+def _mount_direct(mountpoint, fsname, subtype, flags, allow_other, root_mode, context) -> Mounted:
     fd = _open_dev()
     data = f"fd={fd},rootmode={root_mode:o},user_id={os.getuid()},group_id={os.getgid()}"
     data += ",default_permissions"
     if allow_other:
         data += ",allow_other"
+    if context:
+        data += f",context={context}"
     try:
         wire.sys_mount(os.fsencode(fsname), os.fsencode(mountpoint),
                        f"fuse.{subtype}".encode(), flags, data.encode())
@@ -205,7 +213,7 @@ def _mount_direct(mountpoint, fsname, subtype, flags, allow_other, root_mode) ->
     return Mounted(mountpoint, fd, "mount")
 
 
-def _mount_fusermount(mountpoint, fsname, subtype, flags, allow_other) -> Mounted:
+def _mount_fusermount(mountpoint, fsname, subtype, flags, allow_other, context) -> Mounted:
     tool = shutil.which("fusermount3")
     if tool is None:
         raise MountFailed(errno.ENOENT, "mounting without root needs fusermount3 "
@@ -215,6 +223,8 @@ def _mount_fusermount(mountpoint, fsname, subtype, flags, allow_other) -> Mounte
                                  f"subtype={_escape(subtype)}", "auto_unmount"]
     if allow_other:
         opts.append("allow_other")
+    if context:
+        opts.append(f"context={context}")
     env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
     try:
         proc = subprocess.Popen([tool, "-o", ",".join(opts), "--", mountpoint],

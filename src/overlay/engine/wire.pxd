@@ -29,6 +29,7 @@ cdef class Session:
     cdef public bint want_passthrough
     cdef public bint want_writeback
     cdef public bint want_export        # FUSE_EXPORT_SUPPORT: LOOKUP of "." and ".."
+    cdef public bint no_acl             # do not ask for POSIX ACLs (noacl)
     cdef public int stack_depth         # max_stack_depth for passthrough (1 or 2)
     cdef public bint debug
     cdef readonly bint stopping

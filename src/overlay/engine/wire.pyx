@@ -569,6 +569,8 @@ cdef class Session:
                 | FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_HANDLE_KILLPRIV_V2
                 | FUSE_SETXATTR_EXT | FUSE_POSIX_ACL | FUSE_ABORT_ERROR)
         want2 = 0
+        if self.no_acl:
+            want &= ~FUSE_POSIX_ACL
         if self.want_export:
             want |= FUSE_EXPORT_SUPPORT
         if self.want_writeback:
