@@ -14,11 +14,19 @@ is ``podman import``-ed from a tarball of a busybox root filesystem.
   ``overlay diff`` of the container's upper dir, ``podman umount``.
 * ``test_commit_view``: ``podman commit``, then mount a container of the new
   image: the changes must be there (and the deleted files gone).
-* ``test_ten_stacked_commits``: ten more commits on top of each other
-  (create, write, delete a file of an earlier layer, rename a dir, commit),
-  then the final view is checked.
-* ``test_run``: ``podman run`` reads and writes through our mount (needs a
-  runtime that can start containers here; skipped with crun's error if not).
+* ``test_twenty_stacked_commits``: twenty more commits on top of each
+  other (create, write, delete a file of an earlier layer, rename a dir,
+  commit), then the final view is checked.
+* ``test_run_diff_commit_rm``: ``podman run`` of a command that writes,
+  deletes and renames inside the container; its output, ``podman diff`` of
+  it, ``podman commit``, a container of the committed image, ``podman rm``,
+  and no daemon of ours left running afterwards.
+
+Containers are started with runc where it is installed (crun 1.8 refuses
+hybrid cgroup hierarchies, as this machine has), with rlimits no higher
+than the hard limits podman runs under (a sandbox without CAP_SYS_RESOURCE
+cannot raise them): a private containers.conf says so, podman is run
+unmodified.
 
 With ``mount_program`` set, containers/storage writes the whiteouts of
 committed layers in the OCI/AUFS form (``.wh.NAME`` empty files,
@@ -39,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -114,7 +123,10 @@ class Podman:
                 "[storage.options.overlay]\n"
                 f'mount_program = "{self.wrapper}"\n'
             )
-        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=self.storage_conf)
+        self.containers_conf = os.path.join(base, "containers.conf")
+        write_containers_conf(self.containers_conf)
+        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=self.storage_conf,
+                        CONTAINERS_CONF=self.containers_conf)
         self.cmd = [
             "podman",
             "--tmpdir",
@@ -140,6 +152,10 @@ class Podman:
                 f"mount_program argv log:\n{self.argv_text()}"
             )
         return proc.stdout if check else proc  # type: ignore[return-value]
+
+    def containers_conf_text(self) -> str:
+        with open(self.containers_conf) as fh:
+            return fh.read()
 
     def argv_text(self) -> str:
         try:
@@ -176,13 +192,33 @@ class Podman:
             mountutil.umount(mp)
 
 
+def write_containers_conf(path: str) -> None:
+    """containers.conf for this machine: runc where installed, rlimits
+    within the hard limits, cgroupfs, events in a file."""
+    import resource
+
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    nofile = 1024 if nofile == resource.RLIM_INFINITY else min(nofile, 1024)
+    nproc = 1024 if nproc == resource.RLIM_INFINITY else min(nproc, 1024)
+    with open(path, "w") as fh:
+        fh.write(
+            "[containers]\n"
+            f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
+            "[engine]\n"
+            + ('runtime = "runc"\n' if shutil.which("runc") else "")
+            + 'cgroup_manager = "cgroupfs"\n'
+            'events_logger = "file"\n'
+        )
+
+
 def make_rootfs(base: str) -> str:
     """A busybox root filesystem tarball; returns its path."""
     root = os.path.join(base, "rootfs")
     for d in ("bin", "etc", "data/sub", "gone/deep", "opq/x", "tmp", "layers", "moving/d0"):
         os.makedirs(os.path.join(root, d))
     shutil.copy2(BUSYBOX, os.path.join(root, "bin", "busybox"))
-    for applet in ("sh", "cat", "ls", "echo", "rm", "mkdir", "mv"):
+    for applet in ("sh", "cat", "ls", "echo", "rm", "mkdir", "mv", "sleep"):
         os.symlink("busybox", os.path.join(root, "bin", applet))
     files = {
         "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
@@ -345,9 +381,12 @@ def test_commit_view(podman):
     fail_or_xfail(problems, "view of the committed image")
 
 
-def test_ten_stacked_commits(podman):
+STACKED = 20
+
+
+def test_twenty_stacked_commits(podman):
     image = "localhost/eco-bb:base"
-    for i in range(1, 11):
+    for i in range(1, STACKED + 1):
         name = f"eco-s{i}"
         podman("create", "--name", name, image, "/bin/sh")
         mp = podman.mount(name)
@@ -363,36 +402,142 @@ def test_ten_stacked_commits(podman):
         podman("commit", name, image)
         podman("rm", name)
     layers = json.loads(podman("image", "inspect", image))[0]["RootFS"]["Layers"]
-    assert len(layers) == 11
+    assert len(layers) == STACKED + 1
 
     podman("create", "--name", "eco-final", image, "/bin/sh")
     mp = podman.mount("eco-final")
     try:
-        expected: dict[str, str | None] = {"/log": "base\n" + "".join(f"{i}\n" for i in range(1, 11))}
-        for i in range(1, 11):
-            expected[f"/layers/f{i}"] = None if (i % 2 == 0 and i < 10) else f"{i}\n"
+        expected: dict[str, str | None] = {
+            "/log": "base\n" + "".join(f"{i}\n" for i in range(1, STACKED + 1))}
+        for i in range(1, STACKED + 1):
+            expected[f"/layers/f{i}"] = None if (i % 2 == 0 and i < STACKED) else f"{i}\n"
             expected[f"/moving/d{i - 1}"] = None
-        expected["/moving/d10/payload"] = "payload\n"
+        expected[f"/moving/d{STACKED}/payload"] = "payload\n"
         problems = check_view(mp, expected)
         names = sorted(os.listdir(os.path.join(mp, "layers")))
-        want = ["f1", "f10", "f3", "f5", "f7", "f9"]
+        want = sorted([f"f{i}" for i in range(1, STACKED, 2)] + [f"f{STACKED}"])
         if names != want:
             problems.append(f"/layers lists {names}, expected {want}")
     finally:
         podman.umount("eco-final", mp)
-    fail_or_xfail(problems, "view after ten stacked commits")
+    fail_or_xfail(problems, "view after twenty stacked commits")
 
 
-def test_run(podman):
-    proc = podman(
-        "run", "--rm", "--network", "none", "localhost/eco-bb:base",
-        "/bin/sh", "-c", "cat /etc/motd; echo written > /tmp/x; cat /tmp/x",
-        check=False,
-    )
-    if proc.returncode != 0 and any(
-        sign in proc.stderr for sign in ("setrlimit", "OCI permission denied", "cgroup")
-    ):
-        # e.g. a sandbox without CAP_SYS_RESOURCE: crun cannot set the rlimits
-        pytest.skip(f"podman run cannot start containers here: {proc.stderr.strip()}")
+def our_daemons() -> list[str]:
+    """Command lines of our mount daemons (overlay-containers-mount) running."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "overlay-containers-mount" in cmd or "overlay-mount-wrapper" in cmd:
+            out.append(cmd)
+    return out
+
+
+def test_run_diff_commit_rm(podman):
+    """podman run of a command that writes, deletes and renames inside the
+    container; podman diff of it, commit, a container of the committed
+    image, rm; no daemon of ours left once podman is done."""
+    script = ("cat /etc/motd; echo written > /tmp/x; cat /tmp/x; rm /etc/motd; "
+              "mv /data /data.moved; echo more >> /log; ls /data.moved/sub")
+    proc = podman("run", "--name", "eco-run", "--network", "none", "localhost/eco-bb:base",
+                  "/bin/sh", "-c", script, check=False)
+    if proc.returncode != 0 and "runc" not in podman.containers_conf_text() and any(
+            sign in proc.stderr for sign in ("setrlimit", "OCI permission denied", "cgroup")):
+        pytest.skip(f"podman run cannot start containers here without runc: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "hello\nwritten\n"
+    assert proc.stdout == "hello\nwritten\nf\n"
+    diff = set(podman("diff", "eco-run").splitlines())
+    want = {"C /etc", "D /etc/motd", "D /data", "A /data.moved", "A /data.moved/sub",
+            "A /data.moved/sub/f", "C /log", "C /tmp", "A /tmp/x"}
+    assert want <= diff, f"podman diff: missing {want - diff} (got {sorted(diff)})"
+    podman("commit", "eco-run", "localhost/eco-bb:ran")
+    proc = podman("run", "--rm", "--network", "none", "localhost/eco-bb:ran", "/bin/sh", "-c",
+                  "cat /tmp/x /log; ls /etc; ls /data 2>&1 || true", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("written\nbase\nmore\n"), proc.stdout
+    assert "motd" not in proc.stdout
+    podman("rm", "eco-run")
+    for _ in range(100):        # (a daemon ends a moment after its unmount)
+        left = [c for c in our_daemons() if podman.base in c]
+        if not left:
+            break
+        time.sleep(0.05)
+    assert not left, f"daemons left running after podman rm: {left}"
+
+
+def test_image_mount_read_only(podman):
+    """A read-only mount of an image (podman image mount, as CRI-O and
+    containers/storage mount layers read-only): lowerdir= only, the layer
+    and an empty dir below it; nothing can be written."""
+    mp = podman("image", "mount", "localhost/eco-bb:base").strip()
+    try:
+        argv = podman.argv_text().splitlines()[-1]
+        assert "upperdir=" not in argv and argv.startswith("-o lowerdir="), argv
+        assert mountutil.is_mounted(mp)
+        assert check_view(mp, {"/etc/motd": "hello\n", "/data/sub/f": "d\n"}) == []
+        with pytest.raises(OSError) as exc:
+            open(os.path.join(mp, "etc/motd"), "a").close()
+        assert exc.value.errno == errno.EROFS
+    finally:
+        podman("image", "umount", "localhost/eco-bb:base")
+    assert not mountutil.is_mounted(mp)
+
+
+def test_additional_image_store(podman):
+    """An image in an additional (read-only) image store: a container of
+    it runs on our mount, its layers read from the other store."""
+    other = Podman(os.path.join(podman.base, "store2"))
+    try:
+        other("import", make_rootfs(other.base), "localhost/eco-other:1")
+        ro_root = other.root
+        conf = podman.storage_conf + ".extra"
+        with open(podman.storage_conf) as fh:
+            text = fh.read()
+        with open(conf, "w") as fh:
+            fh.write(text.replace("[storage.options.overlay]",
+                                  f'[storage.options]\nadditionalimagestores = ["{ro_root}"]\n'
+                                  "[storage.options.overlay]"))
+        env = dict(podman.env, CONTAINERS_STORAGE_CONF=conf)
+        proc = subprocess.run([*podman.cmd, "run", "--rm", "--network", "none", "localhost/eco-other:1",
+                               "/bin/sh", "-c", "cat /etc/motd; echo w > /tmp/w; cat /tmp/w"],
+                              capture_output=True, text=True, env=env, timeout=PODMAN_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr + podman.argv_text()
+        assert proc.stdout == "hello\nw\n"
+        argv = podman.argv_text().splitlines()[-1]
+        lowers = argv.split("lowerdir=", 1)[1].split(",", 1)[0].split(":")
+        assert any(os.path.realpath(p).startswith(ro_root + "/") for p in lowers), (
+            f"no lower layer from the additional store {ro_root}: "
+            f"{[os.path.realpath(p) for p in lowers]}")
+    finally:
+        other.close()
+
+
+def test_buildah_from_run_commit(podman):
+    """buildah with the same storage: from, run (write, delete, rename),
+    commit; podman runs the image it made."""
+    if shutil.which("buildah") is None:
+        pytest.skip("buildah is not installed (apt-get install buildah)")
+
+    def buildah(*args):
+        proc = subprocess.run(["buildah", *args], capture_output=True, text=True, env=podman.env,
+                              stdin=subprocess.DEVNULL, timeout=PODMAN_TIMEOUT)
+        assert proc.returncode == 0, f"buildah {' '.join(args)}: {proc.stderr}\n{podman.argv_text()}"
+        return proc.stdout
+
+    ctr = buildah("from", "localhost/eco-bb:base").strip().splitlines()[-1]
+    try:
+        out = buildah("run", ctr, "--", "/bin/sh", "-c",
+                      "echo built > /built; rm /etc/motd; mv /opq /opq2; cat /built")
+        assert out == "built\n"
+        buildah("commit", ctr, "localhost/eco-bb:built")
+    finally:
+        buildah("rm", ctr)
+    out = podman("run", "--rm", "--network", "none", "localhost/eco-bb:built", "/bin/sh", "-c",
+                 "cat /built /opq2/keep; ls /etc")
+    assert out.startswith("built\nkeep\n") and "motd" not in out, out
