@@ -1,13 +1,15 @@
 """overlay.idmap: uid/gid mapping between the layers and the mount.
 
-The options `uidmapping=` and `gidmapping=` take fuse-overlayfs's form: a
-colon-separated list of triples CONTAINER:HOST:SIZE, so `0:100000:65536`
-shows host ids 100000..165535 as 0..65535. Files keep their host ids on
-disk; the mount shows container ids, and ids given through the mount
-(file creation, chown) are container ids, stored as host ids. A host id
-outside every range shows as the overflow id 65534, and a container id
-outside every range cannot be stored (EINVAL, as for an unmapped id in a
-user namespace). `squash_to_root` shows every file as owned by 0:0.
+The options `uidmapping=` and `gidmapping=` take fuse-overlayfs's form and
+meaning: a colon-separated list of triples CONTAINER:HOST:SIZE (empty
+fields skipped), where the layers hold CONTAINER ids and the mount shows
+HOST ids: `0:100000:65536` shows ids 0..65535 of the files as
+100000..165535. That is what containers/storage passes: the layers keep
+the container's ids, the mount shows host ids, and the container's user
+namespace maps them back to its own. Ids given through the mount (file
+creation, chown) are host ids, stored as container ids. An id outside
+every range shows, and is stored, as the overflow id 65534, as
+fuse-overlayfs does. `squash_to_root` shows every file as owned by 0:0.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class IdMap:
 
     @classmethod
     def parse(cls, text: str, what: str = "uidmapping") -> "IdMap":
-        parts = text.split(":")
-        if not text or len(parts) % 3:
+        # empty fields are skipped, as fuse-overlayfs's strtok does:
+        # containers/storage writes "uidmapping=:0:100000:65536"
+        parts = [p for p in text.split(":") if p]
+        if not parts or len(parts) % 3:
             raise IdMapError(f"{what}={text}: expected CONTAINER:HOST:SIZE triples")
         ranges = []
         for i in range(0, len(parts), 3):
@@ -51,16 +55,17 @@ class IdMap:
     def __bool__(self):
         return bool(self.ranges)
 
-    def shown(self, host: int) -> int:
-        """The id the mount shows for a host id."""
+    def shown(self, stored: int) -> int:
+        """The id the mount shows for an id of the layers."""
         for c, h, n in self.ranges:
-            if h <= host < h + n:
-                return c + host - h
+            if c <= stored < c + n:
+                return h + stored - c
         return OVERFLOW_ID
 
     def host(self, shown: int) -> int:
-        """The host id to store for an id given through the mount."""
+        """The id to store in the layer for an id given through the mount
+        (the name is the engines': the id on the disk's side)."""
         for c, h, n in self.ranges:
-            if c <= shown < c + n:
-                return h + shown - c
-        raise OSError(22, f"id {shown} is not mapped")
+            if h <= shown < h + n:
+                return c + shown - h
+        return OVERFLOW_ID

@@ -29,10 +29,15 @@ OVR_NAMES = (OVR_SECURITY, OVR_CONTAINERS, OVR_FUSEOVERLAYFS)
 
 
 cdef object override_name_of(_Stack self, int root_fd):
-    """The override xattr name a layer (by its root dir) uses, or None."""
+    """The override xattr name a layer (by its root dir) uses, or None (a
+    root dir we may not read xattrs of uses none)."""
     for name in OVR_NAMES:
-        if self._getx(root_fd, name) is not None:
-            return name
+        try:
+            if self._getx(root_fd, name) is not None:
+                return name
+        except OSError as e:
+            log.debug("layer xattr %s not read: %s", os.fsdecode(name), e)
+            return None
     return None
 
 
