@@ -14,9 +14,11 @@ world-readable copy of the installed package:
   as rootless podman runs its mount program), where the user's process
   mounts with /dev/fuse directly; passthrough is simply off.
 * ``test_podman_rootless``: rootless podman with our mount program (ids
-  mapped through newuidmap): ``podman run`` writing, deleting and renaming,
+  mapped through newuidmap), plain and with ``force_mask`` (owners and
+  modes in xattrs): ``podman run`` writing, deleting and renaming,
   ``podman diff``, ``podman commit``, a container of the committed image,
-  ``podman rm``, and no daemon left.
+  ``podman rm``, buildah ``from``/``run``/``commit`` where installed, and
+  no daemon left.
 
 Skipped with the reason when not root (the user cannot be made), without
 FUSE, without a Debian python3 of the build's version, or (podman) without
@@ -327,6 +329,14 @@ def test_podman_rootless(user, force_mask):
                          "'cat /tmp/x /log; ls /etc' && podman rm rl1", cwd=base, env=env, timeout=300)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("written\nbase\nmore\n") and "motd" not in r.stdout, r.stdout
+        if shutil.which("buildah"):
+            r = run_as(user, "c=$(buildah from localhost/rl:base | tail -1) && "
+                             "buildah run $c -- /bin/sh -c 'echo b > /b; rm /log' && "
+                             "buildah commit $c localhost/rl:b >/dev/null && buildah rm $c >/dev/null && "
+                             "podman run --rm --network none localhost/rl:b /bin/sh -c 'cat /b; ls /'",
+                       cwd=base, env=env, timeout=300)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.startswith("b\n") and "log" not in r.stdout.split(), r.stdout
         argv = _text(os.path.join(base, "argv.log"))
         assert "upperdir=" in argv, argv
         assert ("xattr_permissions=2" in argv) == bool(force_mask), argv
