@@ -227,16 +227,18 @@ _NOT_YET: dict[str, tuple] = {}
 _REDIRECT_DIR = {"on": True, "off": False, "follow": False, "nofollow": False}
 
 
-def _split_unescaped(text: str, sep: str) -> list[str]:
-    """Split ``text`` on ``sep`` except where ``sep`` is backslash-escaped.
+def _split_unescaped(text: str, sep: str, quotes: bool = False) -> list[str]:
+    """Split ``text`` on ``sep`` except where ``sep`` is backslash-escaped
+    (or, with quotes, between double quotes, which are kept).
 
     Escapes are kept in the pieces (they are removed by :func:`_unescape`),
     so the result can be split again on another separator.
     """
-    if "\\" not in text:
+    if "\\" not in text and not quotes:
         return text.split(sep)      # the common case, fast for long lowerdir=
     parts: list[str] = []
     cur: list[str] = []
+    quoted = False
     i = 0
     while i < len(text):
         ch = text[i]
@@ -244,12 +246,16 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
             cur.append(text[i : i + 2])
             i += 2
             continue
-        if ch == sep:
+        if quotes and ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
         i += 1
+    if quoted:
+        raise OptionError("unbalanced double quote in the mount options")
     parts.append("".join(cur))
     return parts
 
@@ -273,36 +279,7 @@ def _unescape(text: str) -> str:
 def split_options(optstring: str) -> list[str]:
     """Split an option string on unescaped commas outside double quotes,
     dropping empty options."""
-    if '"' in optstring:
-        return [opt for opt in _split_quoted(optstring) if opt.strip()]
-    return [opt for opt in _split_unescaped(optstring, ",") if opt.strip()]
-
-
-def _split_quoted(text: str) -> list[str]:
-    """_split_unescaped on commas, where a comma between double quotes
-    does not split (the quotes are kept)."""
-    parts: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            cur.append(text[i : i + 2])
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    if quoted:
-        raise OptionError("unbalanced double quote in the mount options")
-    parts.append("".join(cur))
-    return parts
+    return [opt for opt in _split_unescaped(optstring, ",", '"' in optstring) if opt.strip()]
 
 
 def split_lowerdir(value: str) -> list[str]:

@@ -94,6 +94,16 @@ def open_by_handle(root: str, handle: bytes, flags: int) -> int:
         os.close(mfd)
 
 
+def _saved_handle(root: str, slot: int) -> bytes:
+    """The handle fh_save kept in slot (EBADF if none), once the kernel's
+    inode caches are dropped."""
+    h = _HANDLES.get(root, {}).get(slot)
+    if h is None:
+        raise OSError(errno.EBADF, "no handle in slot")
+    drop_inode_caches()
+    return h
+
+
 def drop_inode_caches():
     """Have the kernel forget the dentries and inodes it can (a FUSE mount
     gets FORGETs): what a file handle is decoded from afterwards is the
@@ -408,11 +418,7 @@ def _do(root: str, op: tuple):
         return None
     if name == "fh_open":
         # caches dropped, then the handle in slot opened: what it names now
-        _, slot = op
-        h = _HANDLES.get(root, {}).get(slot)
-        if h is None:
-            raise OSError(errno.EBADF, "no handle in slot")
-        drop_inode_caches()
+        h = _saved_handle(root, op[1])
         fd = open_by_handle(root, h, os.O_PATH | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
@@ -429,10 +435,7 @@ def _do(root: str, op: tuple):
     if name == "fh_write":
         # caches dropped, then the file of the handle in slot written
         _, slot, off, data = op
-        h = _HANDLES.get(root, {}).get(slot)
-        if h is None:
-            raise OSError(errno.EBADF, "no handle in slot")
-        drop_inode_caches()
+        h = _saved_handle(root, slot)
         pfd = open_by_handle(root, h, os.O_PATH | os.O_NOFOLLOW)
         try:
             st = os.fstat(pfd)
