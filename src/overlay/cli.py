@@ -437,6 +437,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     from overlay import stats  # noqa: PLC0415 - stdlib only
 
     stats.add_command(sub)
+    stats.add_which_command(sub)
     return parser
 
 
@@ -450,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("overlay: error: a command is required (mount, umount, demo, diff, commit or stats)", file=sys.stderr)
+        print("overlay: error: a command is required (mount, umount, demo, diff, commit, stats or which)",
+              file=sys.stderr)
         return EXIT_USAGE
 
     if args.command == "mount":
@@ -479,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from overlay import stats  # noqa: PLC0415
 
         return stats.run_command(args, prog="overlay")
+    if args.command == "which":
+        from overlay import stats  # noqa: PLC0415
+
+        return stats.run_which(args, prog="overlay")
     if args.command in ("diff", "commit"):
         from overlay import layertools  # noqa: PLC0415
 

@@ -523,6 +523,7 @@ class OverlayOperations(pyfuse3.Operations):
     def stats(self) -> dict:
         """The counters `overlay stats` shows."""
         return {"requests": dict(self.counts), "core": dict(self.core.counters),
+                "layers": self.core.layer_stats(),
                 "inodes_known": len(self.inodes), "open_files": len(self.handles)}
 
     async def getxattr(self, inode, name, ctx):

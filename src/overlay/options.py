@@ -15,6 +15,10 @@ Syntax notes:
 * a double-quoted part of an option keeps its commas (``context="a:b,c"``,
   as containers/storage passes SELinux labels);
 * ``lowerdir`` lists the layers top first: ``lowerdir=A:B`` -> ``[A, B]``;
+  ``lowerdir_file=PATH`` reads them from a file instead, one a line, top
+  first (``-``: standard input; a line ``::`` makes the layers after it
+  data-only ones), for stacks whose paths would not fit in one option
+  string;
 * relative paths are resolved against the ``cwd`` given to
   :func:`parse_options`; stored paths are absolute and canonical
   (symlinks resolved, like the kernel's path lookup).
@@ -210,7 +214,7 @@ _VALUE_OPTIONS = frozenset(
      "engine", "passthrough", "uuid", "nfs_export", "verity",
      # fuse-overlayfs's
      "context", "squash_to_uid", "squash_to_gid", "xattr_permissions", "threaded", "fsync",
-     "writeback", "noxattrs", "plugins"}
+     "writeback", "noxattrs", "plugins", "lowerdir_file"}
 )
 # The kernel's on/off features and the values it takes; _NOT_YET are the
 # ones we do not have yet (refused with a line saying so, after the
@@ -317,6 +321,40 @@ def split_layers(value: str) -> tuple[list[str], list[str]]:
     return lowers, data
 
 
+def read_layer_file(path: str, cwd: str) -> tuple[list[str], list[str]]:
+    """The regular and data-only layers listed in a file (lowerdir_file=):
+    one path a line, top first, no escaping; empty lines are skipped; after
+    a line "::" the layers are data-only ones. "-" reads standard input."""
+    import sys  # noqa: PLC0415
+
+    try:
+        if path == "-":
+            text = sys.stdin.buffer.read()
+        else:
+            with open(os.path.join(cwd, os.path.expanduser(path)), "rb") as fh:
+                text = fh.read()
+    except OSError as exc:
+        raise OptionError(f"cannot read lowerdir_file '{path}': {exc.strerror}") from None
+    lowers: list[str] = []
+    data: list[str] = []
+    into = lowers
+    for raw in text.split(b"\n"):
+        line = os.fsdecode(raw.rstrip(b"\r"))
+        if not line.strip():
+            continue
+        if line.strip() == "::":
+            if not lowers:
+                raise OptionError(f"lowerdir_file '{path}': data-only layers need a regular one first")
+            into = data
+            continue
+        if into is lowers and data:
+            raise OptionError("regular lower layers cannot follow data-only lower layers")
+        into.append(line)
+    if not lowers:
+        raise OptionError(f"lowerdir_file '{path}' lists no layer")
+    return lowers, data
+
+
 def _resolve(path: str, cwd: str) -> str:
     return os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
 
@@ -370,6 +408,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     Raises :class:`OptionError` with a one-line message on the first problem.
     """
     lowerdir: str | None = None
+    lowerdir_file: str | None = None
     upperdir: str | None = None
     workdir: str | None = None
     read_only = False
@@ -411,6 +450,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             raise OptionError(f"mount option '{name}' needs a value ({name}=...)")
         if name == "lowerdir":
             lowerdir = value
+        elif name == "lowerdir_file":
+            lowerdir_file = _unescape(value)
         elif name == "upperdir":
             upperdir = value
         elif name == "workdir":
@@ -495,9 +536,14 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 )
             features[name] = value
 
-    if lowerdir is None:
+    if lowerdir_file is not None:
+        if lowerdir is not None:
+            raise OptionError("give either lowerdir= or lowerdir_file=, not both")
+        entries, data_entries = read_layer_file(lowerdir_file, cwd)
+    elif lowerdir is None:
         raise OptionError("missing required option 'lowerdir='")
-    entries, data_entries = split_layers(lowerdir)
+    else:
+        entries, data_entries = split_layers(lowerdir)
     lowers: list[str] = []
     for entry in entries:
         path = _resolve(entry, cwd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 
@@ -39,7 +40,49 @@ def format_stats(st: dict) -> str:
         f"copy-ups        {core.get('copy_ups', 0)}, {core.get('bytes_copied', 0)} bytes copied",
         f"inodes known    {st.get('inodes_known', 0)}, open files {st.get('open_files', 0)}",
     ]
+    layers = st.get("layers", [])
+    if layers:
+        lines.append("lookups served by each layer")
+        for lay in layers:
+            lines.append(f"  {lay['layer']:<14}{lay['lookups']:<10}{lay['path']}")
     return "\n".join(lines)
+
+
+LAYER_XATTR = "user.overlay-fuse.layer"
+
+
+def which_layer(path: str) -> str:
+    """The layer that serves path on an overlay mount of ours (OSError if
+    path is not on one). The kernel itself answers user.* reads of
+    symlinks, fifos, sockets and devices with ENODATA: those are asked of
+    their dir, as user.overlay-fuse.layer/NAME."""
+    st = os.lstat(path)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return os.getxattr(path, LAYER_XATTR, follow_symlinks=False).decode()
+    parent, name = os.path.split(os.path.normpath(path))
+    return os.getxattr(parent or ".", f"{LAYER_XATTR}/{name}").decode()
+
+
+def add_which_command(sub) -> None:
+    p = sub.add_parser("which", help="which layer serves a file of a mount",
+                       description="Print the layer that serves each PATH of an overlay mount of "
+                       "ours (upper or lower, its index and dir; where a copied-up file came "
+                       "from, where a metacopy's data are). The same as reading the xattr "
+                       f"{LAYER_XATTR} of PATH.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
+
+def run_which(args, prog: str = "overlay") -> int:
+    rc = 0
+    for path in args.paths:
+        try:
+            print(f"{path}: {which_layer(path)}", flush=True)
+        except OSError as exc:
+            reason = ("not on an overlay mount of ours" if exc.errno in (61, 95)
+                      else exc.strerror)
+            print(f"{prog}: {path}: {reason}", file=sys.stderr)
+            rc = 1
+    return rc
 
 
 def add_command(sub) -> None:

@@ -152,6 +152,7 @@ cdef class _Stack:
     cdef object __weakref__            # Node.ov finds the Overlay through a weak reference
     cdef public dict nodes             # key -> Node (owned by the adapter's lookups)
     cdef public dict counters          # copy-ups, bytes copied, lookups... (overlay stats)
+    cdef public list layer_hits        # lookups each layer served: [upper, lower 0, lower 1...]
     cdef public list renumbered        # Nodes whose attributes changed behind the
                                        # kernel's back: copied up (the adapter drains it)
     cdef object _dev_index             # st_dev -> the kernel's fsid (0: the upper fs)
@@ -234,5 +235,6 @@ cdef class Overlay(_Copier):
     cdef bint _can_move(self, Node n)
     cdef bytes _abs_redirect(self, Node n)
     cdef _set_redirect(self, Node n, bint samedir)
+    cdef int _origin_layer(self, Node n, bytes v) except -2
     cpdef bytes encode_handle(self, Node n)
     cpdef Node decode_handle(self, bytes h)

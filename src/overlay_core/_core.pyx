@@ -70,6 +70,9 @@ INDEX_MIN_LAYERS = 8
 OCI_WH = b".wh."
 OCI_OPQ = b".wh..wh..opq"
 INDEX_AFTER_LOOKUPS = 4
+# read-only xattr naming the layer that serves an object (Overlay.layer_info)
+LAYER_XATTR = b"user.overlay-fuse.layer"
+LAYER_XATTR_AT = LAYER_XATTR + b"/"      # + NAME: that of a dir's entry NAME
 XFS_MAGIC = 0x58465342
 
 

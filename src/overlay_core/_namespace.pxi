@@ -222,9 +222,94 @@ cdef class Overlay(_Copier):
         return stored
 
     def getxattr(self, Node n, bytes name):
+        if name == LAYER_XATTR or name.startswith(LAYER_XATTR_AT):
+            return self._layer_xattr(n, name)
         if self._ovr_any and name in OVR_NAMES:
             raise _err(errno.ENODATA, name)     # owners kept in xattrs: not shown
         return os.getxattr(_proc(n.fd), self._escape(name))
+
+    def _layer_xattr(self, Node n, bytes name):
+        """user.overlay-fuse.layer of n; user.overlay-fuse.layer/NAME of a
+        dir n is that of its entry NAME (the kernel answers user.* reads of
+        symlinks, fifos, sockets and devices itself, with ENODATA)."""
+        if name == LAYER_XATTR:
+            return self.layer_info(n).encode()
+        if not n.is_dir:
+            raise _err(errno.ENODATA, name)
+        child = name[len(LAYER_XATTR_AT):]
+        if not child or b"/" in child or child in (b".", b".."):
+            raise _err(errno.ENODATA, name)
+        return self.layer_info(self.lookup(n, child)).encode()
+
+    def layer_stats(self, int most=200):
+        """[{layer, path, lookups}]: how many lookups each layer served, the
+        upper layer first, then the lower ones that served any, the most
+        used first (at most `most` of them: a stats reply must fit in an
+        xattr)."""
+        out = []
+        if self.upper_path is not None:
+            out.append({"layer": "upper", "path": os.fsdecode(self.upper_path),
+                        "lookups": self.layer_hits[0]})
+        used = sorted((k for k in range(len(self.lower_paths)) if self.layer_hits[1 + k]),
+                      key=lambda k: -self.layer_hits[1 + k])[:most]
+        for k in used:
+            name = "lower %d" % k if k < self.nlower else "data-only %d" % (k - self.nlower)
+            out.append({"layer": name, "path": os.fsdecode(self.lower_paths[k]),
+                        "lookups": self.layer_hits[1 + k]})
+        return out
+
+    def layer_info(self, Node n):
+        """Which layer serves n, for people: "upper: PATH" (with where a
+        copy came from, or where a metacopy's data are), "lower K: PATH",
+        a merged dir's layers joined by " + ". Read as the xattr
+        user.overlay-fuse.layer; never stored."""
+        def lower(int k):
+            kind = "lower" if k < self.nlower else "data-only layer"
+            return "%s %d: %s" % (kind, k if k < self.nlower else k - self.nlower,
+                                  os.fsdecode(self.lower_paths[k]))
+        up = "upper: %s" % os.fsdecode(self.upper_path or b"")
+        if n.is_dir:
+            parts = ([up] if n.upper >= 0 else []) + [lower(k) for k, _ in n.lowers]
+            return " + ".join(parts)
+        if n.upper < 0:
+            if n.metacopy and len(n.lowers) > 1:
+                return lower(n.lowers[0][0]) + " (metadata only; data in %s)" % lower(n.lowers[-1][0])
+            return lower(n.lowers[0][0])
+        if self._indexed and n.key in self._indexed and n.parent is not None:
+            up += " (a hard link's copy in the index)" if self._upper_entry(
+                n.parent, n.name) is None else ""
+        if n.metacopy and n.lowers:
+            return up + " (metadata only; data in %s)" % lower(n.lowers[-1][0])
+        v = self._getx(n.upper, self.x_origin)
+        if v:
+            k = self._origin_layer(n, bytes(v))
+            if k >= 0:
+                return up + " (copied up from %s)" % lower(k)
+            return up + " (copied up)"
+        return up
+
+    cdef int _origin_layer(self, Node n, bytes v) except -2:
+        """The lower layer a copied-up n's origin handle names, or -1. Layers
+        on one filesystem all decode it: the one holding that object at n's
+        path (or an alias's) is it, else the first that decodes it."""
+        cdef struct_stat st
+        if not self.can_decode:
+            return -1
+        found = decode_lower(self, v)
+        if found is None:
+            return -1
+        k, fd = found
+        try:
+            ost = sys_fstat(fd)
+        finally:
+            os.close(fd)
+        for p, name in [(n.parent, n.name)] + list(n.aliases or ()):
+            if p is None:
+                continue
+            for idx, dfd in (<Node>p).lowers:
+                if c_statat(dfd, name, &st) == 0 and st.st_ino == ost.st_ino and st.st_dev == ost.st_dev:
+                    return idx
+        return k
 
     def listxattr(self, Node n):
         out = []
@@ -235,7 +320,7 @@ cdef class Overlay(_Copier):
         return out
 
     def setxattr(self, Node n, bytes name, bytes value, int flags=0):
-        if self._ovr_any and name in OVR_NAMES:
+        if name == LAYER_XATTR or name.startswith(LAYER_XATTR_AT) or (self._ovr_any and name in OVR_NAMES):
             raise _err(errno.EPERM, name)
         self._need_upper()
         if n.upper < 0:
@@ -246,7 +331,7 @@ cdef class Overlay(_Copier):
         return n
 
     def removexattr(self, Node n, bytes name):
-        if self._ovr_any and name in OVR_NAMES:
+        if name == LAYER_XATTR or name.startswith(LAYER_XATTR_AT) or (self._ovr_any and name in OVR_NAMES):
             raise _err(errno.EPERM, name)
         self._need_upper()
         name = self._escape(name)

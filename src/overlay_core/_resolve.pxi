@@ -420,8 +420,10 @@ cdef class _Resolver(_Stack):
         n.ov = self
         if n.upper >= 0:
             n.real_dev, n.real_ino = ust.st_dev, ust.st_ino
+            self.layer_hits[0] += 1
         else:
             n.real_dev, n.real_ino = lst.st_dev, lst.st_ino
+            self.layer_hits[1 + n.lowers[0][0]] += 1
         n._has_real = True
         return self._intern(n)
 

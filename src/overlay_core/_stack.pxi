@@ -83,6 +83,7 @@ cdef class _Stack:
                          "metacopy_ups": 0, "data_copy_ups": 0,
                          "name_indexes": 0, "name_index_hits": 0, "handles_decoded": 0}
         self.renumbered = []
+        self.layer_hits = [0] * (1 + len(self.lower_paths))
         self.fd_cache_len = 0
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

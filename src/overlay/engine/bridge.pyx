@@ -252,7 +252,7 @@ cdef class OverlayFS(Session):
         for i in range(FUSE_OPCODE_MAX):
             if self.counts[i]:
                 req[OPCODE_NAMES.get(i, str(i)).lower()] = self.counts[i]
-        return {"requests": req, "core": dict(self.core.counters),
+        return {"requests": req, "core": dict(self.core.counters), "layers": self.core.layer_stats(),
                 "inodes_known": len(self.inodes), "open_files": len(self.handles),
                 "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,
                 "backing_files": len(self.backings),
