@@ -57,7 +57,7 @@ def build_core(config):
                     " xattrs are user.overlay.* (opaque, origin, impure...), as the kernel's"
                     " userxattr; renaming a lower dir gives EXDEV")
         userxattr, redirect_dir, redirect_follow = True, False, False
-    return Overlay(
+    core = Overlay(
         config.lowers,
         config.upper,
         config.work,
@@ -79,6 +79,17 @@ def build_core(config):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",
     )
+    if config.quota_bytes is not None or config.quota_inodes is not None:
+        try:
+            took = core.set_quota(config.quota_bytes, config.quota_inodes)
+        except BaseException:
+            core.close()
+            raise
+        log.info("quota: the upper layer holds %d bytes in %d inodes (counted in %.2f s);"
+                 " limits: %s bytes, %s inodes", core.q_bytes, core.q_inodes, took,
+                 config.quota_bytes if config.quota_bytes is not None else "no",
+                 config.quota_inodes if config.quota_inodes is not None else "no")
+    return core
 
 
 def raise_fd_limit() -> None:

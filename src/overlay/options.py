@@ -106,6 +106,8 @@ class MountConfig:
         "noxattrs": False,  # xattr calls fail with EOPNOTSUPP
         "ino32": False,  # ino32_t: st_ino folded to 32 bits
         "no_fsync": False,  # fsync=0: fsync does not reach the upper layer (no volatile marker)
+        "quota_bytes": None,  # upper layer quota: bytes of regular files (None: no limit)
+        "quota_inodes": None,  # upper layer quota: inodes (None: no limit)
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -214,7 +216,7 @@ _VALUE_OPTIONS = frozenset(
      "engine", "passthrough", "uuid", "nfs_export", "verity",
      # fuse-overlayfs's
      "context", "squash_to_uid", "squash_to_gid", "xattr_permissions", "threaded", "fsync",
-     "writeback", "noxattrs", "plugins", "lowerdir_file"}
+     "writeback", "noxattrs", "plugins", "lowerdir_file", "quota_bytes", "quota_inodes"}
 )
 # The kernel's on/off features and the values it takes; _NOT_YET are the
 # ones we do not have yet (refused with a line saying so, after the
@@ -319,6 +321,19 @@ def split_layers(value: str) -> tuple[list[str], list[str]]:
         data.append(_unescape(parts[j]))
         i = j + 1
     return lowers, data
+
+
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str, name: str) -> int:
+    """A quota: a number, with k, M, G or T (powers of 1024) after it."""
+    v = value.strip()
+    suffix = v[-1:].lower() if v[-1:].isalpha() else ""
+    digits = v[:-1] if suffix else v
+    if suffix not in _SIZE_SUFFIX or not digits.isdigit() or len(digits) > 18:
+        raise OptionError(f"bad value '{value}' for {name} (expected a number, with k, M, G or T after it)")
+    return int(digits) * _SIZE_SUFFIX[suffix]
 
 
 def read_layer_file(path: str, cwd: str) -> tuple[list[str], list[str]]:
@@ -493,6 +508,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 timeouts[name] = seconds
         elif name == "context":
             extra["context"] = value
+        elif name in ("quota_bytes", "quota_inodes"):
+            extra[name] = parse_size(value, name)
         elif name in ("squash_to_uid", "squash_to_gid"):
             if not value.isdigit() or int(value) > 0xFFFFFFFE:
                 raise OptionError(f"bad value '{value}' for {name} (expected an id)")
@@ -626,6 +643,15 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                             ("ino32_t", flags.get("ino32_t")), ("noxattrs", extra.get("noxattrs"))):
             if given:
                 raise OptionError(f"{name} needs the native engine (not engine=pyfuse3)")
+    for name in ("quota_bytes", "quota_inodes"):
+        if name in extra:
+            if upper is None:
+                raise OptionError(f"{name} needs an upper layer (upperdir= and workdir=)")
+            if extra.get("engine") == "pyfuse3":
+                raise OptionError(f"{name} needs the native engine (not engine=pyfuse3)")
+    if "quota_bytes" in extra and flags.get("writeback"):
+        raise OptionError("quota_bytes cannot go with writeback=1: the kernel's writeback cache"
+                          " would report a write over the quota long after write(2) returned")
     if extra.get("xattr_permissions") and upper is None:
         extra["xattr_permissions"] = 0      # (as fuse-overlayfs: only an upper layer is written)
     if extra.get("engine", "native") == "native" and extra.get("workers", 1) > 64:

@@ -40,6 +40,14 @@ def format_stats(st: dict) -> str:
         f"copy-ups        {core.get('copy_ups', 0)}, {core.get('bytes_copied', 0)} bytes copied",
         f"inodes known    {st.get('inodes_known', 0)}, open files {st.get('open_files', 0)}",
     ]
+    quota = st.get("quota")
+    if quota:
+        def used(n, limit, unit=""):
+            if limit is None:
+                return f"{n}{unit} (no limit)"
+            return f"{n}{unit} of {limit}{unit} ({100.0 * n / limit if limit else 100.0:.1f}%)"
+        lines.append(f"quota bytes     {used(quota['bytes'], quota['bytes_limit'])}")
+        lines.append(f"quota inodes    {used(quota['inodes'], quota['inodes_limit'])}")
     layers = st.get("layers", [])
     if layers:
         lines.append("lookups served by each layer")

@@ -138,6 +138,9 @@ cdef class _Copier(_Lister):
         tpath = b"/proc/self/fd/%d/%s" % (wd, t)
         fmt = S.S_IFMT(st.st_mode)
         created = False
+        # the quota: a new inode, and the data copied (not a metacopy's)
+        qbytes = st.st_size if fmt == S.S_IFREG and data and not mc else 0
+        q_take(self, qbytes, 1)
         try:
             if fmt == S.S_IFDIR:
                 os.mkdir(t, 0o700, dir_fd=wd)
@@ -246,6 +249,7 @@ cdef class _Copier(_Lister):
                 except OSError as e:
                     log.debug("copy-up: parent times not restored: %s", e)
         except BaseException:
+            q_give(self, qbytes, 1)
             if created:
                 try:
                     if fmt == S.S_IFDIR:

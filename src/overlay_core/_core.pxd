@@ -168,6 +168,11 @@ cdef class _Stack:
     cdef object _private_dirs          # {(st_dev, st_ino)} of the upper and work dirs
     cdef object _cond                  # threading.Condition on the callers' lock, or None
     cdef public bint keep_listings     # readdir keeps listings (dircache)
+    cdef readonly bint quota_on        # quota_bytes= or quota_inodes= (_quota.pxi)
+    cdef readonly long long q_bytes_max, q_inodes_max   # the limits, -1: none
+    cdef public long long q_bytes, q_inodes             # what the upper holds
+    cdef readonly object qlock         # held around a size read, its change and the settling
+    cdef dict _q_orphans               # key -> Node: unlinked, counted until the last close
 
     cdef object _getx(self, int fd, bytes name)
     cdef int _opath(self, int dirfd, bytes name, bint directory) except -1
@@ -222,7 +227,14 @@ cdef class _Copier(_Lister):
     cdef _copy_up(self, Node n, bint data, bint meta)
 
 
-cdef class Overlay(_Copier):
+cdef class _Quota(_Copier):
+    """Upper layer quotas (_quota.pxi)."""
+    cpdef tuple quota_grow(self, int fd, long long off, long long end, bint partial)
+    cpdef quota_settle(self, long long before, long long allowed_end, long long done_end)
+    cpdef quota_truncated(self, long long before, long long after)
+
+
+cdef class Overlay(_Quota):
     """The changes to the merged tree (_namespace.pxi)."""
     cdef object _parent_owner(self, Node parent, int uid, int gid)
     cdef bytes _escape(self, bytes name)

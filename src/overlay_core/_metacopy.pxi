@@ -71,9 +71,32 @@ cdef copy_data_up(_Stack self, Node n, bint data):
     (n is busy: changes to it wait)."""
     upath = _proc(n.upper)
     size = sys_fstat(n.upper).st_size
-    cap = None
     if data and self.verity != "off":
         check_verity(self, n)
+    if not data and size and self.quota_on:
+        # a truncate to 0 follows: done first, so that the file's size is
+        # what the quota counts from the moment it is not a metacopy
+        os.truncate(upath, 0)
+    if data and size:
+        q_take(self, size, 0)       # the data now in the upper layer (the quota)
+    try:
+        _data_into_upper(self, n, data, size, upath)
+    except BaseException:
+        if data and size:
+            q_give(self, size, 0)
+        raise
+    os.removexattr(upath, self.x_metacopy)
+    for _, fd in n.lowers:
+        os.close(fd)
+    n.lowers = []
+    n.metacopy = False
+    n.redirect = None
+    self.counters["data_copy_ups"] += 1
+    self.renumbered.append(n)       # st_blocks and mtime changed
+
+
+cdef _data_into_upper(_Stack self, Node n, bint data, long long size, bytes upath):
+    cap = None
     if data and size:
         try:
             cap = os.getxattr(upath, b"security.capability")
@@ -101,14 +124,6 @@ cdef copy_data_up(_Stack self, Node n, bint data):
         if cap is not None:
             os.setxattr(upath, b"security.capability", cap)
         self.counters["bytes_copied"] += size
-    os.removexattr(upath, self.x_metacopy)
-    for _, fd in n.lowers:
-        os.close(fd)
-    n.lowers = []
-    n.metacopy = False
-    n.redirect = None
-    self.counters["data_copy_ups"] += 1
-    self.renumbered.append(n)       # st_blocks and mtime changed
 
 
 cdef object refuse_metacopy(bytes name):

@@ -6,7 +6,7 @@ RENAME_EXCHANGE, redirects), statfs, syncfs, fsync. The class the adapters
 use; everything before it is in its base classes."""
 
 
-cdef class Overlay(_Copier):
+cdef class Overlay(_Quota):
     """The layer stack and every operation on the merged tree."""
 
     # ------------------------------------------------------------ create
@@ -58,15 +58,23 @@ cdef class Overlay(_Copier):
             if link_src.parent is not None and self._has_origin(link_src):
                 set_impure(self, parent)    # a name of a copied-up object: as the kernel
             os.link(_proc(link_src.upper), dname, dst_dir_fd=dfd, follow_symlinks=True)
-        elif kind == S.S_IFDIR:
-            os.mkdir(dname, mode & 0o7777, dir_fd=dfd)
-        elif kind == S.S_IFREG and open_flags >= 0:
-            ofd = os.open(dname, (open_flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | O_CLOEXEC,
-                          mode & 0o7777, dir_fd=dfd)
-        elif kind == S.S_IFLNK:
-            os.symlink(target, dname, dir_fd=dfd)
+            if self.quota_on:
+                self._q_orphans.pop(link_src.key, None)     # an O_TMPFILE file named now
         else:
-            os.mknod(dname, kind | (mode & 0o7777), rdev, dir_fd=dfd)
+            q_take(self, 0, 1)          # a new inode (the quota)
+            try:
+                if kind == S.S_IFDIR:
+                    os.mkdir(dname, mode & 0o7777, dir_fd=dfd)
+                elif kind == S.S_IFREG and open_flags >= 0:
+                    ofd = os.open(dname, (open_flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | O_CLOEXEC,
+                                  mode & 0o7777, dir_fd=dfd)
+                elif kind == S.S_IFLNK:
+                    os.symlink(target, dname, dir_fd=dfd)
+                else:
+                    os.mknod(dname, kind | (mode & 0o7777), rdev, dir_fd=dfd)
+            except BaseException:
+                q_give(self, 0, 1)
+                raise
         try:
             if link_src is None and self._ovr_upper is not None:
                 # owner and mode in the xattr; the daemon keeps the object
@@ -89,6 +97,8 @@ cdef class Overlay(_Copier):
                 sys_renameat2(dfd, dname, parent.upper, name, RENAME_EXCHANGE)
                 os.unlink(dname, dir_fd=dfd)   # the whiteout, now in work
         except BaseException:
+            if link_src is None:
+                q_give(self, 0, 1)
             if ofd >= 0:
                 os.close(ofd)
             try:
@@ -129,13 +139,19 @@ cdef class Overlay(_Copier):
         self.copy_up(parent)
         uid, gid, _ = self._parent_owner(parent, uid, gid)
         f = (flags & ~(os.O_CREAT | os.O_TRUNC | os.O_NOCTTY | O_NOFOLLOW)) | os.O_TMPFILE | O_CLOEXEC
-        fd = os.open(_proc(parent.upper), f, mode & 0o7777)
+        q_take(self, 0, 1)
+        try:
+            fd = os.open(_proc(parent.upper), f, mode & 0o7777)
+        except BaseException:
+            q_give(self, 0, 1)
+            raise
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, mode & 0o7777)    # chown may clear set-id bits
             opath = os.open(_proc(fd), O_PATH | O_CLOEXEC)
         except BaseException:
             os.close(fd)
+            q_give(self, 0, 1)
             raise
         st = sys_fstat(opath)
         n = Node()
@@ -148,6 +164,8 @@ cdef class Overlay(_Copier):
         n.ino = self.map_ino(st)
         n.st = st
         n.ov = self
+        if self.quota_on:
+            self._q_orphans[n.key] = n      # counted until named (link) or closed
         return fd, n
 
     def link(self, Node src, Node parent, bytes name):
@@ -168,6 +186,12 @@ cdef class Overlay(_Copier):
         f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | O_NOFOLLOW) | O_CLOEXEC
         if n._bits & NB_METACOPY and self.verity != "off":
             check_verity(self, n)
+        if flags & os.O_TRUNC and self.quota_on and n.upper >= 0:
+            with self.qlock:
+                before = sys_fstat(n.upper).st_size if S.S_ISREG(sys_fstat(n.upper).st_mode) else 0
+                fd = os.open(_proc(n.datafd), f)
+                self.quota_truncated(before, 0)
+            return fd, n
         return os.open(_proc(n.datafd), f), n
 
     def setattr(self, Node n, mode=None, uid=None, gid=None, size=None,
@@ -176,7 +200,19 @@ cdef class Overlay(_Copier):
         n = self.copy_up(n, data=size is None or size != 0, meta=size is None)
         path = _proc(n.upper)
         if size is not None:
-            if fh is not None:
+            if self.quota_on:
+                with self.qlock:
+                    before, end = self.quota_grow(n.upper if fh is None else fh, size, size, False)
+                    try:
+                        if fh is not None:
+                            os.ftruncate(fh, size)
+                        else:
+                            os.truncate(path, size)
+                    except BaseException:
+                        self.quota_settle(before, end, before)
+                        raise
+                    self.quota_truncated(before, size)
+            elif fh is not None:
                 os.ftruncate(fh, size)
             else:
                 os.truncate(path, size)
@@ -391,8 +427,15 @@ cdef class Overlay(_Copier):
             raise _err(errno.EISDIR, name)
         self._wait_idle(n)
         n = self._index_start(n)
-        self._remove(parent, name, n)
-        self._index_end(n)
+        qfd = q_hold_fd(self, n)
+        try:
+            self._remove(parent, name, n)
+            self._index_end(n)
+        except BaseException:
+            if qfd >= 0:
+                os.close(qfd)
+            raise
+        q_gone(self, n, qfd)
         self._drop_alias(n, parent, name)
         if (n.parent, n.name) == (parent, name):
             self._unname(n)
@@ -469,7 +512,10 @@ cdef class Overlay(_Copier):
             raise _err(errno.ENOTEMPTY, name)
         n = self._index_start(n)
         iname = self._dir_index_name(n)
+        had_upper = n.upper >= 0
         self._remove(parent, name, n)
+        if had_upper:
+            q_give(self, 0, 1)
         self._dir_index_end(iname)
         self._unname(n)
         return n
@@ -615,56 +661,70 @@ cdef class Overlay(_Copier):
         new_iname = None
         if not overwrite:
             new = self.copy_up(new, meta=True)
-        elif new is not None:
+        qfd = -1
+        qdir = False
+        if overwrite and new is not None:
             new = self._index_start(new)
             new_iname = self._dir_index_name(new)
+            qfd = q_hold_fd(self, new)
+            qdir = new.is_dir and new.upper >= 0
             if new.is_dir and new.lowers and new.upper >= 0 and not need_clear:
                 need_clear = True       # copied up just now (nfs_export)
-        if need_clear:
-            # make the target an empty opaque dir first, as the kernel does
-            t = self._tmpname()
-            os.mkdir(t, 0o700, dir_fd=self.work_fd)
-            os.setxattr(b"/proc/self/fd/%d/%s" % (self.work_fd, t), self.x_opaque, b"y")
-            sys_renameat2(self.work_fd, t, np.upper, nname, RENAME_EXCHANGE)
-            self._clear_in_work(t)
-        if self._merge_or_lower(old):
-            self._set_redirect(old, samedir)
-        elif old.is_dir and not old.opaque and np.merged:
-            os.setxattr(_proc(old.upper), self.x_opaque, b"y")
-            old.opaque = True
-        if not overwrite:
-            if self._merge_or_lower(new):
-                self._set_redirect(new, samedir)
-            elif new.is_dir and not new.opaque and op.merged:
-                os.setxattr(_proc(new.upper), self.x_opaque, b"y")
-                new.opaque = True
-        if not samedir:
-            # a copied-up or moved entry in a new parent: mark it impure
-            if self._has_origin(old):
-                set_impure(self, np)
-            if exchange and self._has_origin(new):
-                set_impure(self, op)
-        if rflags & RENAME_WHITEOUT:
-            try:
+        try:
+            if need_clear:
+                # make the target an empty opaque dir first, as the kernel does
+                t = self._tmpname()
+                os.mkdir(t, 0o700, dir_fd=self.work_fd)
+                os.setxattr(b"/proc/self/fd/%d/%s" % (self.work_fd, t), self.x_opaque, b"y")
+                sys_renameat2(self.work_fd, t, np.upper, nname, RENAME_EXCHANGE)
+                self._clear_in_work(t)
+            if self._merge_or_lower(old):
+                self._set_redirect(old, samedir)
+            elif old.is_dir and not old.opaque and np.merged:
+                os.setxattr(_proc(old.upper), self.x_opaque, b"y")
+                old.opaque = True
+            if not overwrite:
+                if self._merge_or_lower(new):
+                    self._set_redirect(new, samedir)
+                elif new.is_dir and not new.opaque and op.merged:
+                    os.setxattr(_proc(new.upper), self.x_opaque, b"y")
+                    new.opaque = True
+            if not samedir:
+                # a copied-up or moved entry in a new parent: mark it impure
+                if self._has_origin(old):
+                    set_impure(self, np)
+                if exchange and self._has_origin(new):
+                    set_impure(self, op)
+            if rflags & RENAME_WHITEOUT:
+                try:
+                    sys_renameat2(op.upper, oname, np.upper, nname, rflags)
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    # no RENAME_WHITEOUT on this fs: rename, then whiteout the source
+                    sys_renameat2(op.upper, oname, np.upper, nname, rflags & ~RENAME_WHITEOUT)
+                    self._whiteout_over(op, oname, False, False)
+            else:
                 sys_renameat2(op.upper, oname, np.upper, nname, rflags)
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                # no RENAME_WHITEOUT on this fs: rename, then whiteout the source
-                sys_renameat2(op.upper, oname, np.upper, nname, rflags & ~RENAME_WHITEOUT)
-                self._whiteout_over(op, oname, False, False)
-        else:
-            sys_renameat2(op.upper, oname, np.upper, nname, rflags)
-        if cleanup_whiteout:
-            os.unlink(oname, dir_fd=op.upper)
+            if cleanup_whiteout:
+                os.unlink(oname, dir_fd=op.upper)
+        except BaseException:
+            if qfd >= 0:
+                os.close(qfd)
+            raise
+        if qdir:
+            q_give(self, 0, 1)
         self._rename_alias(old, op, oname, np, nname)
         if exchange:
             self._rename_alias(new, np, nname, op, oname)
         elif new is not None:
-            if not new.is_dir:
-                self._index_end(new)
-            else:
-                self._dir_index_end(new_iname)
+            try:
+                if not new.is_dir:
+                    self._index_end(new)
+                else:
+                    self._dir_index_end(new_iname)
+            finally:
+                q_gone(self, new, qfd)      # (its last name gone: its space back)
             self._drop_alias(new, np, nname)
             if (new.parent, new.name) == (np, nname):
                 self._unname(new)
@@ -694,8 +754,15 @@ cdef class Overlay(_Copier):
             os.close(fd)
 
     def statfs(self):
+        """statvfs of the upper layer (the top lower one without): with a
+        quota, an os.statvfs_result-like tuple with its limits applied."""
         fd = self.upper_root if self.upper_root >= 0 else self.lower_roots[0]
-        return os.statvfs(_proc(fd))
+        v = os.statvfs(_proc(fd))
+        if not self.quota_on:
+            return v
+        f = list(v)
+        f[2:7] = list(self.quota_statfs(v))
+        return os.statvfs_result(f)
 
     def fsync(self, int fd, bint datasync):
         if self.no_sync:

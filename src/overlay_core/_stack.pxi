@@ -84,6 +84,9 @@ cdef class _Stack:
                          "name_indexes": 0, "name_index_hits": 0, "handles_decoded": 0}
         self.renumbered = []
         self.layer_hits = [0] * (1 + len(self.lower_paths))
+        self.quota_on = False
+        self.q_bytes_max = self.q_inodes_max = -1
+        self._q_orphans = {}
         self.fd_cache_len = 0
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

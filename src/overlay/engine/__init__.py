@@ -84,8 +84,9 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
             fs.want_export = core.nfs_export
             # passthrough needs CAP_SYS_ADMIN (BACKING_OPEN) and excludes
             # the writeback cache
+            # (and a quota on bytes, which counts every write)
             fs.want_passthrough = (config.passthrough and not config.writeback
-                                   and mnt.can_mount())
+                                   and config.quota_bytes is None and mnt.can_mount())
             fs.stack_depth = _stack_depth(config)
             fs.debug = config.debug
             flags = mnt.mount_flags(config.ignored, config.read_only)

@@ -229,15 +229,11 @@ cdef int op_write(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
     if a.write_flags & FUSE_WRITE_KILL_SUIDGID:
         with self.lock:
             self._kill_suidgid((<_Handle>hd).node)
-    with nogil:
-        while done < size:
-            r = pwrite(rfd, data + done, size - done, off + done)
-            if r < 0:
-                if errno == 4:
-                    continue
-                err = errno
-                break
-            done += r
+    if self.core.quota_on:
+        err = _quota_write(self, rfd, data, &size, off, &done)
+    else:
+        with nogil:
+            err = _pwrite_all(rfd, data, size, off, &done)
     if err and done == 0:
         self.reply_err(fd, h.unique, err)
         return 0
@@ -245,6 +241,39 @@ cdef int op_write(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
     o.padding = 0
     self.reply(fd, h.unique, &o, sizeof(o))
     return 0
+
+
+cdef int _pwrite_all(int rfd, const char *data, size_t size, uint64_t off, size_t *done) noexcept nogil:
+    """pwrite until size bytes are written or an error (its errno, else 0)."""
+    cdef ssize_t r
+    while done[0] < size:
+        r = pwrite(rfd, data + done[0], size - done[0], off + done[0])
+        if r < 0:
+            if errno == 4:      # EINTR
+                continue
+            return errno
+        done[0] += r
+    return 0
+
+
+cdef int _quota_write(OverlayFS self, int rfd, const char *data, size_t *size, uint64_t off,
+                      size_t *done) except -1:
+    """A write under quota_bytes: the growth of the file counted first, the
+    write cut where the quota ends (EDQUOT if nothing fits), what was not
+    written given back; one write at a time (qlock), as each reads the
+    size the other changes."""
+    cdef int err
+    cdef size_t n
+    with self.core.qlock:
+        try:
+            before, end = self.core.quota_grow(rfd, off, off + size[0], True)
+        except OSError as e:
+            return e.errno
+        n = end - off
+        with nogil:
+            err = _pwrite_all(rfd, data, n, off, done)
+        self.core.quota_settle(before, end, off + done[0])
+    return err
 
 
 cdef int op_release(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
@@ -284,11 +313,51 @@ cdef int op_fallocate(OverlayFS self, int fd, fuse_in_header *h, char *arg, size
     cdef long long off = a.offset, length = a.length
     with self.lock:
         rfd = self._fd(self.handles[a.fh])
+    if self.core.quota_on:
+        _quota_fallocate(self, rfd, mode, off, length)
+        self.reply_err(fd, h.unique, 0)
+        return 0
     with nogil:
         ret = c_fallocate(rfd, mode, off, length)
     if ret != 0:
         raise OSError(errno, os.strerror(errno))
     self.reply_err(fd, h.unique, 0)
+    return 0
+
+
+cdef int _quota_fallocate(OverlayFS self, int rfd, int mode, long long off, long long length) except -1:
+    """fallocate under a quota: a growth of the size counted whole or
+    EDQUOT, a shrink (COLLAPSE_RANGE) given back. Space kept past the end
+    (FALLOC_FL_KEEP_SIZE) is not a size the quota sees: refused under
+    quota_bytes (EOPNOTSUPP: posix_fallocate then writes zeros, which are
+    counted)."""
+    cdef int ret, err
+    cdef struct_stat st
+    cdef long long cur, target
+    with self.core.qlock:
+        if fstat(rfd, &st) != 0:
+            raise OSError(errno, os.strerror(errno))
+        cur = st.st_size
+        if (mode & FALLOC_FL_KEEP_SIZE and not mode & FALLOC_FL_PUNCH_HOLE
+                and off + length > cur and self.core.q_bytes_max >= 0):
+            raise OSError(E.EOPNOTSUPP, os.strerror(E.EOPNOTSUPP))
+        if mode & FALLOC_FL_INSERT_RANGE:
+            target = cur + length
+        elif mode & (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE):
+            target = cur
+        else:
+            target = max(cur, off + length)
+        before, end = self.core.quota_grow(rfd, off, target, False)
+        with nogil:
+            ret = c_fallocate(rfd, mode, off, length)
+        if ret != 0:
+            err = errno
+            self.core.quota_settle(before, end, before)
+            raise OSError(err, os.strerror(err))
+        if fstat(rfd, &st) != 0:
+            raise OSError(errno, os.strerror(errno))
+        self.core.quota_settle(before, end, st.st_size)
+        self.core.quota_truncated(before, st.st_size)
     return 0
 
 
@@ -322,13 +391,28 @@ cdef int op_copy_file_range(OverlayFS self, int fd, fuse_in_header *h, char *arg
     cdef size_t length = a.len
     cdef unsigned int flags = a.flags
     cdef ssize_t r
+    cdef size_t qlen
+    cdef long long start
     with self.lock:
         fin = self._fd(self.handles[a.fh_in])
         fout = self._fd(self.handles[a.fh_out])
     if not wide and length > 0xfffff000:
         length = 0xfffff000
-    with nogil:
-        r = c_copy_file_range(fin, &oin, fout, &oout, length, flags)
+    if self.core.quota_on:
+        with self.core.qlock:
+            # counted as a write of length bytes at off_out, cut at the quota
+            before, end = self.core.quota_grow(fout, oout, oout + length, True)
+            start = oout
+            qlen = <size_t>(<long long>end - start)
+            with nogil:
+                r = c_copy_file_range(fin, &oin, fout, &oout, qlen, flags)
+            self.core.quota_settle(before, end, start + (r if r > 0 else 0))
+            if r < 0:
+                err = errno
+                raise OSError(err, os.strerror(err))
+    else:
+        with nogil:
+            r = c_copy_file_range(fin, &oin, fout, &oout, length, flags)
     if r < 0:
         raise OSError(errno, os.strerror(errno))
     if wide:

@@ -33,6 +33,7 @@ from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
 from libc.string cimport memset, memcpy
 from posix.unistd cimport pread, pwrite, write
+from posix.stat cimport struct_stat, fstat
 
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
@@ -65,6 +66,9 @@ cdef inline unsigned long _decode_dev(uint32_t d) noexcept:
 
 cdef extern from "<fcntl.h>" nogil:
     int c_fallocate "fallocate"(int fd, int mode, long long offset, long long length)
+
+cdef extern from "<linux/falloc.h>" nogil:
+    int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE
 
 cdef extern from "<unistd.h>" nogil:
     long long c_lseek "lseek64"(int fd, long long offset, int whence)
@@ -253,6 +257,7 @@ cdef class OverlayFS(Session):
             if self.counts[i]:
                 req[OPCODE_NAMES.get(i, str(i)).lower()] = self.counts[i]
         return {"requests": req, "core": dict(self.core.counters), "layers": self.core.layer_stats(),
+                "quota": self.core.quota_usage(),
                 "inodes_known": len(self.inodes), "open_files": len(self.handles),
                 "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,
                 "backing_files": len(self.backings),
@@ -536,6 +541,8 @@ cdef class OverlayFS(Session):
             _unback(self, hd.backing_key)
         node = hd.node
         node.pins -= 1
+        if not node.pins and self.core.quota_on:
+            self.core.quota_closed(node)  # an unlinked file's space given back
         if not node.pins and not self.inodes.contains(node.fuse_id):
             self.core.release(node)       # forgotten while open
 
