@@ -43,8 +43,10 @@ from .systems import ORDER, SYSTEMS, Missing, System, daemon_pids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = ("tree", "big", "small", "layers", "image")
-STACK_RATIO_TARGET = 1.2
-MOUNT_TARGET_S = 0.15
+STACK_RATIO_TARGET = 1.2          # up to the kernel's 500 layers
+STACK_RATIO_TARGET_DEEP = 1.5     # past them (2,000 layers: lowerdir_file)
+MOUNT_TARGET_S = 0.15             # up to 500 layers
+MOUNT_TARGET_DEEP_S = 0.5         # past them
 
 
 def say(msg: str) -> None:
@@ -342,18 +344,20 @@ def build_results(args, metrics: list[Metric], samples, missing, status, meta) -
         top = max(stacks)
         lo, hi = (by_id.get(f"stack_stat_{n}") for n in (1, top))
         v = _ratio(hi and hi["median"]["ours"], lo and lo["median"]["ours"])
+        limit = STACK_RATIO_TARGET if top <= 500 else STACK_RATIO_TARGET_DEEP
         c = {"id": f"stack_stat_{top}:vs1", "description": f"ours: stat at {top} layers ≤ "
-             f"{STACK_RATIO_TARGET}× the time at 1 layer", "value": v, "limit": STACK_RATIO_TARGET,
-             "unit": "×", "passed": None if v is None else v <= STACK_RATIO_TARGET}
+             f"{limit}× the time at 1 layer", "value": v, "limit": limit,
+             "unit": "×", "passed": None if v is None else v <= limit}
         extra.append(c)
         if hi:
             hi["targets"].append(c)
     mrow = by_id.get(f"mount_{args.sizes.mount_layers}")
     if mrow:
         v = mrow["median"]["ours"]
+        limit = MOUNT_TARGET_S if args.sizes.mount_layers <= 500 else MOUNT_TARGET_DEEP_S
         c = {"id": f"{mrow['id']}:abs", "description": f"ours: mount {args.sizes.mount_layers} layers < "
-             f"{fmt_time(MOUNT_TARGET_S)}", "value": v, "limit": MOUNT_TARGET_S, "unit": "s",
-             "passed": None if v is None else v < MOUNT_TARGET_S}
+             f"{fmt_time(limit)}", "value": v, "limit": limit, "unit": "s",
+             "passed": None if v is None else v < limit}
         extra.append(c)
         mrow["targets"].append(c)
     for r in rows:

@@ -70,6 +70,8 @@ INDEX_MIN_LAYERS = 8
 OCI_WH = b".wh."
 OCI_OPQ = b".wh..wh..opq"
 INDEX_AFTER_LOOKUPS = 4
+# ... at once in dirs with this many lower dirs (a probe of each costs more)
+INDEX_EAGER_LAYERS = 64
 # read-only xattr naming the layer that serves an object (Overlay.layer_info)
 LAYER_XATTR = b"user.overlay-fuse.layer"
 LAYER_XATTR_AT = LAYER_XATTR + b"/"      # + NAME: that of a dir's entry NAME
@@ -83,11 +85,7 @@ cdef inline bytes _proc(int fd):
 
 def _listdir(int fd):
     """Names (bytes) in the directory behind (O_PATH) fd."""
-    rfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
-    try:
-        return [os.fsencode(nm) for nm in os.listdir(rfd)]
-    finally:
-        os.close(rfd)
+    return c_listdir(fd)
 
 
 cdef inline bint _is_whiteout_st(st):

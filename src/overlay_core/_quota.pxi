@@ -15,21 +15,6 @@ gone and no open file holds it: an unlinked open file's are given back at
 its last close, quota_closed). An operation that would pass a limit fails
 with EDQUOT before anything is written; a write is cut at the limit."""
 
-cdef extern from "<dirent.h>" nogil:
-    ctypedef struct DIR
-    struct dirent:
-        unsigned char d_type
-        char d_name[256]
-    DIR *fdopendir(int fd)
-    dirent *readdir(DIR *d)
-    int closedir(DIR *d)
-    int dirfd(DIR *d)
-    unsigned char DT_DIR
-    unsigned char DT_UNKNOWN
-
-cdef extern from "<fcntl.h>" nogil:
-    int openat(int dirfd, const char *path, int flags, ...)
-
 import time
 
 
@@ -78,7 +63,7 @@ cdef int _q_walk(_Stack self, int dfd, set seen, long long *acc, bint files_only
             if files_only:
                 continue
             acc[1] += 1
-            sub = openat(dirfd(d), nm, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            sub = c_openat(dirfd(d), nm, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
             if sub < 0:
                 err = c_errno
                 if err == ENOENT:

@@ -126,7 +126,7 @@ cdef class _Resolver(_Stack):
             if redirect is None and below < 0 and len(plan) >= INDEX_MIN_LAYERS:
                 if parent.lindex is None:
                     parent.nlookups += 1
-                    if parent.nlookups >= INDEX_AFTER_LOOKUPS:
+                    if parent.nlookups >= INDEX_AFTER_LOOKUPS or len(plan) >= INDEX_EAGER_LAYERS:
                         self._build_index(parent)
                 if parent.lindex is not None:
                     self.counters["name_index_hits"] += 1
@@ -197,6 +197,11 @@ cdef class _Resolver(_Stack):
             dirs.append((idx, fd))
             if idx == n - 1:
                 break
+            if not self.oci and not c_has_xattr_prefix(fd, self.prefix, True):
+                # (most lower dirs have no overlay xattr: one call, not two)
+                if self._walk_stop:
+                    break
+                continue
             op = self._getx(fd, self.x_opaque)
             if op == b"y" or (self.oci and self._oci_opaque(fd)):
                 break
@@ -269,7 +274,7 @@ cdef class _Resolver(_Stack):
         index = {}
         cdef Py_ssize_t pos
         for pos in range(len(d.lowers)):
-            for b in _listdir(d.lowers[pos][1]):
+            for b in c_listdir(d.lowers[pos][1]):
                 if self.oci and b.startswith(OCI_WH):
                     if b == OCI_OPQ:
                         continue

@@ -229,9 +229,13 @@ cdef class _Stack:
 
     cdef int _opath(self, int dirfd, bytes name, bint directory) except -1:
         cdef int flags = O_PATH | O_NOFOLLOW | O_CLOEXEC
+        cdef int fd
         if directory:
             flags |= O_DIRECTORY
-        return os.open(name, flags, dir_fd=dirfd)
+        fd = c_openat(dirfd, name, flags)
+        if fd < 0:
+            raise _oserror(c_errno, name)
+        return fd
 
     cdef bint _oci_whiteout(self, int dirfd, bytes name) except -1:
         """OCI layers: is there a .wh.<name> next to (absent) name?"""

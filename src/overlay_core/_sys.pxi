@@ -7,7 +7,7 @@ on failure; the data copy loop runs without the GIL.
 """
 
 from libc.errno cimport errno as c_errno, EINVAL, EXDEV, ENOSYS, EOPNOTSUPP, ENXIO, EINTR, EBADF, ENOTTY, EPERM
-from libc.string cimport strerror, memcpy, memset
+from libc.string cimport strerror, memcpy, memset, strncmp, strlen
 from posix.types cimport off_t, mode_t
 from posix.unistd cimport lseek, ftruncate, read, write, pread, pwrite
 from libc.stdlib cimport malloc, free
@@ -22,6 +22,25 @@ cdef extern from "<fcntl.h>" nogil:
     int AT_EMPTY_PATH
     int SEEK_DATA
     int SEEK_HOLE
+
+cdef extern from "<dirent.h>" nogil:
+    ctypedef struct DIR
+    struct dirent:
+        unsigned char d_type
+        char d_name[256]
+    DIR *fdopendir(int fd)
+    dirent *readdir(DIR *d)
+    int closedir(DIR *d)
+    int dirfd(DIR *d)
+    unsigned char DT_DIR
+    unsigned char DT_UNKNOWN
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void c_errno_set(int v) { errno = v; }
+    """
+    void c_errno_set(int v) nogil
 
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
@@ -258,6 +277,7 @@ def sys_fsync(int fd, bint datasync=False):
 
 cdef extern from "<sys/xattr.h>" nogil:
     ssize_t c_getxattr "getxattr"(const char *path, const char *name, void *value, size_t size)
+    ssize_t c_listxattr "listxattr"(const char *path, char *names, size_t size)
 
 cdef extern from "<fcntl.h>" nogil:
     int c_openat "openat"(int dirfd, const char *pathname, int flags, ...)
@@ -310,6 +330,41 @@ def sys_fstat(int fd):
     return _mkstat(&st)
 
 
+cdef bint _listxattrat_ok = True
+DEF SYS_LISTXATTRAT = 465
+
+cdef extern from "<unistd.h>" nogil:
+    long c_syscall "syscall"(long number, ...)
+
+
+cdef bint c_has_xattr_prefix(int fd, bytes prefix, bint dir=False) noexcept:
+    """Does the object behind (O_PATH) fd have an xattr whose name starts
+    with prefix? (True when that cannot be told: the caller then reads
+    the ones it wants.) One listxattr instead of a getxattr per name."""
+    cdef char path[48]
+    cdef char buf[1024]
+    cdef ssize_t n, i = 0
+    cdef Py_ssize_t plen = len(prefix)
+    cdef const char *p = prefix
+    global _listxattrat_ok
+    n = -1
+    if dir and _listxattrat_ok:
+        # listxattrat(2) (Linux 6.13) at "." of the dir: no walk of /proc
+        n = c_syscall(SYS_LISTXATTRAT, fd, b".", AT_SYMLINK_NOFOLLOW, buf, sizeof(buf))
+        if n < 0 and c_errno == ENOSYS:
+            _listxattrat_ok = False
+    if n < 0 and not (dir and _listxattrat_ok):
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd)
+        n = c_listxattr(path, buf, sizeof(buf))
+    if n < 0:
+        return c_errno != ENODATA and c_errno != EOPNOTSUPP
+    while i < n:
+        if strncmp(buf + i, p, plen) == 0:
+            return True
+        i += strlen(buf + i) + 1
+    return False
+
+
 cdef object c_getx(int fd, const char *name):
     """Value of xattr name on the object behind (O_PATH) fd, or None when it
     has none (or the fs has no xattrs)."""
@@ -331,6 +386,38 @@ cdef object c_getx(int fd, const char *name):
                 return None
             raise
     raise _oserror(c_errno, name)
+
+
+cdef list c_listdir(int fd):
+    """Names (bytes, without . and ..) in the dir behind (O_PATH) fd."""
+    cdef int rfd = c_openat(fd, ".", O_DIRECTORY | O_CLOEXEC)     # (O_RDONLY)
+    cdef DIR *d
+    cdef dirent *e
+    cdef const char *nm
+    cdef int err
+    if rfd < 0:
+        raise _oserror(c_errno)
+    d = fdopendir(rfd)
+    if d == NULL:
+        err = c_errno
+        os.close(rfd)
+        raise _oserror(err)
+    out = []
+    try:
+        while True:
+            c_errno_set(0)
+            e = readdir(d)
+            if e == NULL:
+                if c_errno:
+                    raise _oserror(c_errno)
+                break
+            nm = e.d_name
+            if nm[0] == b'.' and (nm[1] == 0 or (nm[1] == b'.' and nm[2] == 0)):
+                continue
+            out.append(<bytes>nm)
+    finally:
+        closedir(d)
+    return out
 
 
 def blind_stat(unsigned int mode, unsigned long long ino):
