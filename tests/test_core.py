@@ -1143,14 +1143,17 @@ def test_invalid_redirect_errno_as_kernel(mkstack, redirect, expected):
         assert names(o, "r") == []
 
 
-def test_name_index_agrees_with_probing(mkstack):
-    """Dirs with many lower layers get a name index after a few lookups;
-    lookups through it must give what probing every layer gives."""
+@pytest.mark.parametrize("nlayers", [12, 100])
+def test_name_index_agrees_with_probing(mkstack, nlayers):
+    """Dirs with many lower layers get a name index after a few lookups
+    (at the second with 64 or more, whose reads are prefetched in
+    parallel); lookups through it must give what probing every layer
+    gives (a new overlay for each name: its first lookups probe)."""
     import random
     rng = random.Random(7)
-    s = mkstack(12)
+    s = mkstack(nlayers)
     names = [f"n{i}" for i in range(40)]
-    for i in range(12):
+    for i in range(nlayers):
         os.makedirs(s.L(i, "d"), exist_ok=True)
         for nm in rng.sample(names, 15):
             kind = rng.choice(["file", "file", "dir", "whiteout"])
@@ -1172,8 +1175,12 @@ def test_name_index_agrees_with_probing(mkstack):
             return ("dir", sorted(o.list_names(n)))
         return ("file", read(o, "d/" + nm.decode()))
 
-    plain = s.overlay()
-    expect = {nm: describe(plain, resolve(plain, "d"), nm.encode()) for nm in names}
+    expect = {}
+    for nm in names:
+        plain = s.overlay()
+        expect[nm] = describe(plain, resolve(plain, "d"), nm.encode())
+        assert resolve(plain, "d").lindex is None
+        plain.close()
     indexed = s.overlay()
     d = resolve(indexed, "d")
     for _ in range(3):

@@ -70,7 +70,8 @@ INDEX_MIN_LAYERS = 8
 OCI_WH = b".wh."
 OCI_OPQ = b".wh..wh..opq"
 INDEX_AFTER_LOOKUPS = 4
-# ... at once in dirs with this many lower dirs (a probe of each costs more)
+# ... at the second in dirs with this many lower dirs (a probe of each
+# costs more), whose reads are also made in parallel (prefetch_layers)
 INDEX_EAGER_LAYERS = 64
 # read-only xattr naming the layer that serves an object (Overlay.layer_info)
 LAYER_XATTR = b"user.overlay-fuse.layer"

@@ -126,8 +126,11 @@ cdef class _Resolver(_Stack):
             if redirect is None and below < 0 and len(plan) >= INDEX_MIN_LAYERS:
                 if parent.lindex is None:
                     parent.nlookups += 1
-                    if parent.nlookups >= INDEX_AFTER_LOOKUPS or len(plan) >= INDEX_EAGER_LAYERS:
+                    deep = len(plan) >= INDEX_EAGER_LAYERS
+                    if parent.nlookups >= (2 if deep else INDEX_AFTER_LOOKUPS):
                         self._build_index(parent)
+                    elif deep:
+                        prefetch_layers([e[1] for e in plan], name)
                 if parent.lindex is not None:
                     self.counters["name_index_hits"] += 1
                     positions = parent.lindex.get(name)
@@ -273,6 +276,8 @@ cdef class _Resolver(_Stack):
         lower dirs changed behind the mount."""
         index = {}
         cdef Py_ssize_t pos
+        if len(d.lowers) >= INDEX_EAGER_LAYERS:
+            prefetch_layers([e[1] for e in d.lowers], None)
         for pos in range(len(d.lowers)):
             for b in c_listdir(d.lowers[pos][1]):
                 if self.oci and b.startswith(OCI_WH):

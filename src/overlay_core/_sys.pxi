@@ -9,7 +9,7 @@ on failure; the data copy loop runs without the GIL.
 from libc.errno cimport errno as c_errno, EINVAL, EXDEV, ENOSYS, EOPNOTSUPP, ENXIO, EINTR, EBADF, ENOTTY, EPERM
 from libc.string cimport strerror, memcpy, memset, strncmp, strlen
 from posix.types cimport off_t, mode_t
-from posix.unistd cimport lseek, ftruncate, read, write, pread, pwrite
+from posix.unistd cimport lseek, ftruncate, read, write, pread, pwrite, close
 from libc.stdlib cimport malloc, free
 from posix.stat cimport struct_stat, fstatat, fstat
 
@@ -328,6 +328,79 @@ def sys_fstat(int fd):
     if ret != 0:
         raise _oserror(c_errno)
     return _mkstat(&st)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    int pthread_create(pthread_t *thread, const void *attr, void *(*start)(void *) noexcept nogil,
+                       void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_getdents64
+
+cdef struct _Prefetch:
+    const int *fds
+    Py_ssize_t n
+    int step
+    int first
+    const char *name      # NULL: read the dirs' listings
+
+
+cdef void *_prefetch_worker(void *arg) noexcept nogil:
+    cdef _Prefetch *job = <_Prefetch*>arg
+    cdef struct_stat st
+    cdef char buf[16384]
+    cdef Py_ssize_t i = job.first
+    cdef int d
+    while i < job.n:
+        if job.name != NULL:
+            fstatat(job.fds[i], job.name, &st, AT_SYMLINK_NOFOLLOW)
+        else:
+            d = c_openat(job.fds[i], ".", 0o200000 | 0o2000000)    # O_DIRECTORY | O_CLOEXEC
+            if d >= 0:
+                while c_syscall(SYS_getdents64, d, buf, sizeof(buf)) > 0:
+                    pass
+                close(d)
+        i += job.step
+    return NULL
+
+
+DEF PREFETCH_THREADS = 16
+
+cdef void prefetch_layers(list fds, bytes name) noexcept:
+    """Read, in parallel, what a walk through many lower dirs is about to
+    read one by one (the stat of name in each, or each one's listing):
+    cold, the disk then serves many reads at a time instead of one after
+    another; warm, it costs a few syscalls per layer."""
+    cdef Py_ssize_t n = len(fds), i
+    cdef int t, nthreads = PREFETCH_THREADS
+    cdef int *arr
+    cdef _Prefetch jobs[PREFETCH_THREADS]
+    cdef pthread_t tids[PREFETCH_THREADS]
+    cdef bint started[PREFETCH_THREADS]
+    cdef const char *cname = NULL
+    if n < 2 * nthreads:
+        return
+    arr = <int*>malloc(n * sizeof(int))
+    if arr == NULL:
+        return
+    for i in range(n):
+        arr[i] = fds[i]
+    if name is not None:
+        cname = name
+    with nogil:
+        for t in range(nthreads):
+            jobs[t].fds = arr
+            jobs[t].n = n
+            jobs[t].step = nthreads
+            jobs[t].first = t
+            jobs[t].name = cname
+            started[t] = pthread_create(&tids[t], NULL, _prefetch_worker, &jobs[t]) == 0
+        for t in range(nthreads):
+            if started[t]:
+                pthread_join(tids[t], NULL)
+    free(arr)
 
 
 cdef bint _listxattrat_ok = True
