@@ -1347,3 +1347,43 @@ def test_nfs_export_write_through_disconnected_handle(mkstack):
     again = ov.lookup(ov.lookup(ov.root, b"a"), b"f")
     assert again is n2 and again.parent is not None
     assert _read(ov, again) == b"Jello\n"
+
+
+# ---------------------------------------------------------------------------
+# upper layer quotas (mounted: tests/test_quota.py)
+
+
+def test_quota_counts_in_the_core(mkstack):
+    """The count at mount and the core's operations keep the usage; EDQUOT
+    before anything is made."""
+    s = mkstack(1)
+    mkfile(s.L(0, "low"), b"L" * 100)
+    os.mkdir(s.U("old"))
+    mkfile(s.U("old", "f"), b"x" * 40)
+    os.link(s.U("old", "f"), s.U("old", "g"))           # one inode
+    os.mknod(s.U("wh"), S.S_IFCHR, 0)                    # a whiteout: not counted
+    o = s.overlay()
+    o.set_quota(200, 4)
+    assert (o.q_bytes, o.q_inodes) == (40, 2)
+    assert o.quota_usage() == {"bytes": 40, "bytes_limit": 200, "inodes": 2, "inodes_limit": 4}
+    o.mkdir(o.root, b"d", 0o755, 0, 0)
+    assert (o.q_bytes, o.q_inodes) == (40, 3)
+    n = o.lookup(o.root, b"low")
+    o.setattr(n, mode=0o600)                            # a copy-up: data and inode
+    assert (o.q_bytes, o.q_inodes) == (140, 4)
+    with pytest.raises(OSError) as e:
+        o.symlink(o.root, b"ln", b"t", 0, 0)
+    assert e.value.errno == errno.EDQUOT and not os.path.lexists(s.U("ln"))
+    with pytest.raises(OSError) as e:
+        o.setattr(o.lookup(o.root, b"low"), size=101)     # 140 - 100 + 101 <= 200: fits
+        o.setattr(o.lookup(o.root, b"low"), size=161)     # 40 + 161 > 200
+    assert e.value.errno == errno.EDQUOT and os.path.getsize(s.U("low")) == 101
+    o.unlink(o.root, b"low")
+    assert (o.q_bytes, o.q_inodes) == (40, 3)
+    o.unlink(o.lookup(o.root, b"old"), b"f")
+    assert (o.q_bytes, o.q_inodes) == (40, 3)            # g is still a name of it
+    o.unlink(o.lookup(o.root, b"old"), b"g")
+    o.rmdir(o.root, b"d")
+    assert (o.q_bytes, o.q_inodes) == (0, 1)
+    v = o.statfs()
+    assert v.f_files == 4 and v.f_ffree == 3
