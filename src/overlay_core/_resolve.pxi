@@ -276,10 +276,9 @@ cdef class _Resolver(_Stack):
         lower dirs changed behind the mount."""
         index = {}
         cdef Py_ssize_t pos
-        if len(d.lowers) >= INDEX_EAGER_LAYERS:
-            prefetch_layers([e[1] for e in d.lowers], None)
+        listings = c_listdirs([e[1] for e in d.lowers])
         for pos in range(len(d.lowers)):
-            for b in c_listdir(d.lowers[pos][1]):
+            for b in listings[pos]:
                 if self.oci and b.startswith(OCI_WH):
                     if b == OCI_OPQ:
                         continue

@@ -10,7 +10,7 @@ from libc.errno cimport errno as c_errno, EINVAL, EXDEV, ENOSYS, EOPNOTSUPP, ENX
 from libc.string cimport strerror, memcpy, memset, strncmp, strlen
 from posix.types cimport off_t, mode_t
 from posix.unistd cimport lseek, ftruncate, read, write, pread, pwrite, close
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, calloc, realloc
 from posix.stat cimport struct_stat, fstatat, fstat
 
 cdef extern from "<stdio.h>" nogil:
@@ -401,6 +401,124 @@ cdef void prefetch_layers(list fds, bytes name) noexcept:
             if started[t]:
                 pthread_join(tids[t], NULL)
     free(arr)
+
+
+cdef struct _ListJob:
+    const int *fds
+    Py_ssize_t n
+    int step
+    int first
+    char **bufs         # per dir: its getdents64 records (malloc), or NULL
+    size_t *lens        # bytes of records
+    int *errs           # per dir: an errno, or 0
+
+
+cdef void *_list_worker(void *arg) noexcept nogil:
+    cdef _ListJob *job = <_ListJob*>arg
+    cdef Py_ssize_t i = job.first
+    cdef int d
+    cdef size_t cap, used
+    cdef long r
+    cdef char *buf
+    cdef char *nbuf
+    while i < job.n:
+        d = c_openat(job.fds[i], ".", 0o200000 | 0o2000000)    # O_DIRECTORY | O_CLOEXEC
+        if d < 0:
+            job.errs[i] = c_errno
+            i += job.step
+            continue
+        cap = 4096         # (most lower dirs of deep stacks are small)
+        used = 0
+        buf = <char*>malloc(cap)
+        while buf != NULL:
+            if cap - used < 2048:
+                nbuf = <char*>realloc(buf, cap * 2)
+                if nbuf == NULL:
+                    free(buf)
+                    buf = NULL
+                    job.errs[i] = 12        # ENOMEM
+                    break
+                buf = nbuf
+                cap *= 2
+            r = c_syscall(SYS_getdents64, d, buf + used, cap - used)
+            if r < 0:
+                job.errs[i] = c_errno
+                break
+            if r == 0:
+                break
+            used += r
+        if buf == NULL and job.errs[i] == 0:
+            job.errs[i] = 12
+        close(d)
+        job.bufs[i] = buf
+        job.lens[i] = used
+        i += job.step
+    return NULL
+
+
+cdef list c_listdirs(list fds):
+    """The names (bytes) in each dir behind the (O_PATH) fds: a list per
+    dir. Many dirs are read by 16 threads at once (a cold disk then serves
+    them together), few in this thread."""
+    cdef Py_ssize_t n = len(fds), i
+    cdef int t, nthreads = PREFETCH_THREADS if n >= 4 * PREFETCH_THREADS else 1
+    cdef int *arr = <int*>calloc(n + 1, sizeof(int))
+    cdef char **bufs = <char**>calloc(n + 1, sizeof(char*))
+    cdef size_t *lens = <size_t*>calloc(n + 1, sizeof(size_t))
+    cdef int *errs = <int*>calloc(n + 1, sizeof(int))
+    cdef _ListJob jobs[PREFETCH_THREADS]
+    cdef pthread_t tids[PREFETCH_THREADS]
+    cdef bint started[PREFETCH_THREADS]
+    cdef size_t off
+    cdef unsigned short reclen
+    cdef const char *nm
+    try:
+        if arr == NULL or bufs == NULL or lens == NULL or errs == NULL:
+            raise MemoryError()
+        for i in range(n):
+            arr[i] = fds[i]
+        with nogil:
+            for t in range(nthreads):
+                jobs[t].fds = arr
+                jobs[t].n = n
+                jobs[t].step = nthreads
+                jobs[t].first = t
+                jobs[t].bufs = bufs
+                jobs[t].lens = lens
+                jobs[t].errs = errs
+            if nthreads == 1:
+                _list_worker(&jobs[0])
+            else:
+                for t in range(nthreads):
+                    started[t] = pthread_create(&tids[t], NULL, _list_worker, &jobs[t]) == 0
+                for t in range(nthreads):
+                    if started[t]:
+                        pthread_join(tids[t], NULL)
+                    else:
+                        _list_worker(&jobs[t])      # (no thread: read them here)
+        out = []
+        for i in range(n):
+            if errs[i]:
+                raise _oserror(errs[i])
+            names = []
+            off = 0
+            while off < lens[i]:
+                # struct linux_dirent64: u64 ino, s64 off, u16 reclen, u8 type, name
+                reclen = (<unsigned short*>(bufs[i] + off + 16))[0]
+                nm = bufs[i] + off + 19
+                if not (nm[0] == b'.' and (nm[1] == 0 or (nm[1] == b'.' and nm[2] == 0))):
+                    names.append(<bytes>nm)
+                off += reclen
+            out.append(names)
+        return out
+    finally:
+        if bufs != NULL:
+            for i in range(n):
+                free(bufs[i])
+        free(arr)
+        free(bufs)
+        free(lens)
+        free(errs)
 
 
 cdef bint _listxattrat_ok = True
