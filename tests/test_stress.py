@@ -23,7 +23,7 @@
   ``timeout=0`` so every lookup reaches the daemon): the daemon's peak RSS
   (VmHWM) stays under a generous bound and its RSS does not keep growing
   (after 20% of the operations vs at the end).  REL_MEM_OPS (default
-  100,000; the soak script runs 1,000,000).  The daemon gets an
+  50,000; the soak script runs 1,000,000).  The daemon gets an
   RLIMIT_NOFILE that holds the tree: it holds an fd per cached inode, which
   ``test_fd_limit_does_not_limit_tree_size`` shows to be a limit of its own
   (a walk over 5,000 files with the common limit of 1024).
@@ -57,7 +57,7 @@ from relutil import (  # noqa: F401  (fixtures)
 )
 
 STRESS_SECONDS = float(os.environ.get("REL_STRESS_SECONDS", "15"))
-MEM_OPS = int(os.environ.get("REL_MEM_OPS", "100000"))
+MEM_OPS = int(os.environ.get("REL_MEM_OPS", "50000"))
 NWORKERS = int(os.environ.get("REL_STRESS_WORKERS", "4"))
 MAXLEN = 256 * 1024
 NPRIV = 10          # candidate names per worker and directory
