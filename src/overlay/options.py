@@ -370,8 +370,23 @@ def read_layer_file(path: str, cwd: str) -> tuple[list[str], list[str]]:
     return lowers, data
 
 
-def _resolve(path: str, cwd: str) -> str:
-    return os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+def _resolve(path: str, cwd: str, parents: dict | None = None) -> str:
+    """The canonical path. With parents (a cache of resolved dirs): the
+    layers of a big stack mostly share their parent dir, resolved once;
+    only the last name is looked at for each (a symlink: resolved whole)."""
+    full = os.path.join(cwd, os.path.expanduser(path))
+    if parents is None:
+        return os.path.realpath(full)
+    head, name = os.path.split(full.rstrip(os.sep) or os.sep)
+    if not name or name in (".", "..") or ".." in head.split(os.sep):
+        return os.path.realpath(full)
+    real_head = parents.get(head)
+    if real_head is None:
+        real_head = parents[head] = os.path.realpath(head)
+    candidate = os.path.join(real_head, name)
+    if os.path.islink(candidate):
+        return os.path.realpath(candidate)
+    return candidate
 
 
 def _check_dir(path: str, what: str) -> os.stat_result:
@@ -562,13 +577,14 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     else:
         entries, data_entries = split_layers(lowerdir)
     lowers: list[str] = []
+    parents: dict[str, str] = {}
     for entry in entries:
-        path = _resolve(entry, cwd)
+        path = _resolve(entry, cwd, parents)
         _check_dir(path, "lower layer")
         lowers.append(path)
     datadirs: list[str] = []
     for entry in data_entries:
-        path = _resolve(entry, cwd)
+        path = _resolve(entry, cwd, parents)
         _check_dir(path, "data-only lower layer")
         datadirs.append(path)
 

@@ -113,7 +113,7 @@ cdef object decode_lower(_Stack self, bytes v):
         if (uuid != NULL_UUID) if self.uuid_mode == "off" else (uuid != self.layer_uuids[i]):
             continue
         try:
-            fd = sys_open_by_handle(self._mount_fds[i], htype, fid, O_PATH | O_CLOEXEC)
+            fd = sys_open_by_handle(mount_fd(self, i), htype, fid, O_PATH | O_CLOEXEC)
         except OSError as e:
             if e.errno in (errno.ESTALE, errno.ENOENT, errno.EINVAL, errno.EXDEV):
                 continue

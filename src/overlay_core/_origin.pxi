@@ -56,6 +56,13 @@ cdef object parse_fh(object v):
     return htype, bytes(v[5:21]), bytes(v[21:ln])
 
 
+cdef int mount_fd(_Stack self, int i) except -1:
+    """An O_RDONLY fd of lower layer i's root, for open_by_handle_at(2)."""
+    if self._mount_fds[i] < 0:
+        self._mount_fds[i] = os.open(_proc(self.lower_roots[i]), os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    return self._mount_fds[i]
+
+
 cdef bytes fs_uuid_of(int opath_fd):
     """The uuid of the filesystem holding the dir behind an O_PATH fd."""
     try:
@@ -139,7 +146,12 @@ cdef setup_identity(_Stack self, list devs):
     and the upper root's overlay uuid, set on the first mount of a new
     upper as the kernel does with uuid=auto or on."""
     cdef int i, n = len(self.lower_roots)
-    self.layer_uuids = [fs_uuid_of(fd) for fd in self.lower_roots]
+    uuids = {}      # st_dev -> uuid: asked once per filesystem
+    self.layer_uuids = []
+    for i in range(n):
+        if devs[i] not in uuids:
+            uuids[devs[i]] = fs_uuid_of(self.lower_roots[i])
+        self.layer_uuids.append(uuids[devs[i]])
     upper_dev = devs[n] if self.upper_root >= 0 else None
     owners = {}
     for i in range(n):
@@ -147,14 +159,12 @@ cdef setup_identity(_Stack self, list devs):
     self._bad_uuid_layers = {i for i in range(n)
                              if len(owners[self.layer_uuids[i]]) > 1 and devs[i] != upper_dev}
     self.can_decode = False
-    self._mount_fds = []
+    # open_by_handle_at(2) wants a real fd on the filesystem: opened when a
+    # layer's first handle is decoded (mount_fd), not thousands at mount
+    self._mount_fds = [-1] * len(self.lower_roots)
     try:
-        # open_by_handle_at(2) wants a real fd on the filesystem
-        for fd in self.lower_roots:
-            self._mount_fds.append(
-                os.open(_proc(fd), os.O_RDONLY | O_DIRECTORY | O_CLOEXEC))
         htype, fid = sys_name_to_handle(self.lower_roots[0])
-        os.close(sys_open_by_handle(self._mount_fds[0], htype, fid, O_PATH | O_CLOEXEC))
+        os.close(sys_open_by_handle(mount_fd(self, 0), htype, fid, O_PATH | O_CLOEXEC))
         self.can_decode = True
     except OSError as e:
         log.info("origin file handles cannot be followed here (%s): st_ino of"
@@ -209,7 +219,7 @@ cdef object origin_stat(_Stack self, int upper_fd, unsigned int mode):
         if (uuid != NULL_UUID) if self.uuid_mode == "off" else (uuid != self.layer_uuids[i]):
             continue
         try:
-            fd = sys_open_by_handle(self._mount_fds[i], htype, fid, O_PATH | O_CLOEXEC)
+            fd = sys_open_by_handle(mount_fd(self, i), htype, fid, O_PATH | O_CLOEXEC)
         except OSError as e:
             if e.errno in (errno.ESTALE, errno.ENOENT, errno.EINVAL, errno.EXDEV):
                 continue

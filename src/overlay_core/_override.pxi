@@ -31,6 +31,8 @@ OVR_NAMES = (OVR_SECURITY, OVR_CONTAINERS, OVR_FUSEOVERLAYFS)
 cdef object override_name_of(_Stack self, int root_fd):
     """The override xattr name a layer (by its root dir) uses, or None (a
     root dir we may not read xattrs of uses none)."""
+    if not c_has_xattr_prefix(root_fd, b"", True):
+        return None         # no xattr at all: one call for the many layers so
     for name in OVR_NAMES:
         try:
             if self._getx(root_fd, name) is not None:

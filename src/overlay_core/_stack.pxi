@@ -205,7 +205,8 @@ cdef class _Stack:
 
     def close(self):
         for fd in self.lower_roots + (self._mount_fds or []):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.lower_roots = []
         self._mount_fds = []
         if self.upper_root >= 0:
