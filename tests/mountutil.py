@@ -236,6 +236,13 @@ def mount_kernel(lowers, upper, work, mp, opts=()):
         raise MountError(f"mount -t overlay -o {optstr} {mp}: rc={r.returncode}: {r.stderr.strip()}")
 
 
+def overlay_cli(args, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m overlay ARGS` from this checkout (text output captured)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "overlay", *args], capture_output=True, text=True,
+                          env=env, timeout=120, **kw)
+
+
 def ours_python() -> str:
     return os.environ.get("OVERLAY_PYTHON") or sys.executable
 

@@ -39,10 +39,7 @@ def _env():
     mountutil.require_ours()
 
 
-def _run(args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(mountutil.REPO / "src"))
-    return subprocess.run([sys.executable, "-m", "overlay", *args], capture_output=True, text=True,
-                          env=env, timeout=120, **kw)
+_run = mountutil.overlay_cli
 
 
 def _stack(base, n):

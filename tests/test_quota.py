@@ -29,8 +29,6 @@ import json
 import os
 import random
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
@@ -121,10 +119,7 @@ def _fails(code, fn, *args):
     assert e.value.errno == code, (fn, args, e.value)
 
 
-def _run(args):
-    env = dict(os.environ, PYTHONPATH=str(mountutil.REPO / "src"))
-    return subprocess.run([sys.executable, "-m", "overlay", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+_run = mountutil.overlay_cli
 
 
 def test_quota_options(difftmp):

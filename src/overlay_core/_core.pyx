@@ -71,7 +71,7 @@ OCI_WH = b".wh."
 OCI_OPQ = b".wh..wh..opq"
 INDEX_AFTER_LOOKUPS = 4
 # ... at the second in dirs with this many lower dirs (a probe of each
-# costs more), whose reads are also made in parallel (prefetch_layers)
+# costs more), whose reads are made in parallel (prefetch_layers, c_listdirs)
 INDEX_EAGER_LAYERS = 64
 # read-only xattr naming the layer that serves an object (Overlay.layer_info)
 LAYER_XATTR = b"user.overlay-fuse.layer"

@@ -188,7 +188,8 @@ cdef class Overlay(_Quota):
             check_verity(self, n)
         if flags & os.O_TRUNC and self.quota_on and n.upper >= 0:
             with self.qlock:
-                before = sys_fstat(n.upper).st_size if S.S_ISREG(sys_fstat(n.upper).st_mode) else 0
+                ust = sys_fstat(n.upper)
+                before = ust.st_size if S.S_ISREG(ust.st_mode) else 0
                 fd = os.open(_proc(n.datafd), f)
                 self.quota_truncated(before, 0)
             return fd, n

@@ -35,13 +35,6 @@ cdef extern from "<dirent.h>" nogil:
     unsigned char DT_DIR
     unsigned char DT_UNKNOWN
 
-cdef extern from *:
-    """
-    #include <errno.h>
-    static inline void c_errno_set(int v) { errno = v; }
-    """
-    void c_errno_set(int v) nogil
-
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
 
@@ -339,47 +332,57 @@ cdef extern from "<pthread.h>" nogil:
 cdef extern from "<sys/syscall.h>" nogil:
     long SYS_getdents64
 
+DEF PREFETCH_THREADS = 16
+
+ctypedef void *(*_worker_fn)(void *) noexcept nogil
+
+
+cdef void _run_threads(_worker_fn fn, void **jobs, int nthreads) noexcept nogil:
+    """fn(jobs[t]) for each t, on nthreads threads (in this one if 1, or
+    where a thread cannot be made)."""
+    cdef pthread_t tids[PREFETCH_THREADS]
+    cdef bint started[PREFETCH_THREADS]
+    cdef int t
+    if nthreads == 1:
+        fn(jobs[0])
+        return
+    for t in range(nthreads):
+        started[t] = pthread_create(&tids[t], NULL, fn, jobs[t]) == 0
+    for t in range(nthreads):
+        if started[t]:
+            pthread_join(tids[t], NULL)
+        else:
+            fn(jobs[t])
+
+
 cdef struct _Prefetch:
     const int *fds
     Py_ssize_t n
     int step
     int first
-    const char *name      # NULL: read the dirs' listings
+    const char *name
 
 
 cdef void *_prefetch_worker(void *arg) noexcept nogil:
     cdef _Prefetch *job = <_Prefetch*>arg
     cdef struct_stat st
-    cdef char buf[16384]
     cdef Py_ssize_t i = job.first
-    cdef int d
     while i < job.n:
-        if job.name != NULL:
-            fstatat(job.fds[i], job.name, &st, AT_SYMLINK_NOFOLLOW)
-        else:
-            d = c_openat(job.fds[i], ".", 0o200000 | 0o2000000)    # O_DIRECTORY | O_CLOEXEC
-            if d >= 0:
-                while c_syscall(SYS_getdents64, d, buf, sizeof(buf)) > 0:
-                    pass
-                close(d)
+        fstatat(job.fds[i], job.name, &st, AT_SYMLINK_NOFOLLOW)
         i += job.step
     return NULL
 
 
-DEF PREFETCH_THREADS = 16
-
 cdef void prefetch_layers(list fds, bytes name) noexcept:
-    """Read, in parallel, what a walk through many lower dirs is about to
-    read one by one (the stat of name in each, or each one's listing):
-    cold, the disk then serves many reads at a time instead of one after
-    another; warm, it costs a few syscalls per layer."""
+    """Stat name in each of many lower dirs in parallel, just before a
+    walk does it one by one: cold, the disk then serves many reads at a
+    time instead of one after another; warm, it costs a syscall a layer."""
     cdef Py_ssize_t n = len(fds), i
     cdef int t, nthreads = PREFETCH_THREADS
     cdef int *arr
     cdef _Prefetch jobs[PREFETCH_THREADS]
-    cdef pthread_t tids[PREFETCH_THREADS]
-    cdef bint started[PREFETCH_THREADS]
-    cdef const char *cname = NULL
+    cdef void *ptrs[PREFETCH_THREADS]
+    cdef const char *cname = name
     if n < 2 * nthreads:
         return
     arr = <int*>malloc(n * sizeof(int))
@@ -387,8 +390,6 @@ cdef void prefetch_layers(list fds, bytes name) noexcept:
         return
     for i in range(n):
         arr[i] = fds[i]
-    if name is not None:
-        cname = name
     with nogil:
         for t in range(nthreads):
             jobs[t].fds = arr
@@ -396,10 +397,8 @@ cdef void prefetch_layers(list fds, bytes name) noexcept:
             jobs[t].step = nthreads
             jobs[t].first = t
             jobs[t].name = cname
-            started[t] = pthread_create(&tids[t], NULL, _prefetch_worker, &jobs[t]) == 0
-        for t in range(nthreads):
-            if started[t]:
-                pthread_join(tids[t], NULL)
+            ptrs[t] = &jobs[t]
+        _run_threads(_prefetch_worker, ptrs, nthreads)
     free(arr)
 
 
@@ -422,7 +421,7 @@ cdef void *_list_worker(void *arg) noexcept nogil:
     cdef char *buf
     cdef char *nbuf
     while i < job.n:
-        d = c_openat(job.fds[i], ".", 0o200000 | 0o2000000)    # O_DIRECTORY | O_CLOEXEC
+        d = c_openat(job.fds[i], ".", O_DIRECTORY | O_CLOEXEC)     # (O_RDONLY)
         if d < 0:
             job.errs[i] = c_errno
             i += job.step
@@ -467,8 +466,7 @@ cdef list c_listdirs(list fds):
     cdef size_t *lens = <size_t*>calloc(n + 1, sizeof(size_t))
     cdef int *errs = <int*>calloc(n + 1, sizeof(int))
     cdef _ListJob jobs[PREFETCH_THREADS]
-    cdef pthread_t tids[PREFETCH_THREADS]
-    cdef bint started[PREFETCH_THREADS]
+    cdef void *ptrs[PREFETCH_THREADS]
     cdef size_t off
     cdef unsigned short reclen
     cdef const char *nm
@@ -486,16 +484,8 @@ cdef list c_listdirs(list fds):
                 jobs[t].bufs = bufs
                 jobs[t].lens = lens
                 jobs[t].errs = errs
-            if nthreads == 1:
-                _list_worker(&jobs[0])
-            else:
-                for t in range(nthreads):
-                    started[t] = pthread_create(&tids[t], NULL, _list_worker, &jobs[t]) == 0
-                for t in range(nthreads):
-                    if started[t]:
-                        pthread_join(tids[t], NULL)
-                    else:
-                        _list_worker(&jobs[t])      # (no thread: read them here)
+                ptrs[t] = &jobs[t]
+            _run_threads(_list_worker, ptrs, nthreads)
         out = []
         for i in range(n):
             if errs[i]:
@@ -581,34 +571,7 @@ cdef object c_getx(int fd, const char *name):
 
 cdef list c_listdir(int fd):
     """Names (bytes, without . and ..) in the dir behind (O_PATH) fd."""
-    cdef int rfd = c_openat(fd, ".", O_DIRECTORY | O_CLOEXEC)     # (O_RDONLY)
-    cdef DIR *d
-    cdef dirent *e
-    cdef const char *nm
-    cdef int err
-    if rfd < 0:
-        raise _oserror(c_errno)
-    d = fdopendir(rfd)
-    if d == NULL:
-        err = c_errno
-        os.close(rfd)
-        raise _oserror(err)
-    out = []
-    try:
-        while True:
-            c_errno_set(0)
-            e = readdir(d)
-            if e == NULL:
-                if c_errno:
-                    raise _oserror(c_errno)
-                break
-            nm = e.d_name
-            if nm[0] == b'.' and (nm[1] == 0 or (nm[1] == b'.' and nm[2] == 0)):
-                continue
-            out.append(<bytes>nm)
-    finally:
-        closedir(d)
-    return out
+    return c_listdirs([fd])[0]
 
 
 def blind_stat(unsigned int mode, unsigned long long ino):
