@@ -24,7 +24,7 @@ directory holding ``u/`` (upper) and ``w/`` (work) is made, so both are on the
 same filesystem as the kernel requires.  With ``upper=`` but no ``work=``, a
 temporary work dir is made next to the upper dir (same filesystem).  Everything
 this module created is removed at exit; directories the caller passed in are
-left alone.  ``ro=True`` mounts the lower layers read-only, with no upper layer.
+left alone.  ``ro=True`` mounts read-only: the lower layers, or with ``upper`` the whole stack.
 
 Extra mount options are keyword arguments: ``True`` adds a flag option
 (``userxattr=True`` -> ``userxattr``), ``False``/``None`` leaves it out, any
@@ -345,7 +345,8 @@ def mount(
     ``timeout``: seconds to wait for the mount.  ``python``: interpreter that
     runs ``-m overlay`` (default ``sys.executable``).  Other keyword arguments
     are mount options, see the module docstring; ``ro=True`` gives a
-    read-only mount without an upper layer.
+    read-only mount: of the lower layers only, or, with ``upper``, of the
+    whole stack, the upper layer included (as the kernel's ``ro``).
 
     Raises :class:`MountError` if the mount fails (temporary dirs removed).
     """
@@ -353,8 +354,6 @@ def mount(
     read_only = bool(options.get("ro"))
     if work is not None and upper is None:
         raise ValueError("work= given without upper=")
-    if read_only and (upper is not None or work is not None):
-        raise ValueError("ro=True mounts have no upper/work layer")
     base_tmp = os.fspath(tmpdir) if tmpdir is not None else None
 
     owned: list[str] = []

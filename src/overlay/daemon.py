@@ -75,6 +75,9 @@ def build_core(config):
         verity=config.verity,
         nfs_export=config.nfs_export,
         xattr_permissions=config.xattr_permissions,
+        read_only=config.read_only,
+        posix_acl=not config.noacl,
+        atime=config.atime,
         # the native engine has the kernel cache listings (CACHE_DIR):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",

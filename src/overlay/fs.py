@@ -581,7 +581,7 @@ def fuse_options(config) -> set:
     opts = {"default_permissions", f"fsname={config.fsname}", "subtype=overlay"}
     if config.allow_other:
         opts.add("allow_other")
-    if config.upper is None:
+    if config.read_only:
         opts.add("ro")
     if config.debug:
         opts.add("debug")

@@ -71,6 +71,7 @@ class MountConfig:
 
     # name -> default; lowers, upper and work have none
     DEFAULTS = {
+        "ro": False,  # read-only, the upper layer included (as the kernel's ro)
         "userxattr": False,  # user.overlay.* instead of trusted.overlay.*
         "redirect_dir": True,  # False -> EXDEV on renaming a merged/lower dir
         "redirect_follow": True,  # False (redirect_dir=nofollow): a redirect met at lookup is EPERM
@@ -137,8 +138,14 @@ class MountConfig:
 
     @property
     def read_only(self) -> bool:
-        """A mount without an upper layer cannot be written to."""
-        return self.upper is None
+        """A mount without an upper layer cannot be written to, nor one
+        mounted ro (its upper layer is shown, as the kernel's)."""
+        return self.upper is None or self.ro
+
+    @property
+    def atime(self) -> tuple[str, bool]:
+        """(the atime rule, nodiratime) the mount's options give."""
+        return atime_rules(vfs_flags(self.ignored, self.read_only))
 
 
 # Generic VFS / mount(8) / fstab options.  They are accepted and ignored: the
@@ -185,6 +192,59 @@ GENERIC_OPTIONS = frozenset(
         "_netdev",
     }
 )
+
+# The generic options that are mount flags: name -> (MS_* to set, to clear),
+# the default being libfuse's nosuid,nodev (vfs_flags).
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+_MS_OPTIONS = {
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
+    "suid": (0, MS_NOSUID), "nosuid": (MS_NOSUID, 0),
+    "dev": (0, MS_NODEV), "nodev": (MS_NODEV, 0),
+    "exec": (0, MS_NOEXEC), "noexec": (MS_NOEXEC, 0),
+    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "dirsync": (MS_DIRSYNC, 0),
+    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0), "nostrictatime": (0, MS_STRICTATIME),
+    "lazytime": (MS_LAZYTIME, 0), "nolazytime": (0, MS_LAZYTIME),
+}
+
+
+def vfs_flags(generic: list[str], read_only: bool) -> int:
+    """The mount(2) flags of the generic options, in their order (a later
+    one undoes an earlier one, as with mount(8))."""
+    flags = MS_NOSUID | MS_NODEV
+    for opt in generic:
+        add, clear = _MS_OPTIONS.get(opt, (0, 0))
+        flags = (flags | add) & ~clear
+    if read_only:
+        flags |= MS_RDONLY
+    return flags
+
+
+def atime_rules(flags: int) -> tuple[str, bool]:
+    """("relatime" | "noatime" | "strictatime", nodiratime) of a mount made
+    with these mount(2) flags, by the kernel's rules: relatime unless
+    noatime, and strictatime above both."""
+    if flags & MS_STRICTATIME:
+        mode = "strictatime"
+    elif flags & MS_NOATIME:
+        mode = "noatime"
+    else:
+        mode = "relatime"
+    return mode, bool(flags & MS_NODIRATIME)
+
 
 # Prefixes of userspace-only options (fstab ``x-systemd.*``, ``comment=``).
 _GENERIC_PREFIXES = ("x-", "comment=")
@@ -588,11 +648,6 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         _check_dir(path, "data-only lower layer")
         datadirs.append(path)
 
-    if read_only and (upperdir is not None or workdir is not None):
-        # 'ro' wins: mount the lower layers only, read-only.
-        log.info("'ro' given: ignoring upperdir/workdir, mounting read-only")
-        upperdir = workdir = None
-
     upper = work = None
     if upperdir is not None or workdir is not None:
         if upperdir is None:
@@ -677,6 +732,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         lowers=lowers,
         upper=upper,
         work=work,
+        ro=read_only,
         userxattr=userxattr,
         redirect_dir=redirect_dir,
         volatile=flags.get("volatile", False),

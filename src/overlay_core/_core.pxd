@@ -119,6 +119,12 @@ cdef class _Stack:
     cdef readonly int ndata            # data-only lower layers (lowerdir=A::B: _metacopy.pxi)
     cdef readonly int upper_root       # O_PATH fd of upper root or -1
     cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
+    cdef int _work_base                # O_PATH fd of the workdir= dir, or -1
+    cdef list _clones                  # O_PATH fds of the private mounts' roots (_open_layers)
+    cdef int _upper_clone              # the upper's private mount (one of _clones), or -1
+    cdef readonly bint private_mounts  # the layers are reached through private mounts
+    cdef readonly bint read_only       # a read-only mount (an upper layer is not written)
+    cdef readonly bint posix_acl       # new objects inherit default ACLs (not noacl)
     cdef readonly bytes prefix         # b"trusted.overlay." or b"user.overlay."
     cdef readonly bytes x_opaque, x_redirect, x_whiteout, x_ino
     cdef readonly bytes x_origin, x_impure, x_uuid, x_nlink, x_upper, x_metacopy
@@ -237,6 +243,7 @@ cdef class _Quota(_Copier):
 cdef class Overlay(_Quota):
     """The changes to the merged tree (_namespace.pxi)."""
     cdef object _parent_owner(self, Node parent, int uid, int gid)
+    cdef tuple _new_mode(self, Node parent, int kind, int mode, int umask)
     cdef bytes _escape(self, bytes name)
     cdef object _unescape(self, bytes stored)
     cdef _only_whiteouts(self, int dirfd, bytes name)

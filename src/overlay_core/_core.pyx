@@ -77,6 +77,9 @@ INDEX_EAGER_LAYERS = 64
 LAYER_XATTR = b"user.overlay-fuse.layer"
 LAYER_XATTR_AT = LAYER_XATTR + b"/"      # + NAME: that of a dir's entry NAME
 XFS_MAGIC = 0x58465342
+# POSIX ACLs as xattrs (the default ACL of a dir is inherited: _new_mode)
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
 
 
 

@@ -69,16 +69,12 @@ cdef setup_index(_Stack self):
     elif have != fh:
         raise OSError(errno.ESTALE, "failed to verify upper root origin: %s was used with"
                       " index=on over other lower layers (%s)" % (upper, hint))
-    wroot = os.open(self.work_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
     try:
-        try:
-            os.mkdir(b"index", 0, dir_fd=wroot)
-        except FileExistsError:
-            pass
-        self.index_fd = os.open(b"index", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
-                                dir_fd=wroot)
-    finally:
-        os.close(wroot)
+        os.mkdir(b"index", 0, dir_fd=self._work_base)
+    except FileExistsError:
+        pass
+    self.index_fd = os.open(b"index", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                            dir_fd=self._work_base)
     uuid = NULL_UUID if self.uuid_mode == "off" else fs_uuid_of(self.upper_root)
     self._upper_uuid = uuid
     ufh = encode_fh(self.upper_root, uuid, True)

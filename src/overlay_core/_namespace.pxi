@@ -6,6 +6,58 @@ RENAME_EXCHANGE, redirects), statfs, syncfs, fsync. The class the adapters
 use; everything before it is in its base classes."""
 
 
+# the tags of POSIX ACL entries (the xattr: a version word 2, then entries
+# of tag, permissions (u16 each) and id (u32), little-endian)
+DEF ACL_USER_OBJ = 0x01
+DEF ACL_USER = 0x02
+DEF ACL_GROUP_OBJ = 0x04
+DEF ACL_GROUP = 0x08
+DEF ACL_MASK = 0x10
+DEF ACL_OTHER = 0x20
+
+
+def acl_create_masq(bytes dflt, int mode):
+    """The kernel's posix_acl_create_masq: the mode of a new object asked
+    for with mode under the default ACL dflt, and the access ACL it gets
+    (None where the ACL says no more than the mode)."""
+    import struct
+    if len(dflt) < 4 or (len(dflt) - 4) % 8 or struct.unpack_from("<I", dflt)[0] != 2:
+        raise _err(errno.EINVAL, b"bad default ACL")
+    entries = [list(struct.unpack_from("<HHI", dflt, off)) for off in range(4, len(dflt), 8)]
+    cdef int m = mode
+    group_obj = mask_obj = None
+    not_equiv = False
+    for e in entries:
+        if e[0] == ACL_USER_OBJ:
+            e[1] &= (m >> 6) | ~7
+            m &= (e[1] << 6) | ~0o700
+        elif e[0] == ACL_USER or e[0] == ACL_GROUP:
+            not_equiv = True
+        elif e[0] == ACL_GROUP_OBJ:
+            group_obj = e
+        elif e[0] == ACL_OTHER:
+            e[1] &= m | ~7
+            m &= e[1] | ~7
+        elif e[0] == ACL_MASK:
+            mask_obj = e
+            not_equiv = True
+        else:
+            raise _err(errno.EINVAL, b"bad default ACL")
+    if mask_obj is not None:
+        mask_obj[1] &= (m >> 3) | ~7
+        m &= (mask_obj[1] << 3) | ~0o70
+    elif group_obj is not None:
+        group_obj[1] &= (m >> 3) | ~7
+        m &= (group_obj[1] << 3) | ~0o70
+    else:
+        raise _err(errno.EINVAL, b"bad default ACL")
+    mode = (mode & ~0o777) | (m & 0o777)
+    if not not_equiv:
+        return mode, None
+    return mode, struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p & 0xFFFF, i)
+                                                 for t, p, i in entries)
+
+
 cdef class Overlay(_Quota):
     """The layer stack and every operation on the merged tree."""
 
@@ -30,11 +82,33 @@ cdef class Overlay(_Quota):
         ust = self._upper_entry(parent, name)
         return self._upper_whiteout(parent.upper, name, ust)
 
+    cdef tuple _new_mode(self, Node parent, int kind, int mode, int umask):
+        """(mode, access ACL, default ACL) of a new object in parent (copied
+        up) asked for with mode under umask, as the kernel's
+        posix_acl_create gives them: a default ACL of parent masks the
+        mode (the umask then does not count) and is inherited (its access
+        ACL only where it says more than the mode, its default ACL by
+        dirs); without one, the umask masks the mode. The ACLs are xattr
+        values, or None."""
+        if not self.posix_acl or kind == S.S_IFLNK:
+            return mode & ~umask, None, None
+        try:
+            dflt = os.getxattr(_proc(parent.upper), ACL_DEFAULT)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+            dflt = None
+        if not dflt:
+            return mode & ~umask, None, None
+        mode, access = acl_create_masq(dflt, mode)
+        return mode, access, (dflt if kind == S.S_IFDIR else None)
+
     def _create(self, Node parent, bytes name, int kind, int mode, int rdev, bytes target,
-                int uid, int gid, Node link_src=None, int open_flags=-1):
+                int uid, int gid, Node link_src=None, int open_flags=-1, int umask=0):
         """Create an object in the upper dir of parent: directly when no
         whiteout is in the way, else prepared in the work dir and exchanged
-        with the whiteout (dirs made there are opaque)."""
+        with the whiteout (dirs made there are opaque). mode is masked by
+        umask or by parent's default ACL (_new_mode)."""
         self._need_upper()
         if not parent.is_dir:
             raise _err(errno.ENOTDIR, name)
@@ -42,6 +116,9 @@ cdef class Overlay(_Quota):
         self.copy_up(parent)
         parent.dircache = None
         uid, gid, sgid = self._parent_owner(parent, uid, gid)
+        acl = dacl = None
+        if link_src is None:
+            mode, acl, dacl = self._new_mode(parent, kind, mode, umask)
         if kind == S.S_IFDIR and sgid:
             mode |= S.S_ISGID
         if over_whiteout:
@@ -88,6 +165,10 @@ cdef class Overlay(_Quota):
                 if kind != S.S_IFLNK:
                     # chown may clear set-id bits: apply the mode after it
                     os.chmod(b"/proc/self/fd/%d/%s" % (dfd, dname), mode & 0o7777)
+            if acl is not None:
+                os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), ACL_ACCESS, acl)
+            if dacl is not None:
+                os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), ACL_DEFAULT, dacl)
             if kind == S.S_IFDIR and (over_whiteout or (parent.lowers and not self.userxattr)):
                 # over a whiteout it must be opaque; in a merged parent the
                 # kernel marks it too (not with userxattr), so lookups skip
@@ -112,23 +193,24 @@ cdef class Overlay(_Quota):
         node = self.lookup(parent, name)
         return ofd, node
 
-    def mkdir(self, Node parent, bytes name, int mode, int uid, int gid):
-        return self._create(parent, name, S.S_IFDIR, mode, 0, None, uid, gid)[1]
+    def mkdir(self, Node parent, bytes name, int mode, int uid, int gid, int umask=0):
+        return self._create(parent, name, S.S_IFDIR, mode, 0, None, uid, gid, umask=umask)[1]
 
-    def mknod(self, Node parent, bytes name, int mode, int rdev, int uid, int gid):
+    def mknod(self, Node parent, bytes name, int mode, int rdev, int uid, int gid, int umask=0):
         if S.S_ISCHR(mode) and rdev == 0:
             raise _err(errno.EPERM, name)   # a whiteout cannot be made (as the kernel)
-        return self._create(parent, name, S.S_IFMT(mode), S.S_IMODE(mode), rdev, None, uid, gid)[1]
+        return self._create(parent, name, S.S_IFMT(mode), S.S_IMODE(mode), rdev, None, uid, gid,
+                            umask=umask)[1]
 
     def symlink(self, Node parent, bytes name, bytes target, int uid, int gid):
         return self._create(parent, name, S.S_IFLNK, 0o777, 0, target, uid, gid)[1]
 
-    def create(self, Node parent, bytes name, int flags, int mode, int uid, int gid):
+    def create(self, Node parent, bytes name, int flags, int mode, int uid, int gid, int umask=0):
         """Create and open a regular file: (fd, Node)."""
         return self._create(parent, name, S.S_IFREG, S.S_IMODE(mode), 0, None, uid, gid,
-                            open_flags=flags & ~(os.O_CREAT | os.O_EXCL))
+                            open_flags=flags & ~(os.O_CREAT | os.O_EXCL), umask=umask)
 
-    def tmpfile(self, Node parent, int flags, int mode, int uid, int gid):
+    def tmpfile(self, Node parent, int flags, int mode, int uid, int gid, int umask=0):
         """An unnamed regular file in parent's upper dir (O_TMPFILE), opened
         with flags: (fd, Node). The Node has no name (parent None, so the fd
         cache never closes its fd) until link() gives it one."""
@@ -138,6 +220,7 @@ cdef class Overlay(_Quota):
             raise _err(errno.ENOTDIR)
         self.copy_up(parent)
         uid, gid, _ = self._parent_owner(parent, uid, gid)
+        mode, acl, _ = self._new_mode(parent, S.S_IFREG, mode, umask)
         f = (flags & ~(os.O_CREAT | os.O_TRUNC | os.O_NOCTTY | O_NOFOLLOW)) | os.O_TMPFILE | O_CLOEXEC
         q_take(self, 0, 1)
         try:
@@ -148,6 +231,8 @@ cdef class Overlay(_Quota):
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, mode & 0o7777)    # chown may clear set-id bits
+            if acl is not None:
+                os.setxattr(fd, ACL_ACCESS, acl)
             opath = os.open(_proc(fd), O_PATH | O_CLOEXEC)
         except BaseException:
             os.close(fd)
@@ -232,6 +317,19 @@ cdef class Overlay(_Quota):
             os.chmod(path, S.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
             sys_utimens(path, atime_ns, mtime_ns, False)
+        return n
+
+    def touch(self, Node n):
+        """chown(path, -1, -1): n copied up and its upper object chowned to
+        the same ids, which updates its ctime and, on a regular file,
+        clears S_ISUID (and S_ISGID with group execute), as the kernel
+        overlay's notify_change of the upper object does. The kernel's
+        removal of set-id bits after a write-like call (fallocate) by a
+        caller without CAP_FSETID reaches FUSE as the same empty change,
+        with the same effect on the bits. Returns the node to use next."""
+        self._need_upper()
+        n = self.copy_up(n, data=True, meta=True)
+        os.chown(_proc(n.upper), -1, -1)
         return n
 
     # ------------------------------------------------------------ xattrs

@@ -16,7 +16,8 @@ cdef class _Stack:
                  redirect_dir=True, no_sync=False, oci_whiteouts=False, keep_listings=True,
                  uuid="auto", xino="off", index=False, metacopy=False, datadirs=(),
                  verity="off", redirect_follow=True, nfs_export=False, volatile_marker=None,
-                 xattr_permissions=0):
+                 xattr_permissions=0, read_only=False, private_mounts=True,
+                 atime=("relatime", False), posix_acl=True):
         """keep_listings: keep each dir's listing until it changes through us
         (for adapters whose kernel side does not cache listings itself).
         uuid: the kernel's uuid= option (on, off, null, auto): whether
@@ -33,7 +34,14 @@ cdef class _Stack:
         layer): every copy-up is indexed, file handles of the mount's
         objects are encoded and decoded (_export.pxi).
         xattr_permissions: fuse-overlayfs's 1 or 2: owners and modes of the
-        upper layer kept in an xattr (_override.pxi)."""
+        upper layer kept in an xattr (_override.pxi).
+        read_only: a read-only mount (with or without an upper layer): as
+        the kernel's, it sets up the work dir and the upper root's xattrs,
+        then (with private mounts) its upper clone is made read-only.
+        private_mounts, atime: see _open_layers.
+        posix_acl: new objects get their mode and ACLs from their parent's
+        default ACL, as the kernel's POSIX ACLs give them (Overlay._new_mode);
+        False (noacl): only the umask counts."""
         if uuid not in ("on", "off", "null", "auto"):
             raise ValueError(f"bad uuid mode {uuid!r}")
         self.uuid_mode = uuid
@@ -95,15 +103,17 @@ cdef class _Stack:
         self._tmp_counter = 0
         self._lock = threading.Lock()
         self.lower_roots = []
-        devs = []
-        for p in self.lower_paths:
-            fd = os.open(p, O_PATH | O_DIRECTORY | O_CLOEXEC)
-            self.lower_roots.append(fd)
-            devs.append(os.stat(fd).st_dev)
         self.upper_root = -1
         self.work_fd = -1
+        self._work_base = -1
+        self._clones = []
+        self._upper_clone = -1
+        self.read_only = read_only
+        self.posix_acl = posix_acl
+        self.private_mounts = False
+        self._open_layers(private_mounts, atime)
+        devs = [os.stat(fd).st_dev for fd in self.lower_roots]
         if self.upper_path is not None:
-            self.upper_root = os.open(self.upper_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
             devs.append(os.stat(self.upper_root).st_dev)
             self._setup_work()
         self._private_dirs = set()
@@ -111,35 +121,115 @@ cdef class _Stack:
             if fd >= 0:
                 st = os.stat(fd)
                 self._private_dirs.add((st.st_dev, st.st_ino))
-        if self.work_path is not None:
-            st = os.stat(self.work_path)
+        if self._work_base >= 0:
+            st = os.stat(self._work_base)
             self._private_dirs.add((st.st_dev, st.st_ino))
         setup_ino_map(self, devs, xino)
         setup_identity(self, devs)
         setup_index(self)
         setup_override(self, xattr_permissions)
+        if read_only and self._upper_clone >= 0:
+            # as the kernel, the set-up above writes even on a read-only
+            # mount (the work dir, the uuid); from here on nothing may
+            sys_mount_setattr(self._upper_clone, MOUNT_ATTR_RDONLY, 0)
         self.ovi = _register_overlay(self)
         self.root = self._make_root()
 
     # ------------------------------------------------------------ setup
 
+    def _open_layers(self, bint private, atime):
+        """Open the layers' root dirs (lower_roots, upper_root, and the
+        workdir= dir in _work_base). With private mounts (as the kernel
+        overlay, which works through private clones of its layers' mounts)
+        they are opened inside detached clones of their mounts: the lower
+        ones read-only and noatime (reading a lower file never changes it,
+        not even its atime), the upper one (which holds the work dir too:
+        renames between them stay on one mount) with the overlay mount's
+        atime rules (atime: "relatime", "noatime" or "strictatime", and
+        "nodiratime" or not), so that reads through us and through
+        passthrough update atime as the mount says. Without the privilege
+        to clone mounts the layers are opened where they are."""
+        cdef int fd
+        if private:
+            try:
+                self.lower_roots = self._clone_open(self.lower_paths, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME,
+                                                    MOUNT_ATTR__ATIME | MOUNT_ATTR_NODIRATIME, False)
+                if self.upper_path is not None:
+                    mode, nodiratime = atime
+                    attr = {"relatime": MOUNT_ATTR_RELATIME, "noatime": MOUNT_ATTR_NOATIME,
+                            "strictatime": MOUNT_ATTR_STRICTATIME}[mode]
+                    if nodiratime:
+                        attr |= MOUNT_ATTR_NODIRATIME
+                    self.upper_root, self._work_base = self._clone_open(
+                        [self.upper_path, self.work_path], attr,
+                        MOUNT_ATTR__ATIME | MOUNT_ATTR_NODIRATIME, True)
+                    self._upper_clone = self._clones[-1]
+                self.private_mounts = True
+                return
+            except OSError as exc:
+                log.debug("layers opened where they are (no private mounts: %s)", exc.strerror)
+                for fd in self.lower_roots + [self.upper_root, self._work_base] + self._clones:
+                    if fd >= 0:
+                        os.close(fd)
+                self.lower_roots, self._clones = [], []
+                self.upper_root = self._work_base = self._upper_clone = -1
+        for p in self.lower_paths:
+            self.lower_roots.append(os.open(p, O_PATH | O_DIRECTORY | O_CLOEXEC))
+        if self.upper_path is not None:
+            self.upper_root = os.open(self.upper_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+            self._work_base = os.open(self.work_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+
+    def _clone_open(self, list paths, unsigned long long attr_set, unsigned long long attr_clr,
+                    bint one):
+        """O_PATH fds of the dirs at paths, each opened inside a private
+        clone of its mount with attr_set (mount_setattr): one clone per
+        mount the dirs are on, rooted at their common ancestor, kept in
+        _clones (the last one made last). one: all on one mount, else
+        EXDEV (the upper and work dirs)."""
+        cdef int fd
+        fds = []
+        try:
+            groups = {}
+            for i, p in enumerate(paths):
+                fd = os.open(p, O_PATH | O_DIRECTORY | O_CLOEXEC)
+                fds.append(fd)
+                real = os.fsencode(os.readlink(b"/proc/self/fd/%d" % fd))
+                groups.setdefault(sys_mount_id(fd), []).append((i, real))
+            if one and len(groups) > 1:
+                raise OSError(errno.EXDEV, "the upper and work dirs are on different mounts")
+            out = [-1] * len(paths)
+            for mnt, members in groups.items():
+                base = os.path.commonpath([r for _, r in members]) if len(members) > 1 else members[0][1]
+                clone = sys_clone_mount(base)
+                self._clones.append(clone)
+                sys_mount_setattr(clone, attr_set, attr_clr)
+                for i, real in members:
+                    rel = os.path.relpath(real, base)
+                    if rel == b".":
+                        out[i] = os.dup(clone)
+                    else:
+                        out[i] = sys_open_inside(clone, rel, O_PATH | O_DIRECTORY | O_CLOEXEC)
+                    if not os.path.samestat(os.stat(out[i]), os.stat(fds[i])):
+                        raise OSError(errno.ESTALE, "a layer moved while it was opened")
+            return out
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def _setup_work(self):
         """Prepare <work>/work (as the kernel names it) and empty it of
         leftovers from an earlier run: half-made copy-ups are never visible
         because they are only renamed into the upper dir when complete."""
-        wroot = os.open(self.work_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+        wroot = self._work_base
         try:
-            try:
+            os.mkdir(b"work", 0o700, dir_fd=wroot)
+        except FileExistsError:
+            st = os.stat(b"work", dir_fd=wroot, follow_symlinks=False)
+            if not S.S_ISDIR(st.st_mode):
+                # a leftover that is not a dir (never followed): replace it
+                os.unlink(b"work", dir_fd=wroot)
                 os.mkdir(b"work", 0o700, dir_fd=wroot)
-            except FileExistsError:
-                st = os.stat(b"work", dir_fd=wroot, follow_symlinks=False)
-                if not S.S_ISDIR(st.st_mode):
-                    # a leftover that is not a dir (never followed): replace it
-                    os.unlink(b"work", dir_fd=wroot)
-                    os.mkdir(b"work", 0o700, dir_fd=wroot)
-            fd = os.open(b"work", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=wroot)
-        finally:
-            os.close(wroot)
+        fd = os.open(b"work", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=wroot)
         self.work_fd = fd
         self._check_incompat(fd)
         self._clean_dir(fd)
@@ -221,6 +311,13 @@ cdef class _Stack:
         if self._upper_mount_fd >= 0:
             os.close(self._upper_mount_fd)
             self._upper_mount_fd = -1
+        if self._work_base >= 0:
+            os.close(self._work_base)
+            self._work_base = -1
+        for fd in self._clones:
+            os.close(fd)
+        self._clones = []
+        self._upper_clone = -1
 
     # ------------------------------------------------------------ xattr helpers
 

@@ -42,6 +42,7 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     from overlay.engine import mount as mnt
     from overlay.engine.bridge import OverlayFS
     from overlay.idmap import IdMap
+    from overlay.options import vfs_flags
 
     state = {"stop": False, "fs": None, "mount": None}
 
@@ -89,7 +90,8 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                                    and config.quota_bytes is None and mnt.can_mount())
             fs.stack_depth = _stack_depth(config)
             fs.debug = config.debug
-            flags = mnt.mount_flags(config.ignored, config.read_only)
+            fs.strictatime = config.atime[0] == "strictatime"
+            flags = vfs_flags(config.ignored, config.read_only)
             context = None
             if config.context:
                 # an SELinux label: the kernel takes it where SELinux runs

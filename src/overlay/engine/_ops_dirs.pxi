@@ -17,7 +17,15 @@ cdef int op_opendir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
     asking (and without RELEASEDIR), keep the listings it reads in its
     page cache (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR) and start over when
     the dir's mtime or version changes, as any change through the mount
-    does. Warm find and ls -R then never reach us."""
+    does. Warm find and ls -R then never reach us.
+
+    Except under strictatime, where every listing must read the upper dir
+    (its atime, as the kernel overlay's): a handle without caching."""
+    cdef fuse_open_out o
+    if self.strictatime:
+        memset(&o, 0, sizeof(o))
+        self.reply(fd, h.unique, &o, sizeof(o))
+        return 0
     self.reply_err(fd, h.unique, E.ENOSYS)
     return 0
 

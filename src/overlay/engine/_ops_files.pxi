@@ -116,7 +116,9 @@ cdef int _reply_open(OverlayFS self, int fd, uint64_t unique, uint64_t nodeid, i
         o.open_flags = FOPEN_PASSTHROUGH | FOPEN_NOFLUSH
         o.backing_id = bid
     else:
-        o.open_flags = FOPEN_NOFLUSH | (FOPEN_KEEP_CACHE if keep else 0)
+        # (under strictatime the first read after each open reaches the
+        # layer, whose atime it updates, as the kernel overlay's reads do)
+        o.open_flags = FOPEN_NOFLUSH | (FOPEN_KEEP_CACHE if keep and not self.strictatime else 0)
     if entry != NULL:
         r = self.reply2(fd, unique, entry, sizeof(fuse_entry_out), &o, sizeof(o))
     else:
@@ -159,7 +161,7 @@ cdef int op_create(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t 
         uid, gid = self._ids(h.uid, h.gid)
         try:
             rfd, node = self.core.create(self._node(h.nodeid), name, flags,
-                                         S.S_IMODE(a.mode) & ~a.umask, uid, gid)
+                                         S.S_IMODE(a.mode), uid, gid, a.umask)
         finally:
             self._renumbered()
         st, node.st = node.st, None
@@ -187,10 +189,15 @@ cdef int op_read(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
         rfd = (<_Handle>hd).fd
     if size > READ_BUFFER - sizeof(fuse_out_header):
         size = READ_BUFFER - sizeof(fuse_out_header)
+    cdef char *buf = out
+    if (<_Handle>hd).flags & os.O_DIRECT:
+        buf = _direct_buffer(size)      # (the real file is read O_DIRECT too)
+        if buf == NULL:
+            raise MemoryError()
     with nogil:
         # a short read is EOF to the kernel: read until size or EOF
         while done < size:
-            r = pread(rfd, out + done, size - done, off + done)
+            r = pread(rfd, buf + done, size - done, off + done)
             if r < 0:
                 if errno == 4:      # EINTR
                     continue
@@ -199,6 +206,9 @@ cdef int op_read(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
             if r == 0:
                 break
             done += r
+        if buf != out:
+            memcpy(out, buf, done)
+            free(buf)
         if err == 0 or done > 0:
             oh.len = sizeof(fuse_out_header) + done
             oh.error = 0
@@ -229,11 +239,21 @@ cdef int op_write(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
     if a.write_flags & FUSE_WRITE_KILL_SUIDGID:
         with self.lock:
             self._kill_suidgid((<_Handle>hd).node)
-    if self.core.quota_on:
-        err = _quota_write(self, rfd, data, &size, off, &done)
-    else:
-        with nogil:
-            err = _pwrite_all(rfd, data, size, off, &done)
+    cdef char *buf = NULL
+    if (<_Handle>hd).flags & os.O_DIRECT:
+        buf = _direct_buffer(size)      # (the real file is written O_DIRECT too)
+        if buf == NULL:
+            raise MemoryError()
+        memcpy(buf, data, size)
+        data = buf
+    try:
+        if self.core.quota_on:
+            err = _quota_write(self, rfd, data, &size, off, &done)
+        else:
+            with nogil:
+                err = _pwrite_all(rfd, data, size, off, &done)
+    finally:
+        free(buf)
     if err and done == 0:
         self.reply_err(fd, h.unique, err)
         return 0
@@ -435,7 +455,7 @@ cdef int op_tmpfile(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
         uid, gid = self._ids(h.uid, h.gid)
         try:
             rfd, node = self.core.tmpfile(self._node(h.nodeid), flags,
-                                          S.S_IMODE(a.mode) & ~a.umask, uid, gid)
+                                          S.S_IMODE(a.mode), uid, gid, a.umask)
         finally:
             self._renumbered()
         st, node.st = node.st, None

@@ -132,6 +132,14 @@ cdef int op_setattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
                     self._kill_suidgid(node)
             finally:
                 self._renumbered()
+        else:
+            # nothing to change: chown(path, -1, -1), or the kernel taking
+            # set-id bits away after an unprivileged fallocate (the kernel
+            # overlay copies up and updates ctime for both)
+            try:
+                node = self.core.touch(node)
+            finally:
+                self._renumbered()
         self._reply_attr(fd, h.unique, node)
     return 0
 
@@ -142,8 +150,8 @@ cdef int op_mknod(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
     with self.lock:
         uid, gid = self._ids(h.uid, h.gid)
         try:
-            node = self.core.mknod(self._node(h.nodeid), name, a.mode & ~a.umask,
-                                   _decode_dev(a.rdev), uid, gid)
+            node = self.core.mknod(self._node(h.nodeid), name, a.mode,
+                                   _decode_dev(a.rdev), uid, gid, a.umask)
         finally:
             self._renumbered()
         self._reply_entry(fd, h.unique, node)
@@ -157,7 +165,7 @@ cdef int op_mkdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
         uid, gid = self._ids(h.uid, h.gid)
         try:
             node = self.core.mkdir(self._node(h.nodeid), name,
-                                   S.S_IMODE(a.mode) & ~a.umask, uid, gid)
+                                   S.S_IMODE(a.mode), uid, gid, a.umask)
         finally:
             self._renumbered()
         self._reply_entry(fd, h.unique, node)
@@ -342,7 +350,13 @@ cdef int op_setxattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_
             node = self._node(h.nodeid)
             self.core._need_upper()
             node = self._copy_up(node, True, True)
-            self.core.setxattr(node, name, value, xflags)
+            node = self.core.setxattr(node, name, value, xflags)
+            if self.setxattr_ext and a.setxattr_flags & FUSE_SETXATTR_ACL_KILL_SGID:
+                # an access ACL set by a caller outside the file's group
+                # and without CAP_FSETID: S_ISGID goes, as with chmod
+                mode = self.core.getattr(node).st_mode
+                if mode & S.S_ISGID:
+                    self.core.setattr(node, mode=S.S_IMODE(mode) & ~S.S_ISGID)
         finally:
             self._renumbered()
     self.reply_err(fd, h.unique, 0)

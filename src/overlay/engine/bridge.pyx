@@ -76,6 +76,22 @@ cdef extern from "<unistd.h>" nogil:
                                                long long *off_out, size_t length, unsigned int flags)
 
 
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+    void free(void *ptr)
+
+# O_DIRECT wants buffers aligned to the device's logical block (at most a
+# page): the data of a request sit at an odd place in our buffer
+DEF DIRECT_ALIGN = 4096
+
+cdef char *_direct_buffer(size_t size) noexcept nogil:
+    """An aligned buffer of size bytes (at least one block), or NULL."""
+    cdef void *p = NULL
+    if posix_memalign(&p, DIRECT_ALIGN, size if size else DIRECT_ALIGN) != 0:
+        return NULL
+    return <char*>p
+
+
 cdef inline size_t _align8(size_t n) noexcept nogil:
     return (n + 7) & ~(<size_t>7)
 
@@ -127,6 +143,7 @@ cdef class OverlayFS(Session):
     cdef dict backings            # node id -> _Backing
     cdef dict forgotten           # nfs_export: node id <-> core handle of nodes forgotten
     cdef public bint passthrough_broken   # BACKING_OPEN refused: serve data ourselves
+    cdef public bint strictatime  # the mount's strictatime: every read reaches a layer
 
     def __init__(self, core, *, double entry_timeout=300.0, double attr_timeout=300.0,
                  uidmap=None, gidmap=None, bint squash_to_root=False, squash_to_uid=None,

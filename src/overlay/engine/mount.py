@@ -26,50 +26,16 @@ import subprocess
 
 from overlay.engine import wire
 from overlay.mounttable import find_mount
+from overlay.options import (MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY,
+                             MS_SYNCHRONOUS)
 
 log = logging.getLogger("overlay.engine")
 
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_SYNCHRONOUS = 16
-MS_DIRSYNC = 128
-MS_NOATIME = 1024
-MS_NODIRATIME = 2048
-MS_RELATIME = 1 << 21
-MS_STRICTATIME = 1 << 24
-MS_LAZYTIME = 1 << 25
 MNT_DETACH = 2
-
-# generic options -> (flags to set, flags to clear); the default is libfuse's
-# nosuid,nodev
-_FLAG_OPTIONS = {
-    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
-    "suid": (0, MS_NOSUID), "nosuid": (MS_NOSUID, 0),
-    "dev": (0, MS_NODEV), "nodev": (MS_NODEV, 0),
-    "exec": (0, MS_NOEXEC), "noexec": (MS_NOEXEC, 0),
-    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
-    "dirsync": (MS_DIRSYNC, 0),
-    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
-    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
-    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
-    "strictatime": (MS_STRICTATIME, 0), "lazytime": (MS_LAZYTIME, 0),
-}
 
 
 class MountFailed(OSError):
     """Mounting failed; str() is one line for the user."""
-
-
-def mount_flags(generic: list[str], read_only: bool) -> int:
-    flags = MS_NOSUID | MS_NODEV
-    for opt in generic:
-        add, clear = _FLAG_OPTIONS.get(opt, (0, 0))
-        flags = (flags | add) & ~clear
-    if read_only:
-        flags |= MS_RDONLY
-    return flags
 
 
 def _flag_words(flags: int) -> list[str]:

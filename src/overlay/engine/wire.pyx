@@ -567,7 +567,9 @@ cdef class Session:
         want = (FUSE_ASYNC_READ | FUSE_PARALLEL_DIROPS | FUSE_DO_READDIRPLUS
                 | FUSE_READDIRPLUS_AUTO | FUSE_MAX_PAGES | FUSE_BIG_WRITES
                 | FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_HANDLE_KILLPRIV_V2
-                | FUSE_SETXATTR_EXT | FUSE_POSIX_ACL | FUSE_ABORT_ERROR)
+                | FUSE_SETXATTR_EXT | FUSE_POSIX_ACL | FUSE_DONT_MASK | FUSE_ABORT_ERROR)
+        # (DONT_MASK: the mode of a new object comes unmasked, with the
+        # umask beside it: the core applies a default ACL or the umask)
         want2 = 0
         if self.no_acl:
             want &= ~FUSE_POSIX_ACL
