@@ -35,9 +35,10 @@ cdef class _Stack:
         objects are encoded and decoded (_export.pxi).
         xattr_permissions: fuse-overlayfs's 1 or 2: owners and modes of the
         upper layer kept in an xattr (_override.pxi).
-        read_only: a read-only mount (with or without an upper layer): as
-        the kernel's, it sets up the work dir and the upper root's xattrs,
-        then (with private mounts) its upper clone is made read-only.
+        read_only: a read-only mount (with or without an upper layer): the
+        kernel refuses every change through it; as with the kernel's, the
+        work dir is set up and the overlay's xattrs are written, but no
+        atime.
         private_mounts, atime: see _open_layers.
         posix_acl: new objects get their mode and ACLs from their parent's
         default ACL, as the kernel's POSIX ACLs give them (Overlay._new_mode);
@@ -128,10 +129,6 @@ cdef class _Stack:
         setup_identity(self, devs)
         setup_index(self)
         setup_override(self, xattr_permissions)
-        if read_only and self._upper_clone >= 0:
-            # as the kernel, the set-up above writes even on a read-only
-            # mount (the work dir, the uuid); from here on nothing may
-            sys_mount_setattr(self._upper_clone, MOUNT_ATTR_RDONLY, 0)
         self.ovi = _register_overlay(self)
         self.root = self._make_root()
 
@@ -155,7 +152,10 @@ cdef class _Stack:
                 self.lower_roots = self._clone_open(self.lower_paths, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME,
                                                     MOUNT_ATTR__ATIME | MOUNT_ATTR_NODIRATIME, False)
                 if self.upper_path is not None:
-                    mode, nodiratime = atime
+                    # (a read-only mount updates no atime; as the kernel's,
+                    # it still writes the overlay's xattrs: the uuid, the
+                    # origin of merged dirs)
+                    mode, nodiratime = ("noatime", False) if self.read_only else atime
                     attr = {"relatime": MOUNT_ATTR_RELATIME, "noatime": MOUNT_ATTR_NOATIME,
                             "strictatime": MOUNT_ATTR_STRICTATIME}[mode]
                     if nodiratime:

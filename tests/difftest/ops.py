@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import random
 import stat
+import subprocess
+import time
 
 from .layers import DIR_MODES, FILE_MODES, IDS, NAMES, OLD_BEFORE_NS, rand_time
 
@@ -70,13 +73,17 @@ def seeks(fd) -> tuple:
     return tuple(out)
 
 
-def name_to_handle(path: str) -> bytes:
+AT_HANDLE_FID = 0x200
+
+
+def name_to_handle(path: str, flags: int = 0) -> bytes:
     """name_to_handle_at(2) of path (not following a last symlink): the
-    struct file_handle, as bytes."""
+    struct file_handle, as bytes. flags AT_HANDLE_FID: an identifier
+    only (what fanotify reports), not one to open."""
     buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
     ctypes.c_uint.from_buffer(buf).value = MAX_HANDLE_SZ
     mount_id = ctypes.c_int()
-    _check(_libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), 0), path)
+    _check(_libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), flags), path)
     return buf.raw[:8 + ctypes.c_uint.from_buffer(buf).value]
 
 
@@ -416,6 +423,10 @@ def _do(root: str, op: tuple):
         handles.pop(slot, None)
         handles[slot] = name_to_handle(P(path))
         return None
+    if name == "fh_fid":
+        # can path be named by a file identifier (AT_HANDLE_FID)?
+        name_to_handle(P(op[1]), AT_HANDLE_FID)
+        return None
     if name == "fh_open":
         # caches dropped, then the handle in slot opened: what it names now
         h = _saved_handle(root, op[1])
@@ -448,6 +459,120 @@ def _do(root: str, op: tuple):
             return os.pwrite(fd, data, off)
         finally:
             os.close(fd)
+    if name == "as_user":
+        # ("as_user", uid, gid, op): op run by a child with those ids (no
+        # supplementary groups, no capabilities)
+        _, uid, gid, sub = op
+        return _in_child(root, sub, ids=(uid, gid))
+    if name == "umask":
+        # ("umask", mask, op): op run by a child with that umask
+        _, mask, sub = op
+        return _in_child(root, sub, umask=mask)
+    if name == "acl":
+        # mode and POSIX ACLs (access, default) of path, as entries
+        p = P(op[1])
+        out = [oct(stat.S_IMODE(os.lstat(p).st_mode))]
+        for xname in ("system.posix_acl_access", "system.posix_acl_default"):
+            try:
+                out.append(acl_entries(os.getxattr(p, xname, follow_symlinks=False)))
+            except OSError as e:
+                out.append(errno.errorcode.get(e.errno, str(e.errno)))
+        return tuple(out)
+    if name == "atime_reads":
+        # ("atime_reads", path, n): read path n times (open, read, close):
+        # did each read change its atime? ("U" or "-")
+        _, path, n = op
+        marks = ""
+        for _ in range(n):
+            before = os.stat(P(path)).st_atime_ns
+            time.sleep(TICK)
+            fd = os.open(P(path), os.O_RDONLY)
+            try:
+                while os.read(fd, 1 << 16):
+                    pass
+            finally:
+                os.close(fd)
+            marks += "U" if os.stat(P(path)).st_atime_ns != before else "-"
+        return marks
+    if name == "atime_lists":
+        # ("atime_lists", path, n): the same for n listings of a dir
+        _, path, n = op
+        marks = ""
+        for _ in range(n):
+            before = os.stat(P(path)).st_atime_ns
+            time.sleep(TICK)
+            os.listdir(P(path))
+            marks += "U" if os.stat(P(path)).st_atime_ns != before else "-"
+        return marks
+    if name == "atime_exec":
+        # ("atime_exec", path): run the program at path: did its atime change?
+        before = os.stat(P(op[1])).st_atime_ns
+        time.sleep(TICK)
+        r = subprocess.run([P(op[1])], capture_output=True, timeout=60)
+        return (r.returncode, "U" if os.stat(P(op[1])).st_atime_ns != before else "-")
+    if name == "ctime_by":
+        # ("ctime_by", path, op): op applied: its result, and whether the
+        # ctime (and mtime) of path changed
+        _, path, sub = op
+        before = statx_times(P(path), STATX_MTIME | STATX_CTIME, False)
+        time.sleep(TICK)
+        r = execute(root, sub)
+        after = statx_times(P(path), STATX_MTIME | STATX_CTIME, False)
+        return (r, "ctime " + ("U" if after["ctime"] != before["ctime"] else "-"),
+                "mtime " + ("U" if after["mtime"] != before["mtime"] else "-"))
+    if name == "mmap_write":
+        # ("mmap_write", path, data, close_first): data stored through a
+        # shared mapping (no msync), unmapped (after closing the fd when
+        # close_first): did stat see new mtime and ctime, with the fd
+        # still open and once closed?
+        _, path, data, close_first = op
+        mask = STATX_MTIME | STATX_CTIME
+        before = statx_times(P(path), mask)
+        time.sleep(TICK)
+        fd = os.open(P(path), os.O_RDWR)
+        seen = []
+        try:
+            m = mmap.mmap(fd, len(data))
+            m[:len(data)] = data
+            if close_first:
+                os.close(fd)
+                fd = -1
+            m.close()
+            if fd >= 0:
+                seen.append(statx_times(P(path), mask))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        seen.append(statx_times(P(path), mask))
+        return tuple(("m" if t["mtime"] != before["mtime"] else "-")
+                     + ("c" if t["ctime"] != before["ctime"] else "-") for t in seen)
+    if name == "direct_rw":
+        # ("direct_rw", path, off, nblocks): O_DIRECT write of nblocks 4 KiB
+        # blocks at off, then read back with O_DIRECT
+        _, path, off, nblocks = op
+        fd = os.open(P(path), os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096 * nblocks)
+            buf.write(bytes(range(256)) * 16 * nblocks)
+            n = os.pwritev(fd, [buf], off)
+            back = mmap.mmap(-1, 4096 * nblocks)
+            got = os.preadv(fd, [back], off)
+            return (n, got, back[:] == buf[:])
+        finally:
+            os.close(fd)
+    if name == "dir_seek":
+        # ("dir_seek", path, offsets): for each offset, lseek the dir there
+        # and read the names that follow (getdents64), sorted
+        _, path, offsets = op
+        fd = os.open(P(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            out = []
+            for off in offsets:
+                os.lseek(fd, off, os.SEEK_SET)
+                out.append(sorted(n for n, _ in getdents(fd)))
+            return tuple(tuple(x) for x in out)
+        finally:
+            os.close(fd)
     if name == "syncfs":
         fd = os.open(P(op[1]), os.O_RDONLY)
         try:
@@ -456,6 +581,119 @@ def _do(root: str, op: tuple):
         finally:
             os.close(fd)
     raise ValueError(f"unknown op {name!r}")
+
+
+# between a time read and the change it is compared with: more than the
+# kernel's coarse clock step (a jiffy)
+TICK = 0.02
+STATX_ATIME, STATX_MTIME, STATX_CTIME = 0x20, 0x40, 0x80
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+def statx_times(path: str, mask: int, follow: bool = True) -> dict:
+    """{"atime"|"mtime"|"ctime": ns} of path by statx(2) asking only for
+    the times in mask, as stat(1) does (stat -c %Y asks for the mtime
+    alone): a FUSE mount answers from its cache what it holds as valid."""
+    import struct
+
+    buf = ctypes.create_string_buffer(256)
+    _check(_libc.statx(AT_FDCWD, os.fsencode(path), 0 if follow else AT_SYMLINK_NOFOLLOW,
+                       mask, buf), path)
+    out = {}
+    for name, bit, off in (("atime", STATX_ATIME, 64), ("mtime", STATX_MTIME, 112),
+                           ("ctime", STATX_CTIME, 96)):
+        if mask & bit:
+            sec, nsec = struct.unpack_from("<qI", buf.raw, off)
+            out[name] = sec * 10**9 + nsec
+    return out
+
+
+def _in_child(root: str, sub: tuple, ids=None, umask=None):
+    """execute(root, sub) in a forked child (with ids (uid, gid) and no
+    supplementary groups, or with umask): its result."""
+    import pickle
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(rfd)
+            if umask is not None:
+                os.umask(umask)
+            if ids is not None:
+                os.setgroups([])
+                os.setresgid(ids[1], ids[1], ids[1])
+                os.setresuid(ids[0], ids[0], ids[0])
+            data = pickle.dumps(execute(root, sub))
+            with os.fdopen(wfd, "wb") as f:
+                f.write(data)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not data:
+        raise RuntimeError(f"child running {sub!r} failed")
+    kind, value = pickle.loads(data)
+    if kind == "err":
+        raise OSError(getattr(errno, value, 0) or errno.EIO, value)
+    return value
+
+
+ACL_TAGS = {1: "u", 2: "u", 4: "g", 8: "g", 0x10: "m", 0x20: "o"}
+
+
+def acl_entries(value: bytes) -> tuple:
+    """A POSIX ACL xattr as (tag:id:perms, ...), e.g. ("u::rw-", "m::r--")."""
+    import struct
+
+    out = []
+    for off in range(4, len(value), 8):
+        tag, perm, eid = struct.unpack_from("<HHI", value, off)
+        qual = str(eid) if tag in (2, 8) else ""
+        out.append(f"{ACL_TAGS.get(tag, tag)}:{qual}:" + "".join(
+            c if perm & b else "-" for c, b in (("r", 4), ("w", 2), ("x", 1))))
+    return tuple(out)
+
+
+def acl_value(*entries: str) -> bytes:
+    """The xattr value of a POSIX ACL given as "u::rw-", "u:1000:r--",
+    "g::r--", "m::rw-", "o::---" (the inverse of acl_entries)."""
+    import struct
+
+    tags = {"u": (1, 2), "g": (4, 8), "m": (0x10, 0x10), "o": (0x20, 0x20)}
+    out = struct.pack("<I", 2)
+    for e in entries:
+        kind, qual, perms = e.split(":")
+        perm = sum(b for c, b in (("r", 4), ("w", 2), ("x", 1)) if c in perms)
+        tag = tags[kind][1 if qual else 0]
+        out += struct.pack("<HHI", tag, perm, int(qual) if qual else 0xFFFFFFFF)
+    return out
+
+
+def getdents(fd) -> list:
+    """[(name, d_off)] read with getdents64 from where fd is."""
+    import struct
+
+    buf = ctypes.create_string_buffer(32768)
+    out = []
+    while True:
+        n = _libc.syscall(217, fd, buf, len(buf))
+        if n < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        if n == 0:
+            return out
+        off = 0
+        while off < n:
+            _ino, doff, reclen = struct.unpack_from("<QqH", buf.raw, off)
+            name = buf.raw[off + 19:off + reclen].split(b"\0", 1)[0]
+            if name not in (b".", b".."):
+                out.append((os.fsdecode(name), doff))
+            off += reclen
 
 
 def execute(root: str, op: tuple):

@@ -63,12 +63,14 @@ cdef int _passthrough(OverlayFS self, uint64_t nodeid, node) except -2:
     return bid
 
 
-cdef _unback(OverlayFS self, uint64_t key):
+cdef _unback(OverlayFS self, uint64_t key, bint writer):
     """One passthrough open of node id key is gone."""
     cdef _Backing bk = self.backings.get(key)
     if bk is None:
         return
     bk.opens -= 1
+    if writer:
+        bk.writers -= 1
     if bk.opens <= 0:
         del self.backings[key]
         from overlay.engine.wire import backing_close
@@ -85,6 +87,7 @@ cdef int _reply_open(OverlayFS self, int fd, uint64_t unique, uint64_t nodeid, i
     cdef _Handle hd
     cdef uint64_t fh
     cdef int r, bid
+    cdef _Backing bk
     bid = _passthrough(self, nodeid, node)
     if bid < 0:
         os.close(rfd)
@@ -98,6 +101,16 @@ cdef int _reply_open(OverlayFS self, int fd, uint64_t unique, uint64_t nodeid, i
     hd.flags = flags
     hd.lower = node.upper < 0 or node.metacopy   # its data may be copied up later
     hd.backing_key = nodeid if bid > 0 else 0
+    if bid > 0 and flags & os.O_ACCMODE != os.O_RDONLY:
+        # stores through a shared mapping would not reach us: the node's
+        # attributes are not cached while it is open for writing
+        # (_mapped_writes), starting with what the kernel holds now
+        bk = self.backings[nodeid]
+        bk.writers += 1
+        if entry != NULL:
+            entry.attr_valid = entry.attr_valid_nsec = 0
+        elif bk.writers == 1:
+            self.notify_inval_inode(nodeid, -1, 0, True)
     self.handles[fh] = hd
     node.pins += 1          # keeps its fds: fstat must work after an unlink
     keep = True

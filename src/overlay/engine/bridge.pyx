@@ -116,6 +116,7 @@ cdef class _Backing:
     """A passthrough backing file registered for one node id."""
     cdef public int id           # the kernel's backing id
     cdef public int opens        # passthrough opens using it
+    cdef public int writers      # ... of them opened for writing
     cdef public object real      # (st_dev, st_ino) of the file it stands for
 
 
@@ -338,13 +339,25 @@ cdef class OverlayFS(Session):
             return 1
         return <uint32_t>nlink
 
+    cdef bint _mapped_writes(self, Node node):
+        """Can node's data change without telling us or the kernel's FUSE
+        inode? Stores through a shared mapping of a passthrough file go
+        to the backing file: while one is open for writing, its
+        attributes are never cached, so stat sees the times those stores
+        set, as on the kernel overlay."""
+        cdef _Backing bk
+        if not self.backings:
+            return False
+        bk = self.backings.get(node.fuse_id)
+        return bk is not None and bk.writers > 0
+
     cdef _fill_entry(self, fuse_entry_out *e, Node node, Stat st):
         """An entry for node (not counted: see _ref)."""
         if st is None:
             st = self.core.getattr(node)
         e.nodeid = self._key(node)
         e.generation = 0
-        if node.ghost:
+        if node.ghost or self._mapped_writes(node):
             # a whiteout that readdir lists: never cached, so the next use
             # of the name looks it up and gets ENOENT, as on the kernel
             e.entry_valid = e.attr_valid = 0
@@ -395,8 +408,11 @@ cdef class OverlayFS(Session):
         cdef fuse_attr_out o
         if st is None:
             st = self.core.getattr(node)
-        o.attr_valid = 0 if node.ghost else self.attr_sec
-        o.attr_valid_nsec = 0 if node.ghost else self.attr_nsec
+        if node.ghost or self._mapped_writes(node):
+            o.attr_valid = o.attr_valid_nsec = 0
+        else:
+            o.attr_valid = self.attr_sec
+            o.attr_valid_nsec = self.attr_nsec
         o.dummy = 0
         self._fill_attr(&o.attr, node, st)
         self.reply(fd, unique, &o, sizeof(o))
@@ -555,7 +571,7 @@ cdef class OverlayFS(Session):
             return
         os.close(hd.fd)
         if hd.backing_key:
-            _unback(self, hd.backing_key)
+            _unback(self, hd.backing_key, hd.flags & os.O_ACCMODE != os.O_RDONLY)
         node = hd.node
         node.pins -= 1
         if not node.pins and self.core.quota_on:

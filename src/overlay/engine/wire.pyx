@@ -575,6 +575,10 @@ cdef class Session:
             want &= ~FUSE_POSIX_ACL
         if self.want_export:
             want |= FUSE_EXPORT_SUPPORT
+        else:
+            # as the kernel overlay without nfs_export: no file handles
+            # (name_to_handle_at gives EOPNOTSUPP; fanotify's FIDs stay)
+            want2 |= FUSE2_NO_EXPORT_SUPPORT
         if self.want_writeback:
             want |= FUSE_WRITEBACK_CACHE
         elif self.want_passthrough:
