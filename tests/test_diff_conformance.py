@@ -144,6 +144,40 @@ def test_atime_options(mk_unread, opts, passthrough):
     assert after == before
 
 
+def _remount(p, opts):
+    """mount -o remount,OPTS of both mounts (ours through its mount helper's
+    remount), then a moment for our daemon to see its new flags."""
+    import subprocess
+    import time
+
+    r = subprocess.run(["mount", "-o", "remount," + opts, p.mp_k], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = mountutil.overlay_cli(["mount", "-o", "remount," + opts, p.mp_o])
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.3)
+
+
+def test_remount_changes_atime_rules_and_read_only(mk_unread):
+    p = mk_unread([[file("lf", b"lower", atime=T, mtime=T)]],
+                  upper=[file("uf", b"upper", atime=T, mtime=T), d("ud", atime=T, mtime=T), file("ud/x")],
+                  kernel_opts=("redirect_dir=on", "strictatime"), ours_opts=("strictatime",))
+    assert p.op(("atime_reads", "uf", 2), expect="ok")[1] == "UU"
+    _remount(p, "noatime")
+    assert p.op(("atime_reads", "uf", 2), expect="ok")[1] == "--"
+    p.op(("atime_lists", "ud", 2), expect="ok")
+    _remount(p, "ro")
+    p.op(("create", "n", 0o644, b"x"), expect="EROFS")
+    p.op(("atime_reads", "uf", 2), expect="ok")
+    _remount(p, "rw,strictatime")
+    p.op(("create", "n", 0o644, b"x"), expect="ok")
+    assert p.op(("atime_reads", "uf", 2), expect="ok")[1] == "UU"
+    p.op(("atime_lists", "ud", 2), expect="ok")
+    _remount(p, "relatime,nodiratime")
+    p.op(("atime_lists", "ud", 2), expect="ok")
+    p.op(("atime_reads", "n", 2), expect="ok")
+    p.finish()
+
+
 # ---------------------------------------------------------------------------
 # 3. default ACLs
 
@@ -332,6 +366,54 @@ def test_chown_minus_one_copies_up_and_updates_ctime(mk):
     p.op(("stat", "suid"), expect="ok")
     p.op(("stat", "sgid_noexec"), expect="ok")
     p.finish()       # (the upper dirs: each of them copied up)
+
+
+# ---------------------------------------------------------------------------
+# 8. directory offsets
+
+
+def _many(prefix, n, **kw):
+    return [file(f"{prefix}{i:03d}", **kw) for i in range(n)]
+
+
+def test_dir_offsets_seek_like_the_kernels(mk):
+    p = mk([[d("m")] + _many("m/l", 40) + [d("low")] + _many("low/x", 30)],
+           upper=[d("m")] + _many("m/u", 25) + [d("up")] + _many("up/y", 20))
+    # merged (upper and lower), lower only, upper only, the root
+    for path in ("m", "low", "up", ""):
+        r = p.op(("dir_offsets_hold", path), expect="ok")[1]
+        assert r[1] == ()
+    # a merged dir: the k-th offset gives what follows the k-th entry
+    # (the kernel's are indexes; both count "." and ".."). (In a dir of one
+    # layer the kernel hands out that filesystem's offsets, hashes on ext4:
+    # there ours stay indexes, see the README.)
+    p.op(("dir_seek_counts", "m", tuple(range(0, 75)) + (100, 1000, 1 << 31)), expect="ok")
+    p.finish()
+
+
+def test_dir_reader_going_on_while_the_dir_changes(mk):
+    p = mk([[d("m")] + _many("m/l", 60)], upper=[d("m")] + _many("m/u", 60))
+    gone = tuple(f"l{i:03d}" for i in range(30, 60, 3)) + tuple(f"u{i:03d}" for i in range(1, 60, 7))
+    new = tuple(f"new{i}" for i in range(15))
+    # (the names read first are not among those removed: which names come
+    # first differs, so only the result, every name that stayed exactly
+    # once, is compared)
+    assert p.op(("dir_read_while_changing", "m", 5, (), new)) == ("ok", None)
+    p.op(("dir_read_while_changing", "m", 0, gone, ()), expect="ok")
+    p.finish()
+
+
+def test_t_readdir_3_of_fstests_676(mk):
+    """fstests generic/676 (src/t_readdir_3): 4,000 files made in a dir,
+    read entry by entry with telldir/seekdir and with lseek/getdents64,
+    then read at the offsets handed out and at random numbers below the
+    largest: never an early end of the dir."""
+    p = mk([[d("big")] + _many("big/lower", 100)], upper=[d("big")] + _many("big/upper", 3000))
+    for i in range(20):
+        p.op(("create", f"big/made{i:04d}", 0o644, b""), expect="ok")
+    r = p.op(("dir_offsets_hold", "big"), expect="ok")[1]
+    assert r == (3120, ())
+    p.finish(remount=False, kernel_over_ours=False, ours_over_kernel=False)
 
 
 # ---------------------------------------------------------------------------

@@ -332,6 +332,8 @@ def start_mount(
     """Validate everything, then mount in the foreground or the background."""
     optstring = ",".join(o for o in optstrings if o)
     cwd = os.getcwd()
+    if "remount" in split_options(optstring):
+        return remount_command(split_options(optstring), mountpoint, prog=prog)
     try:
         config = parse_options(optstring, cwd)
         if as_helper:
@@ -347,6 +349,28 @@ def start_mount(
     if foreground:
         return run_foreground(config, mountpoint, prog)
     return run_background(config, mountpoint, prog, log_file=log_file, timeout=timeout)
+
+
+def remount_command(words: list[str], mountpoint: str, *, prog: str) -> int:
+    """`mount -o remount,OPTS` of a mount of ours (mount(8) hands it to the
+    helper): the generic options (ro, rw, noatime, nodiratime...) change
+    the mount's flags, the others (the layers) stay as mounted. The
+    daemon sees the change in the mount table and follows it."""
+    from overlay.options import _MS_OPTIONS, MS_REMOUNT, remount_flags  # noqa: PLC0415
+
+    path = _mountpoint_path(mountpoint)
+    entry = find_mount(path)
+    if entry is None or not entry.fstype.startswith("fuse.overlay"):
+        return _say_error(prog, f"'{path}' is not a mount of ours")
+    given = [w for w in words if w in _MS_OPTIONS]
+    flags = remount_flags(entry.options, given)
+    from overlay.engine import wire  # noqa: PLC0415 - the native engine's mount(2)
+
+    try:
+        wire.sys_mount(b"", os.fsencode(path), b"", MS_REMOUNT | flags, b"")
+    except OSError as exc:
+        return _say_error(prog, f"cannot remount '{path}': {exc.strerror}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------

@@ -32,15 +32,16 @@ def unescape_mountinfo(field: str) -> str:
 class MountEntry:
     """One line of mountinfo (a plain class: dataclasses cost start-up time)."""
 
-    __slots__ = ("mountpoint", "fstype", "source", "mount_id", "dev")
+    __slots__ = ("mountpoint", "fstype", "source", "mount_id", "dev", "options")
 
     def __init__(self, mountpoint: str, fstype: str, source: str, mount_id: int = -1,
-                 dev: str = ""):
+                 dev: str = "", options: str = ""):
         self.mountpoint = mountpoint
         self.fstype = fstype
         self.source = source
         self.mount_id = mount_id
         self.dev = dev              # "major:minor" of the mounted filesystem
+        self.options = options      # per-mount options ("rw,nosuid,nodev,relatime")
 
     def _key(self):
         return (self.mountpoint, self.fstype, self.source, self.mount_id)
@@ -71,6 +72,7 @@ def iter_mounts(mountinfo: str = "/proc/self/mountinfo"):
                 source=unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "",
                 mount_id=int(fields[0]),
                 dev=fields[2],
+                options=fields[5],
             )
 
 

@@ -200,6 +200,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
 MS_DIRSYNC = 128
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
@@ -221,10 +222,10 @@ _MS_OPTIONS = {
 }
 
 
-def vfs_flags(generic: list[str], read_only: bool) -> int:
+def vfs_flags(generic: list[str], read_only: bool, base: int = MS_NOSUID | MS_NODEV) -> int:
     """The mount(2) flags of the generic options, in their order (a later
-    one undoes an earlier one, as with mount(8))."""
-    flags = MS_NOSUID | MS_NODEV
+    one undoes an earlier one, as with mount(8)), over base."""
+    flags = base
     for opt in generic:
         add, clear = _MS_OPTIONS.get(opt, (0, 0))
         flags = (flags | add) & ~clear
@@ -244,6 +245,31 @@ def atime_rules(flags: int) -> tuple[str, bool]:
     else:
         mode = "relatime"
     return mode, bool(flags & MS_NODIRATIME)
+
+
+_ATIME_WORDS = frozenset({"atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime"})
+
+
+def mountinfo_atime(per_mount: str) -> tuple[bool, tuple[str, bool]]:
+    """(read-only, (atime rule, nodiratime)) of a mount from its per-mount
+    options in /proc/self/mountinfo ("rw,nosuid,nodev,relatime"): no atime
+    word there means strictatime."""
+    words = per_mount.split(",")
+    mode = "noatime" if "noatime" in words else "relatime" if "relatime" in words else "strictatime"
+    return "ro" in words, (mode, "nodiratime" in words)
+
+
+def remount_flags(per_mount: str, given: list[str]) -> int:
+    """The mount(2) flags (MS_REMOUNT not included) of `mount -o
+    remount,OPTS` on a mount whose per-mount options in mountinfo are
+    per_mount: what is not given stays as it is; an atime option given
+    replaces the atime rule, as with mount(8)."""
+    words = per_mount.split(",")
+    if any(w in _ATIME_WORDS for w in given):
+        words = [w for w in words if w not in _ATIME_WORDS]
+    elif not any(w in ("noatime", "relatime") for w in words):
+        words.append("strictatime")         # (mountinfo shows no word for it)
+    return vfs_flags(words + list(given), False, base=0)
 
 
 # Prefixes of userspace-only options (fstab ``x-systemd.*``, ``comment=``).

@@ -9,6 +9,20 @@ listing, copy-up and the namespace changes build on it, each a subclass in
 its own part; Overlay is the last of them. Fields: _core.pxd."""
 
 
+cdef unsigned long long _atime_attr(atime, bint read_only):
+    """The mount_setattr flags of the upper layer's private mount for the
+    overlay mount's atime rules, ("relatime" | "noatime" | "strictatime",
+    nodiratime). A read-only mount updates no atime; as the kernel's, it
+    still writes the overlay's xattrs (the uuid, the origin of merged
+    dirs), so the upper is not made read-only."""
+    mode, nodiratime = ("noatime", False) if read_only else atime
+    cdef unsigned long long attr = {"relatime": MOUNT_ATTR_RELATIME, "noatime": MOUNT_ATTR_NOATIME,
+                                    "strictatime": MOUNT_ATTR_STRICTATIME}[mode]
+    if nodiratime:
+        attr |= MOUNT_ATTR_NODIRATIME
+    return attr
+
+
 cdef class _Stack:
     """The layers, the work dir and the identity of the Nodes on them."""
 
@@ -152,16 +166,8 @@ cdef class _Stack:
                 self.lower_roots = self._clone_open(self.lower_paths, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME,
                                                     MOUNT_ATTR__ATIME | MOUNT_ATTR_NODIRATIME, False)
                 if self.upper_path is not None:
-                    # (a read-only mount updates no atime; as the kernel's,
-                    # it still writes the overlay's xattrs: the uuid, the
-                    # origin of merged dirs)
-                    mode, nodiratime = ("noatime", False) if self.read_only else atime
-                    attr = {"relatime": MOUNT_ATTR_RELATIME, "noatime": MOUNT_ATTR_NOATIME,
-                            "strictatime": MOUNT_ATTR_STRICTATIME}[mode]
-                    if nodiratime:
-                        attr |= MOUNT_ATTR_NODIRATIME
                     self.upper_root, self._work_base = self._clone_open(
-                        [self.upper_path, self.work_path], attr,
+                        [self.upper_path, self.work_path], _atime_attr(atime, self.read_only),
                         MOUNT_ATTR__ATIME | MOUNT_ATTR_NODIRATIME, True)
                     self._upper_clone = self._clones[-1]
                 self.private_mounts = True
@@ -178,6 +184,13 @@ cdef class _Stack:
         if self.upper_path is not None:
             self.upper_root = os.open(self.upper_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
             self._work_base = os.open(self.work_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+
+    def set_atime(self, atime, bint read_only):
+        """The mount's flags changed (mount -o remount): the upper layer's
+        private mount takes its new atime rules (see _open_layers)."""
+        if self._upper_clone >= 0:
+            sys_mount_setattr(self._upper_clone, _atime_attr(atime, read_only),
+                              MOUNT_ATTR__ATIME | MOUNT_ATTR_NODIRATIME)
 
     def _clone_open(self, list paths, unsigned long long attr_set, unsigned long long attr_clr,
                     bint one):

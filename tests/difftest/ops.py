@@ -560,17 +560,64 @@ def _do(root: str, op: tuple):
             return (n, got, back[:] == buf[:])
         finally:
             os.close(fd)
-    if name == "dir_seek":
-        # ("dir_seek", path, offsets): for each offset, lseek the dir there
-        # and read the names that follow (getdents64), sorted
+    if name == "dir_seek_counts":
+        # ("dir_seek_counts", path, offsets): for each offset, lseek the dir
+        # there: how many entries follow (getdents64, "." and ".." counted:
+        # where they come differs)
         _, path, offsets = op
         fd = os.open(P(path), os.O_RDONLY | os.O_DIRECTORY)
         try:
             out = []
             for off in offsets:
                 os.lseek(fd, off, os.SEEK_SET)
-                out.append(sorted(n for n, _ in getdents(fd)))
-            return tuple(tuple(x) for x in out)
+                out.append(len(getdents(fd, dots=True)))
+            return tuple(out)
+        finally:
+            os.close(fd)
+    if name == "dir_offsets_hold":
+        # ("dir_offsets_hold", path): read the dir entry by entry; then, for
+        # every offset handed out, and for every number below the largest,
+        # lseek there and read on: does each handed-out offset give exactly
+        # the entries after it, and does no number below the largest give
+        # end-of-directory early? (as telldir/seekdir rely on)
+        fd = os.open(P(op[1]), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            seq = getdents(fd, one=True)
+            bad = []
+            for i, (_, off) in enumerate(seq):
+                os.lseek(fd, off, os.SEEK_SET)
+                if getdents(fd) != seq[i + 1:]:
+                    bad.append(("after", seq[i][0]))
+            top = max((off for _, off in seq), default=0)
+            for off in range(0, min(top, 4096)):
+                os.lseek(fd, off, os.SEEK_SET)
+                if off < seq[-1][1] and not getdents(fd, one=True, limit=1):
+                    bad.append(("early end at", off))
+            return (len(seq), tuple(bad))
+        finally:
+            os.close(fd)
+    if name == "dir_read_while_changing":
+        # ("dir_read_while_changing", path, nread, gone, new): read nread
+        # entries one at a time, then unlink the names gone and create the
+        # names new (others than those read), list the dir from the start
+        # through another fd (a new listing), and read on: the names that
+        # stayed, each seen exactly once? (None where so, else the
+        # differences)
+        _, path, nread, gone, new = op
+        fd = os.open(P(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            first = getdents(fd, one=True, limit=nread)
+            for n in gone:
+                os.unlink(os.path.join(P(path), n))
+            for n in new:
+                os.close(os.open(os.path.join(P(path), n), os.O_CREAT | os.O_WRONLY, 0o644))
+            os.listdir(P(path))
+            rest = getdents(fd)
+            seen = [n for n, _ in first + rest]
+            stayed = set(os.listdir(P(path))) - set(new)
+            dup = sorted({n for n in seen if seen.count(n) > 1})
+            missing = sorted(stayed - set(seen))
+            return None if not dup and not missing else ("dup", dup, "missing", missing)
         finally:
             os.close(fd)
     if name == "syncfs":
@@ -674,13 +721,15 @@ def acl_value(*entries: str) -> bytes:
     return out
 
 
-def getdents(fd) -> list:
-    """[(name, d_off)] read with getdents64 from where fd is."""
+def getdents(fd, one: bool = False, limit: int = -1, dots: bool = False) -> list:
+    """[(name, d_off)] read with getdents64 from where fd is ("." and ".."
+    left out unless dots): to the end, or limit entries; one: a buffer of
+    one entry at a time (as readdir(3) past a seekdir)."""
     import struct
 
-    buf = ctypes.create_string_buffer(32768)
+    buf = ctypes.create_string_buffer(280 if one else 32768)
     out = []
-    while True:
+    while limit < 0 or len(out) < limit:
         n = _libc.syscall(217, fd, buf, len(buf))
         if n < 0:
             e = ctypes.get_errno()
@@ -691,9 +740,14 @@ def getdents(fd) -> list:
         while off < n:
             _ino, doff, reclen = struct.unpack_from("<QqH", buf.raw, off)
             name = buf.raw[off + 19:off + reclen].split(b"\0", 1)[0]
-            if name not in (b".", b".."):
+            if dots or name not in (b".", b".."):
                 out.append((os.fsdecode(name), doff))
             off += reclen
+            if one:
+                os.lseek(fd, doff, os.SEEK_SET)
+                if len(out) == limit:
+                    return out
+    return out
 
 
 def execute(root: str, op: tuple):

@@ -90,7 +90,7 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                                    and config.quota_bytes is None and mnt.can_mount())
             fs.stack_depth = _stack_depth(config)
             fs.debug = config.debug
-            fs.strictatime = config.atime[0] == "strictatime"
+            fs.strictatime = fs.dir_handles = config.atime[0] == "strictatime" and not config.read_only
             flags = vfs_flags(config.ignored, config.read_only)
             context = None
             if config.context:
@@ -132,6 +132,51 @@ def _stack_depth(config) -> int:
     return 1
 
 
+def _follow_remounts(fs, mountpoint) -> None:
+    """A thread that keeps the atime rules of the layers as the mount's
+    flags say after `mount -o remount,...` (ro, noatime, strictatime,
+    nodiratime): it waits for changes of the mount table (poll on
+    /proc/self/mountinfo) and rereads this mount's flags."""
+    import select
+    import threading
+
+    from overlay.mounttable import find_mount, iter_mounts
+    from overlay.options import mountinfo_atime
+
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return
+    mount_id, state = entry.mount_id, mountinfo_atime(entry.options)
+
+    def watch():
+        nonlocal state
+        try:
+            f = open("/proc/self/mountinfo", "rb")
+        except OSError:
+            return
+        with f:
+            p = select.poll()
+            p.register(f, select.POLLPRI | select.POLLERR)
+            while not fs.stopping:
+                if not p.poll(1000):
+                    continue
+                f.seek(0)
+                f.read()        # (rearms the event)
+                now = next((mountinfo_atime(e.options) for e in iter_mounts() if e.mount_id == mount_id),
+                           None)
+                if now is None:
+                    return      # unmounted
+                if now != state:
+                    state = now
+                    read_only, atime = now
+                    log.info("mount flags changed: %s%s%s", "ro, " if read_only else "", atime[0],
+                             ", nodiratime" if atime[1] else "")
+                    fs.core.set_atime(atime, read_only)
+                    fs.strictatime = atime[0] == "strictatime" and not read_only
+
+    threading.Thread(target=watch, name="remounts", daemon=True).start()
+
+
 def _serve(fs, m, config, mountpoint, on_ready, state) -> None:
     from overlay import daemon
 
@@ -150,6 +195,7 @@ def _serve(fs, m, config, mountpoint, on_ready, state) -> None:
         if state["stop"]:
             return
         on_ready()
+        _follow_remounts(fs, mountpoint)
         while not fs.wait(1.0):
             pass
         clean = True

@@ -1,15 +1,53 @@
 """Part of overlay.engine.bridge (included by bridge.pyx): directories: no
 handles (the kernel caches listings), readdir and readdirplus.
 
-Without handles, a listing is made for every read from offset 0 and kept
-while it is read: its generation number is in the high half of every
-offset cookie handed out, so a reader that goes on (or comes back to an
-earlier offset) reads the listing it started, even if another reader of the
-same dir started a newer one meanwhile. A few generations are kept per dir.
+Directory offsets are stable per name, as tmpfs makes them: the entries of
+a dir get offsets 1, 2, 3... in the order first listed, a name keeps its
+offset while it is there, a new name gets the next one. A listing is made
+at every read from offset 0 and kept while it is read, sorted by offset; a
+read from offset k gives the entries with offsets above k. So a seek to
+any offset gives the entries that follow it (an unchanged dir reads as
+the kernel overlay's merged dirs, whose offset k is the k-th entry), and a
+reader that goes on while the dir changes, or while another reader starts
+a newer listing, gets every entry that stayed exactly once.
 """
 
-# listings kept per dir (readers that stopped early leave theirs behind)
-DEF LISTINGS_PER_DIR = 4
+# dirs with more entries than this forget their names' offsets once read to
+# the end (the next listing numbers them again in its order): the memory of
+# a name each is kept for smaller dirs only
+DEF STABLE_OFFSETS_MAX = 65536
+
+
+cdef class _DirOffsets:
+    """The offsets of one dir's names and the listing being read."""
+    cdef dict offset        # name -> offset (1, 2... in the order first listed)
+    cdef uint64_t next      # the offset a new name gets
+    cdef list entries       # [(name, Node, Stat)] being read, by offset, or None
+    cdef list offsets       # their offsets, ascending
+
+    def __cinit__(self):
+        self.offset = {}
+        self.next = 1
+
+
+cdef _relist(OverlayFS self, Node node, _DirOffsets d):
+    """A new listing of node in d, the offsets of the names that stayed kept."""
+    entries = _listing(self, node)
+    old = d.offset
+    new = {}
+    keyed = []
+    for e in entries:
+        name = e[0]
+        off = old.get(name, 0)
+        if not off:
+            off = d.next
+            d.next += 1
+        new[name] = off
+        keyed.append((off, e))
+    keyed.sort(key=lambda oe: oe[0])
+    d.offset = new
+    d.offsets = [oe[0] for oe in keyed]
+    d.entries = [oe[1] for oe in keyed]
 
 
 cdef int op_opendir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n) except -1:
@@ -19,11 +57,15 @@ cdef int op_opendir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
     the dir's mtime or version changes, as any change through the mount
     does. Warm find and ls -R then never reach us.
 
-    Except under strictatime, where every listing must read the upper dir
-    (its atime, as the kernel overlay's): a handle without caching."""
+    Except on a mount made with strictatime, where every listing must read
+    the upper dir (its atime, as the kernel overlay's): dirs get (empty)
+    handles, without caching while the mount is strictatime (a remount
+    may change that); once ENOSYS is answered the kernel asks no more."""
     cdef fuse_open_out o
-    if self.strictatime:
+    if self.dir_handles:
         memset(&o, 0, sizeof(o))
+        if not self.strictatime:
+            o.open_flags = FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR
         self.reply(fd, h.unique, &o, sizeof(o))
         return 0
     self.reply_err(fd, h.unique, E.ENOSYS)
@@ -56,28 +98,24 @@ cdef int op_readdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
     cdef fuse_direntplus *dp
     cdef fuse_dirent *de
     cdef Py_ssize_t i, count
-    cdef uint64_t gen = start >> 32
     cdef bytes name
     cdef list counted = []
+    cdef _DirOffsets d
     if size > READ_BUFFER - sizeof(fuse_out_header):
         size = READ_BUFFER - sizeof(fuse_out_header)
     with self.lock:
-        kept = self.listings.get(h.nodeid)
-        entries = kept.get(gen) if kept is not None and start else None
-        if entries is None:
+        d = self.listings.get(h.nodeid)
+        if d is None or start == 0 or d.entries is None:
             node = self._node(h.nodeid)
             if not node.is_dir:
                 raise OSError(E.ENOTDIR, "not a directory")
-            entries = _listing(self, node)
-            if kept is None:
-                kept = self.listings[h.nodeid] = {}
-            elif len(kept) >= LISTINGS_PER_DIR:
-                del kept[min(kept)]
-            self.next_gen = (self.next_gen % 0x7fffffff) + 1
-            gen = self.next_gen
-            kept[gen] = entries
+            if d is None:
+                d = self.listings[h.nodeid] = _DirOffsets()
+            _relist(self, node, d)
+        entries, offsets = d.entries, d.offsets
         count = len(entries)
-        i = start & 0xffffffff
+        i = bisect_right(offsets, start)
+        done = i >= count
         while i < count:
             name, child, st = entries[i]
             namelen = len(name)
@@ -101,14 +139,19 @@ cdef int op_readdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
                 de = <fuse_dirent*>(out + used)
                 memset(de, 0, reclen)
             de.ino = self._shown_ino(child.ino)
-            de.off = (gen << 32) | <uint64_t>(i + 1)
+            de.off = <uint64_t>offsets[i]       # where a reader goes on: after this one
             de.namelen = namelen
             de.type = (st.st_mode & 0o170000) >> 12
             memcpy((<char*>de) + sizeof(fuse_dirent), PyBytes_AS_STRING(name), namelen)
             used += reclen
             i += 1
-        if <Py_ssize_t>(start & 0xffffffff) >= count:
-            del kept[gen]                       # read to the end: the kernel has it
+        if done:
+            # read to the end: the kernel has it; the listing goes, the
+            # names' offsets stay (for a small dir)
+            if count > STABLE_OFFSETS_MAX:
+                del self.listings[h.nodeid]
+            else:
+                d.entries = d.offsets = None
         keys = [self._ref(c) for c in counted]
     if self.reply(fd, unique, out, used) == -E.ENOENT and keys:
         with self.lock:

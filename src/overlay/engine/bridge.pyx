@@ -42,6 +42,8 @@ from overlay.engine.abi cimport *
 from overlay_core._core cimport Node, Overlay, Stat, node_is_merged, node_note_reported
 from overlay.engine.wire cimport Session, READ_BUFFER
 
+from bisect import bisect_right
+
 log = logging.getLogger("overlay.engine")
 
 # Reading this xattr on the mount's root gives the counters as JSON
@@ -127,8 +129,7 @@ cdef class OverlayFS(Session):
     cdef IdTable inodes           # node id -> Node, every inode the kernel knows
     cdef dict old_refs            # node id -> kernel lookups, for ids a Node no longer has
     cdef dict handles             # fh -> _Handle
-    cdef dict listings            # dir node id -> {generation: [(name, Node, Stat)]} being read
-    cdef uint64_t next_gen        # generation of the last listing made (see _ops_dirs.pxi)
+    cdef dict listings            # dir node id -> _DirOffsets (see _ops_dirs.pxi)
     cdef uint64_t next_id
     cdef uint64_t next_fh
     cdef object lock
@@ -145,6 +146,7 @@ cdef class OverlayFS(Session):
     cdef dict forgotten           # nfs_export: node id <-> core handle of nodes forgotten
     cdef public bint passthrough_broken   # BACKING_OPEN refused: serve data ourselves
     cdef public bint strictatime  # the mount's strictatime: every read reaches a layer
+    cdef public bint dir_handles  # OPENDIR answered (mounted strictatime), not ENOSYS
 
     def __init__(self, core, *, double entry_timeout=300.0, double attr_timeout=300.0,
                  uidmap=None, gidmap=None, bint squash_to_root=False, squash_to_uid=None,
