@@ -132,13 +132,12 @@ cdef class _Stack:
             devs.append(os.stat(self.upper_root).st_dev)
             self._setup_work()
         self._private_dirs = set()
-        for fd in (self.upper_root, self.work_fd):
-            if fd >= 0:
-                st = os.stat(fd)
+        for private in [self.upper_root, self.work_fd, self._work_base]:
+            # (a list: a loop over a tuple of these C int fields saw wrong
+            # values here)
+            if private >= 0:
+                st = os.stat(private)
                 self._private_dirs.add((st.st_dev, st.st_ino))
-        if self._work_base >= 0:
-            st = os.stat(self._work_base)
-            self._private_dirs.add((st.st_dev, st.st_ino))
         setup_ino_map(self, devs, xino)
         setup_identity(self, devs)
         setup_index(self)
