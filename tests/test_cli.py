@@ -239,11 +239,48 @@ def test_redirect_dir_values(tree: Path, value: str, expected: bool):
     assert parse_options(f"lowerdir=l1,redirect_dir={value}", str(tree)).redirect_dir is expected
 
 
-def test_ro_drops_upper_and_work(tree: Path):
+def test_ro_keeps_upper_and_work(tree: Path):
+    """ro mounts the whole stack read-only, the upper layer included, as
+    the kernel's ro (tests/test_diff_conformance.py mounts it)."""
     cfg = parse_options("lowerdir=l1,upperdir=u,workdir=w,ro", str(tree))
-    assert cfg.upper is None and cfg.work is None
-    assert cfg.read_only
+    assert cfg.upper == f"{tree}/u" and cfg.work == f"{tree}/w"
+    assert cfg.read_only and cfg.ro
     assert cfg.lowers == [f"{tree}/l1"]
+    assert cfg.atime == ("relatime", False)
+    assert not parse_options("lowerdir=l1,upperdir=u,workdir=w", str(tree)).read_only
+    assert parse_options("lowerdir=l1", str(tree)).read_only
+
+
+@pytest.mark.parametrize(("opts", "rule"), [
+    ("", ("relatime", False)),
+    ("noatime", ("noatime", False)),
+    ("strictatime", ("strictatime", False)),
+    ("noatime,strictatime", ("strictatime", False)),
+    ("strictatime,noatime", ("strictatime", False)),
+    ("relatime,nodiratime", ("relatime", True)),
+    ("noatime,atime", ("relatime", False)),
+    ("nodiratime,diratime", ("relatime", False)),
+])
+def test_atime_rules_from_the_options(tree: Path, opts, rule):
+    """The kernel's rules: relatime unless noatime, strictatime above both."""
+    cfg = parse_options("lowerdir=l1,upperdir=u,workdir=w" + ("," + opts if opts else ""), str(tree))
+    assert cfg.atime == rule
+
+
+@pytest.mark.parametrize(("current", "given", "want"), [
+    ("rw,nosuid,nodev,relatime", ["ro"], ("ro", "nosuid", "nodev")),
+    ("ro,nosuid,nodev,relatime", ["rw", "noatime"], ("nosuid", "nodev", "noatime")),
+    ("rw,noatime", ["strictatime"], ("strictatime",)),
+    ("rw", ["nodiratime"], ("strictatime", "nodiratime")),     # (no word: strictatime)
+    ("rw,relatime,nodiratime", [], ("nodiratime",)),
+])
+def test_remount_flags_keep_what_is_not_given(current, given, want):
+    from overlay import options as O
+
+    flags = O.remount_flags(current, given)
+    words = {"ro": O.MS_RDONLY, "nosuid": O.MS_NOSUID, "nodev": O.MS_NODEV, "noatime": O.MS_NOATIME,
+             "strictatime": O.MS_STRICTATIME, "nodiratime": O.MS_NODIRATIME}
+    assert {w for w, f in words.items() if flags & f} == set(want)
 
 
 def test_later_option_wins(tree: Path):

@@ -318,3 +318,25 @@ def test_fallback_without_file_handles(difftmp):
         assert (ov.index, ov.nfs_export, ov.index_all) == (True, True, True)
     finally:
         ov.close()
+
+
+def test_handle_of_a_file_whose_name_was_removed_while_another_stays(mk):
+    """fstests generic/426 and 467 (-u): a file made through the mount,
+    hard-linked, its first name removed: its handle still opens it (through
+    the name that stays), once the kernel forgot it too; and the same for
+    a lower file with several links, indexed."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("create", "made", 0o644, b"made through the mount\n"), expect="ok")
+    p.op(("link", "made", "e/other"), expect="ok")
+    p.op(("fh_save", "made", 0), expect="ok")
+    p.op(("fh_open", 0), expect="ok")        # (the kernel forgets it here)
+    p.op(("fh_save", "made", 1), expect="ok")
+    p.op(("unlink", "made"), expect="ok")
+    p.op(("fh_open", 0), expect="ok")
+    p.op(("fh_open", 1), expect="ok")
+    p.op(("fh_save", "h", 2), expect="ok")
+    p.op(("unlink", "h"), expect="ok")
+    p.op(("fh_open", 2), expect="ok")
+    p.op(("unlink", "e/other"), expect="ok")
+    p.op(("fh_open", 0), expect="ESTALE")
+    p.finish()

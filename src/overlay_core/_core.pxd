@@ -248,6 +248,7 @@ cdef class Overlay(_Quota):
     cdef object _unescape(self, bytes stored)
     cdef _only_whiteouts(self, int dirfd, bytes name)
     cdef _unname(self, Node n)
+    cdef bint _still_linked(self, Node n) except -1
     cdef bytes _dir_index_name(self, Node n)
     cdef _dir_index_end(self, bytes iname)
     cdef bint _merge_or_lower(self, Node n)

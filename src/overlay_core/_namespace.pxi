@@ -537,8 +537,24 @@ cdef class Overlay(_Quota):
         q_gone(self, n, qfd)
         self._drop_alias(n, parent, name)
         if (n.parent, n.name) == (parent, name):
-            self._unname(n)
+            if self._still_linked(n):
+                # a hard link this Node does not know of remains: the same
+                # object, disconnected (its file handle still names it)
+                # until a lookup of that name finds it again (_intern)
+                self._lru_unlink(n)
+                n.parent = None
+                n.name = b""
+            else:
+                self._unname(n)
         return n
+
+    cdef bint _still_linked(self, Node n) except -1:
+        """Has the upper file of n (not an indexed one) another name, after
+        one was removed?"""
+        cdef struct_stat st
+        if n.is_dir or n.evicted or n._upper < 0 or n.key in self._indexed:
+            return False
+        return fstat(n._upper, &st) == 0 and st.st_nlink > 0
 
     def _index_start(self, Node n):
         """Before a change of n's overlay nlink (unlink, link, rename over

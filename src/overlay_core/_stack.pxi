@@ -9,6 +9,22 @@ listing, copy-up and the namespace changes build on it, each a subclass in
 its own part; Overlay is the last of them. Fields: _core.pxd."""
 
 
+cdef bytes _mount_root(bytes path, unsigned long long mnt):
+    """Where the mount mnt that path (absolute, without symlinks) is on
+    has its root: the highest dir above path still on that mount."""
+    cdef int fd
+    while path != b"/":
+        parent = os.path.dirname(path)
+        fd = os.open(parent, O_PATH | O_DIRECTORY | O_CLOEXEC)
+        try:
+            if sys_mount_id(fd) != mnt:
+                break
+        finally:
+            os.close(fd)
+        path = parent
+    return path
+
+
 cdef unsigned long long _atime_attr(atime, bint read_only):
     """The mount_setattr flags of the upper layer's private mount for the
     overlay mount's atime rules, ("relatime" | "noatime" | "strictatime",
@@ -195,9 +211,10 @@ cdef class _Stack:
                     bint one):
         """O_PATH fds of the dirs at paths, each opened inside a private
         clone of its mount with attr_set (mount_setattr): one clone per
-        mount the dirs are on, rooted at their common ancestor, kept in
-        _clones (the last one made last). one: all on one mount, else
-        EXDEV (the upper and work dirs)."""
+        mount the dirs are on, of the whole mount (so the daemon's fds show
+        the paths they have on that mount, as lsof and strace print them),
+        kept in _clones (the last one made last). one: all on one mount,
+        else EXDEV (the upper and work dirs)."""
         cdef int fd
         fds = []
         try:
@@ -211,7 +228,7 @@ cdef class _Stack:
                 raise OSError(errno.EXDEV, "the upper and work dirs are on different mounts")
             out = [-1] * len(paths)
             for mnt, members in groups.items():
-                base = os.path.commonpath([r for _, r in members]) if len(members) > 1 else members[0][1]
+                base = _mount_root(members[0][1], mnt)
                 clone = sys_clone_mount(base)
                 self._clones.append(clone)
                 sys_mount_setattr(clone, attr_set, attr_clr)
