@@ -278,6 +278,26 @@ def test_fallocate_by_owner_clears_setid_as_the_kernel(mk, mode):
     p.finish()
 
 
+@pytest.mark.parametrize("mode", [0o6666, 0o6676, 0o6766, 0o6777, 0o2666])
+def test_setid_cleared_for_a_caller_outside_the_group(mk, mode):
+    """fstests generic/683-685 and 355: a root-owned world-writable set-id
+    file changed by another user, not in its group: set-group-id goes even
+    without group execute (the kernel's setattr_should_drop_sgid)."""
+    names = ["f_" + n for n in FALLOC_CASES] + ["w", "t", "direct"]
+    p = _reachable(mk([[d("", mode=0o777)] + [file(n, b"\0" * 16384, mode=mode) for n in names]],
+                      ours_opts=("allow_other",)))
+    for n, fmode in FALLOC_CASES.items():
+        p.op(user(("fallocate", f"f_{n}", fmode, 0, 8192)), expect="ok")
+    p.op(user(("write", "w", 0, b"data")), expect="ok")
+    p.op(user(("truncate", "t", 100)), expect="ok")
+    p.op(user(("direct_rw", "direct", 0, 1)), expect="ok")
+    for n in names:
+        p.op(("stat", n), expect="ok")
+    if mode == 0o6666:
+        assert p.op(("stat", "f_alloc"))[1]["mode"] == "0o666"     # fstests' expectation
+    p.finish()
+
+
 def test_other_setid_clearing_paths(mk):
     p = _reachable(mk([[d("", mode=0o777)] + _setid_files(
         ["w", "t", "o", "c", "cr", "cf", "rootw", "root_chown"], 0o6777)

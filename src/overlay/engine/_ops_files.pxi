@@ -156,7 +156,7 @@ cdef int op_open(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
                 node = self._copy_up(node, not flags & os.O_TRUNC)
                 rfd, node = self.core.open(node, flags)
                 if oflags & FUSE_OPEN_KILL_SUIDGID:
-                    self._kill_suidgid(node)
+                    self._kill_suidgid(node, h)
             finally:
                 self._renumbered()
         else:
@@ -251,7 +251,7 @@ cdef int op_write(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
         rfd = (<_Handle>hd).fd
     if a.write_flags & FUSE_WRITE_KILL_SUIDGID:
         with self.lock:
-            self._kill_suidgid((<_Handle>hd).node)
+            self._kill_suidgid((<_Handle>hd).node, h)
     cdef char *buf = NULL
     if (<_Handle>hd).flags & os.O_DIRECT:
         buf = _direct_buffer(size)      # (the real file is written O_DIRECT too)

@@ -129,7 +129,7 @@ cdef int op_setattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
                         log.debug("chown under squash ignored: %s", exc)
                 self.core.setattr(node, **kw)
                 if valid & FATTR_KILL_SUIDGID and "mode" not in kw:
-                    self._kill_suidgid(node)
+                    self._kill_suidgid(node, h)
             finally:
                 self._renumbered()
         else:
@@ -138,6 +138,11 @@ cdef int op_setattr(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
             # overlay copies up and updates ctime for both)
             try:
                 node = self.core.touch(node)
+                # (chown(-1, -1) as root kept a set-group-id without group
+                # execute: the caller's own rule decides)
+                st = self.core.getattr(node)
+                if S.S_ISREG(st.st_mode) and st.st_mode & S.S_ISGID and not _in_group(h, st.st_gid):
+                    self.core.setattr(node, mode=S.S_IMODE(st.st_mode) & ~S.S_ISGID)
             finally:
                 self._renumbered()
         self._reply_attr(fd, h.unique, node)

@@ -94,6 +94,38 @@ cdef char *_direct_buffer(size_t size) noexcept nogil:
     return <char*>p
 
 
+DEF CAP_FSETID = 4
+
+
+cdef object _caller_status(fuse_in_header *h):
+    """{field: value} of /proc/PID/status of the caller of h (its thread),
+    or None when it is gone (or h came from the kernel itself)."""
+    if h.pid == 0:
+        return None
+    try:
+        with open(b"/proc/%d/status" % h.pid, "rb") as f:
+            return dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+    except OSError:
+        return None
+
+
+cdef bint _in_group(fuse_in_header *h, uint32_t gid):
+    """Is the caller of h in group gid (its fsgid or a supplementary
+    group), or has it CAP_FSETID, as the kernel's in_group_or_capable?"""
+    if h.gid == gid:
+        return True
+    status = _caller_status(h)
+    if status is None:
+        return False
+    try:
+        groups = {int(g) for g in status.get(b"Groups", b"").split()}
+        if gid in groups:
+            return True
+        return bool(int(status.get(b"CapEff", b"0").strip(), 16) & (1 << CAP_FSETID))
+    except ValueError:
+        return False
+
+
 cdef inline size_t _align8(size_t n) noexcept nogil:
     return (n + 7) & ~(<size_t>7)
 
@@ -541,18 +573,21 @@ cdef class OverlayFS(Session):
             self.reply_err(fd, unique, E.EBADF)
         return 0
 
-    cdef _kill_suidgid(self, node):
-        """Clear set-user-id (and set-group-id with group execute) as the
-        kernel does on a write or truncate by an unprivileged caller."""
+    cdef _kill_suidgid(self, node, fuse_in_header *h):
+        """Clear set-user-id, and set-group-id where it is one (group
+        execute) or the caller is not in the file's group, as the kernel
+        does (setattr_should_drop_suidgid) on a write, truncate or
+        fallocate by a caller without CAP_FSETID (the kernel asks this
+        only of such callers)."""
         st = self.core.getattr(node)
         mode = st.st_mode
         if not S.S_ISREG(mode):
             return
         new = mode & ~S.S_ISUID
-        if mode & S.S_IXGRP:
+        if mode & S.S_IXGRP or not _in_group(h, st.st_gid):
             new &= ~S.S_ISGID
         if new != mode:
-            self.core.setattr(node, mode=new)
+            self.core.setattr(node, mode=S.S_IMODE(new))
 
     cdef int _fd(self, _Handle hd) except -1:
         """The fd behind a handle (the caller holds the lock). A handle opened
