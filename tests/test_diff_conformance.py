@@ -144,35 +144,40 @@ def test_atime_options(mk_unread, opts, passthrough):
     assert after == before
 
 
-def _remount(p, opts):
-    """mount -o remount,OPTS of both mounts (ours through its mount helper's
-    remount), then a moment for our daemon to see its new flags."""
+def _remount(p, opts, how):
+    """mount -o remount,OPTS of both mounts (ours through its mount
+    helper's remount, or by mount(8) itself, without a helper), then a
+    moment for our daemon to see its new flags."""
     import subprocess
     import time
 
     r = subprocess.run(["mount", "-o", "remount," + opts, p.mp_k], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = mountutil.overlay_cli(["mount", "-o", "remount," + opts, p.mp_o])
+    if how == "helper":
+        r = mountutil.overlay_cli(["mount", "-o", "remount," + opts, p.mp_o])
+    else:
+        r = subprocess.run(["mount", "-i", "-o", "remount," + opts, p.mp_o], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     time.sleep(0.3)
 
 
-def test_remount_changes_atime_rules_and_read_only(mk_unread):
+@pytest.mark.parametrize("how", ["helper", "mount-i"])
+def test_remount_changes_atime_rules_and_read_only(mk_unread, how):
     p = mk_unread([[file("lf", b"lower", atime=T, mtime=T)]],
                   upper=[file("uf", b"upper", atime=T, mtime=T), d("ud", atime=T, mtime=T), file("ud/x")],
                   kernel_opts=("redirect_dir=on", "strictatime"), ours_opts=("strictatime",))
     assert p.op(("atime_reads", "uf", 2), expect="ok")[1] == "UU"
-    _remount(p, "noatime")
+    _remount(p, "noatime", how)
     assert p.op(("atime_reads", "uf", 2), expect="ok")[1] == "--"
     p.op(("atime_lists", "ud", 2), expect="ok")
-    _remount(p, "ro")
+    _remount(p, "ro", how)
     p.op(("create", "n", 0o644, b"x"), expect="EROFS")
     p.op(("atime_reads", "uf", 2), expect="ok")
-    _remount(p, "rw,strictatime")
+    _remount(p, "rw,strictatime", how)
     p.op(("create", "n", 0o644, b"x"), expect="ok")
     assert p.op(("atime_reads", "uf", 2), expect="ok")[1] == "UU"
     p.op(("atime_lists", "ud", 2), expect="ok")
-    _remount(p, "relatime,nodiratime")
+    _remount(p, "relatime,nodiratime", how)
     p.op(("atime_lists", "ud", 2), expect="ok")
     p.op(("atime_reads", "n", 2), expect="ok")
     p.finish()
