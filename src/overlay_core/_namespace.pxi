@@ -92,12 +92,7 @@ cdef class Overlay(_Quota):
         values, or None."""
         if not self.posix_acl or kind == S.S_IFLNK:
             return mode & ~umask, None, None
-        try:
-            dflt = os.getxattr(_proc(parent.upper), ACL_DEFAULT)
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
-                raise
-            dflt = None
+        dflt = self._getx(parent.upper, ACL_DEFAULT)
         if not dflt:
             return mode & ~umask, None, None
         mode, access = acl_create_masq(dflt, mode)
