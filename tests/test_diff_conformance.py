@@ -51,9 +51,12 @@ def _reachable(p):
 def mk_unread(difftmp, mounts, request):
     """mk without its first look at both trees (which reads every file, so
     sets every atime): for the atime tests."""
+    made = []
+
     def make(lowers, upper, kernel_opts, ours_opts):
         stack = L.Stack(lowers=lowers, upper=upper)
-        tmp = os.path.join(difftmp, "p")
+        tmp = os.path.join(difftmp, f"p{len(made)}")
+        made.append(tmp)
         os.makedirs(tmp)
         return DiffPair(tmp, stack, mounts, label=request.node.nodeid, kernel_opts=kernel_opts,
                         ours_opts=ours_opts).mount()
@@ -181,6 +184,22 @@ def test_remount_changes_atime_rules_and_read_only(mk_unread, how):
     p.op(("atime_lists", "ud", 2), expect="ok")
     p.op(("atime_reads", "n", 2), expect="ok")
     p.finish()
+
+
+def test_strictatime_reread_in_one_open_without_passthrough_pinned(mk_unread):
+    """What FUSE cannot do, pinned: the kernel gives FUSE inodes S_NOATIME
+    (fs/fuse/inode.c, fuse_iget) and serves a re-read from its page cache
+    without a request, so without passthrough only the first read of an
+    open reaches the upper file. With passthrough every read does, as on
+    the kernel overlay."""
+    for pt, want in (("off", "U-"), ("on", "UU")):
+        p = mk_unread([[file("x")]], upper=[file(f"u{pt}", b"data", atime=T, mtime=T)],
+                      kernel_opts=("redirect_dir=on", "strictatime"),
+                      ours_opts=("strictatime", f"passthrough={pt}"))
+        rk, ro = p.run(("atime_rereads", f"u{pt}", 2))
+        assert rk == ("ok", "UU")
+        assert ro == ("ok", want)
+        p.umount()
 
 
 # ---------------------------------------------------------------------------
@@ -367,6 +386,16 @@ def test_times_after_stores_through_a_shared_mapping(mk, passthrough):
         assert p.op(("mmap_write", name, b"hello", False), expect="ok")[1] == ("mc", "mc")
     assert p.op(("mmap_write", "lower2", b"bye", True), expect="ok")[1] == ("mc",)
     assert p.op(("mmap_write", "made", b"again", True), expect="ok")[1] == ("mc",)
+    p.finish()
+
+
+def test_store_through_a_mapping_kept_after_close(mk):
+    """A mapping outlives close(2): the kernel sends the RELEASE only when
+    it goes (munmap), so the file counts as open for writing until then and
+    stat sees the stores made meanwhile."""
+    p = mk([[file("x")]], upper=[file("f", b"\0" * 4096)])
+    p.op(("stat", "f"))
+    assert p.op(("mmap_store_after_close", "f", b"stored"), expect="ok")[1] == "m"
     p.finish()
 
 

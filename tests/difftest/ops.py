@@ -494,6 +494,21 @@ def _do(root: str, op: tuple):
                 os.close(fd)
             marks += "U" if os.stat(P(path)).st_atime_ns != before else "-"
         return marks
+    if name == "atime_rereads":
+        # ("atime_rereads", path, n): one open, n reads from offset 0: did
+        # each change the atime?
+        _, path, n = op
+        marks = ""
+        fd = os.open(P(path), os.O_RDONLY)
+        try:
+            for _ in range(n):
+                before = os.stat(P(path)).st_atime_ns
+                time.sleep(TICK)
+                os.pread(fd, 1 << 16, 0)
+                marks += "U" if os.stat(P(path)).st_atime_ns != before else "-"
+        finally:
+            os.close(fd)
+        return marks
     if name == "atime_lists":
         # ("atime_lists", path, n): the same for n listings of a dir
         _, path, n = op
@@ -546,6 +561,22 @@ def _do(root: str, op: tuple):
         seen.append(statx_times(P(path), mask))
         return tuple(("m" if t["mtime"] != before["mtime"] else "-")
                      + ("c" if t["ctime"] != before["ctime"] else "-") for t in seen)
+    if name == "mmap_store_after_close":
+        # ("mmap_store_after_close", path, data): map, close the fd, stat,
+        # store through the mapping, unmap: did stat see the new mtime?
+        _, path, data = op
+        mask = STATX_MTIME | STATX_CTIME
+        fd = os.open(P(path), os.O_RDWR)
+        m = mmap.mmap(fd, len(data))
+        os.close(fd)
+        time.sleep(0.2)         # (a FUSE RELEASE follows close(2): let it land)
+        try:
+            before = statx_times(P(path), mask)
+            time.sleep(TICK)
+            m[:len(data)] = data
+        finally:
+            m.close()
+        return "m" if statx_times(P(path), mask)["mtime"] != before["mtime"] else "-"
     if name == "direct_rw":
         # ("direct_rw", path, off, nblocks): O_DIRECT write of nblocks 4 KiB
         # blocks at off, then read back with O_DIRECT
