@@ -340,3 +340,21 @@ def test_handle_of_a_file_whose_name_was_removed_while_another_stays(mk):
     p.op(("unlink", "e/other"), expect="ok")
     p.op(("fh_open", 0), expect="ESTALE")
     p.finish()
+
+
+def test_handles_across_a_remount_pinned(mk):
+    """What FUSE cannot do, pinned: a FUSE file handle is the node id the
+    daemon gave the object (the kernel's FUSE client encodes it, fs/fuse/
+    inode.c fuse_encode_fh; the daemon is never asked), so the next mount's
+    daemon cannot decode it: ESTALE (fstests generic/477). The kernel
+    overlay's handles are the layers' own and outlive a remount."""
+    p = mk(stack(), kernel_opts=KOPTS, ours_opts=OOPTS)
+    p.op(("fh_save", "f", 0), expect="ok")
+    p.op(("fh_save", "d/x", 1), expect="ok")
+    p.umount()
+    p.mount()
+    for slot in (0, 1):
+        rk, ro = p.run(("fh_open", slot))
+        assert rk[0] == "ok"
+        assert ro == ("err", "ESTALE")
+    p.umount()
