@@ -9,6 +9,32 @@ listing, copy-up and the namespace changes build on it, each a subclass in
 its own part; Overlay is the last of them. Fields: _core.pxd."""
 
 
+cdef int _open_below(int clone, bytes base, bytes path, dev, ino) except -1:
+    """O_PATH fd of the dir at path, opened inside clone (a clone of the
+    mount whose root is at base) without crossing a mount or following a
+    symlink; it must be the dir (dev, ino) that path names (path itself is
+    made canonical first where it is not)."""
+    cdef int fd
+    cdef bytes prefix = base if base.endswith(b"/") else base + b"/"
+    for attempt in range(2):
+        cand = path.rstrip(b"/") if attempt == 0 else os.fsencode(os.path.realpath(path))
+        if cand == base:
+            rel = b"."
+        elif cand.startswith(prefix):
+            rel = cand[len(prefix):]
+        else:
+            continue
+        try:
+            fd = os.dup(clone) if rel == b"." else sys_open_inside(clone, rel, O_PATH | O_DIRECTORY | O_CLOEXEC)
+        except OSError:
+            continue
+        st = os.stat(fd)
+        if st.st_dev == dev and st.st_ino == ino:
+            return fd
+        os.close(fd)
+    raise OSError(errno.ESTALE, "%s moved while it was opened" % os.fsdecode(path))
+
+
 cdef bytes _mount_root(bytes path, unsigned long long mnt):
     """Where the mount mnt that path (absolute, without symlinks) is on
     has its root: the highest dir above path still on that mount."""
@@ -215,35 +241,27 @@ cdef class _Stack:
         the paths they have on that mount, as lsof and strace print them),
         kept in _clones (the last one made last). one: all on one mount,
         else EXDEV (the upper and work dirs)."""
-        cdef int fd
-        fds = []
+        out = [-1] * len(paths)
+        groups = {}
+        for i, p in enumerate(paths):
+            mnt, dev, ino = sys_mount_id_of(p)
+            groups.setdefault(mnt, []).append((i, p, os.makedev(dev >> 32, dev & 0xFFFFFFFF), ino))
+        if one and len(groups) > 1:
+            raise OSError(errno.EXDEV, "the upper and work dirs are on different mounts")
         try:
-            groups = {}
-            for i, p in enumerate(paths):
-                fd = os.open(p, O_PATH | O_DIRECTORY | O_CLOEXEC)
-                fds.append(fd)
-                real = os.fsencode(os.readlink(b"/proc/self/fd/%d" % fd))
-                groups.setdefault(sys_mount_id(fd), []).append((i, real))
-            if one and len(groups) > 1:
-                raise OSError(errno.EXDEV, "the upper and work dirs are on different mounts")
-            out = [-1] * len(paths)
             for mnt, members in groups.items():
-                base = _mount_root(members[0][1], mnt)
+                base = _mount_root(os.fsencode(os.path.realpath(members[0][1])), mnt)
                 clone = sys_clone_mount(base)
                 self._clones.append(clone)
                 sys_mount_setattr(clone, attr_set, attr_clr)
-                for i, real in members:
-                    rel = os.path.relpath(real, base)
-                    if rel == b".":
-                        out[i] = os.dup(clone)
-                    else:
-                        out[i] = sys_open_inside(clone, rel, O_PATH | O_DIRECTORY | O_CLOEXEC)
-                    if not os.path.samestat(os.stat(out[i]), os.stat(fds[i])):
-                        raise OSError(errno.ESTALE, "a layer moved while it was opened")
+                for i, p, dev, ino in members:
+                    out[i] = _open_below(clone, base, p, dev, ino)
             return out
-        finally:
-            for fd in fds:
-                os.close(fd)
+        except BaseException:
+            for fd in out:
+                if fd >= 0:
+                    os.close(fd)
+            raise
 
     def _setup_work(self):
         """Prepare <work>/work (as the kernel names it) and empty it of

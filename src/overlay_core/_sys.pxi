@@ -810,6 +810,23 @@ def sys_open_inside(int dirfd, bytes path, int flags):
     return fd
 
 
+def sys_mount_id_of(bytes path):
+    """(mount id, st_dev, st_ino) of the dir at path (followed), by one
+    statx(2)."""
+    cdef unsigned long long buf[32]
+    cdef int ret
+    cdef const char *p = path
+    memset(buf, 0, sizeof(buf))
+    with nogil:
+        ret = c_statx(AT_FDCWD, p, 0, STATX_MNT_ID | 0x100, <statx *>buf)   # | STATX_INO
+    if ret != 0:
+        raise _oserror(c_errno, path)
+    cdef statx *sx = <statx *>buf
+    if not sx.stx_mask & STATX_MNT_ID:
+        raise _oserror(ENOSYS)
+    return buf[18], (<unsigned long long>sx.stx_dev_major << 32) | sx.stx_dev_minor, sx.stx_ino
+
+
 def sys_mount_id(int fd):
     """The id of the mount the object behind fd is on (statx STATX_MNT_ID)."""
     cdef unsigned long long buf[32]     # struct statx: 256 bytes
