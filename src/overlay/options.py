@@ -84,6 +84,8 @@ class MountConfig:
         "attr_timeout": DEFAULT_TIMEOUT,
         "engine": "native",  # native (overlay.engine) or pyfuse3 (overlay.fs)
         "workers": None,  # threads (native) or trio tasks (pyfuse3); None: the engine's default
+        "uring": "auto",  # native engine: FUSE over io_uring: auto (when the kernel offers it), on, off
+        "uring_depth": 8,  # native engine: io_uring entries per queue (a queue per CPU)
         "passthrough": True,  # native engine: FUSE passthrough for file data where possible
         "writeback": False,  # kernel writeback cache (faster big writes)
         "oci_whiteouts": False,  # lower layers with OCI .wh. whiteouts
@@ -302,7 +304,8 @@ _VALUE_OPTIONS = frozenset(
      "engine", "passthrough", "uuid", "nfs_export", "verity",
      # fuse-overlayfs's
      "context", "squash_to_uid", "squash_to_gid", "xattr_permissions", "threaded", "fsync",
-     "writeback", "noxattrs", "plugins", "lowerdir_file", "quota_bytes", "quota_inodes"}
+     "writeback", "noxattrs", "plugins", "lowerdir_file", "quota_bytes", "quota_inodes",
+     "uring", "uring_depth"}
 )
 # The kernel's on/off features and the values it takes; _NOT_YET are the
 # ones we do not have yet (refused with a line saying so, after the
@@ -585,6 +588,14 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             if value not in ("native", "pyfuse3"):
                 raise OptionError(f"bad value '{value}' for engine (expected native or pyfuse3)")
             extra["engine"] = value
+        elif name == "uring":
+            if value not in ("auto", "on", "off"):
+                raise OptionError(f"bad value '{value}' for uring (expected auto, on or off)")
+            extra["uring"] = value
+        elif name == "uring_depth":
+            if not value.isdigit() or not 1 <= int(value) <= 256:
+                raise OptionError(f"bad value '{value}' for uring_depth (expected 1 to 256)")
+            extra["uring_depth"] = int(value)
         elif name == "passthrough":
             if value not in ("on", "off"):
                 raise OptionError(f"bad value '{value}' for passthrough (expected on or off)")

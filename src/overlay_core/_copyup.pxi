@@ -69,16 +69,21 @@ cdef class _Copier(_Lister):
             if self._cond is not None:
                 self._cond.notify_all()
 
-    def set_lock(self, lock):
+    def set_lock(self, lock, on_long=None):
         """Callers from several threads: they hold `lock` (a threading.Lock)
         around every call. The core then lets go of it while it copies the
         data of a big file up (other requests go on meanwhile) and makes
-        changes to a Node being copied up wait for that copy."""
+        changes to a Node being copied up wait for that copy. on_long: called
+        (with the lock held) when the calling thread is about to spend long
+        there, so that its caller can have other threads serve meanwhile."""
         self._cond = threading.Condition(lock)
+        self._on_long = on_long
 
     def _wait_idle(self, Node n):
         """Wait (letting go of the lock) while n is being copied up."""
         if self._cond is not None:
+            if n.busy and self._on_long is not None:
+                self._on_long()
             while n.busy:
                 self._cond.wait()
 
@@ -155,6 +160,8 @@ cdef class _Copier(_Lister):
                     unlock = (self._cond is not None and data and not mc
                               and st.st_size > COPY_LOCKED_MAX)
                     if unlock:
+                        if self._on_long is not None:
+                            self._on_long()
                         self._cond.release()
                     try:
                         if mc:

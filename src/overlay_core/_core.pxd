@@ -173,6 +173,7 @@ cdef class _Stack:
     cdef bytes _walk_redirect          # set by _walk_lower: a redirect on the way, or None
     cdef object _private_dirs          # {(st_dev, st_ino)} of the upper and work dirs
     cdef object _cond                  # threading.Condition on the callers' lock, or None
+    cdef object _on_long               # called before long work (set_lock), or None
     cdef public bint keep_listings     # readdir keeps listings (dircache)
     cdef readonly bint quota_on        # quota_bytes= or quota_inodes= (_quota.pxi)
     cdef readonly long long q_bytes_max, q_inodes_max   # the limits, -1: none

@@ -109,6 +109,8 @@ cdef _data_into_upper(_Stack self, Node n, bint data, long long size, bytes upat
             try:
                 unlock = self._cond is not None and size > COPY_LOCKED_MAX
                 if unlock:
+                    if self._on_long is not None:
+                        self._on_long()
                     self._cond.release()
                 try:
                     sys_copy_data(rfd, wfd, size, True)

@@ -91,6 +91,8 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
             fs.stack_depth = _stack_depth(config)
             fs.debug = config.debug
             fs.strictatime = fs.dir_handles = config.atime[0] == "strictatime" and not config.read_only
+            fs.want_uring = _want_uring(config)
+            fs.uring_depth = config.uring_depth
             flags = vfs_flags(config.ignored, config.read_only)
             context = None
             if config.context:
@@ -177,6 +179,27 @@ def _follow_remounts(fs, mountpoint) -> None:
     threading.Thread(target=watch, name="remounts", daemon=True).start()
 
 
+def _want_uring(config) -> bool:
+    """Ask the kernel for FUSE over io_uring? auto: where it is switched on;
+    on: always, switching it on as root (with a line in the log), an error
+    where this kernel has none."""
+    from overlay.engine.wire import enable_uring, uring_enabled
+
+    if config.uring == "off":
+        return False
+    on = uring_enabled()
+    if config.uring == "auto":
+        return bool(on)
+    if on is None:
+        raise OSError(95, "uring=on: this kernel has no FUSE over io_uring (CONFIG_FUSE_IO_URING)")
+    if not on:
+        if not enable_uring():
+            raise OSError(1, "uring=on: FUSE over io_uring is off and cannot be switched on here"
+                          " (as root: echo Y > /sys/module/fuse/parameters/enable_uring)")
+        log.info("uring=on: switched FUSE over io_uring on (/sys/module/fuse/parameters/enable_uring)")
+    return True
+
+
 def _serve(fs, m, config, mountpoint, on_ready, state) -> None:
     from overlay import daemon
 
@@ -190,6 +213,9 @@ def _serve(fs, m, config, mountpoint, on_ready, state) -> None:
             raise OSError(110, f"the kernel sent no INIT within {INIT_TIMEOUT:g} s")
         if fs.init_error:
             raise OSError(71, fs.init_error)
+        if config.uring == "on" and not fs.uring:
+            raise OSError(95, "uring=on: the kernel did not take FUSE over io_uring"
+                          + (f" ({fs.uring_error})" if fs.uring_error else ""))
         os.statvfs(mountpoint)          # a request answered: the mount is live
         daemon.set_readahead(mountpoint)
         if state["stop"]:

@@ -4,6 +4,11 @@ gives it), read and write when the data come through us, release, fsync,
 fallocate, lseek and copy_file_range."""
 
 
+# reads and writes of this many bytes or more through the daemon give its
+# io_uring queue up to another thread first (Session.release_ring)
+DEF LONG_IO = 256 * 1024
+
+
 cdef _backing_flags(OverlayFS self, int flags):
     """With the writeback cache the kernel handles O_APPEND itself and may
     read pages of a file opened write-only: open the real file so."""
@@ -193,7 +198,6 @@ cdef int op_read(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
     cdef size_t done = 0
     cdef int rfd, err = 0
     cdef char *out = (<char*>h) + sizeof(fuse_out_header)
-    cdef fuse_out_header *oh = <fuse_out_header*>h
     hd = self.handles[a.fh]
     if (<_Handle>hd).lower:
         with self.lock:
@@ -202,6 +206,8 @@ cdef int op_read(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
         rfd = (<_Handle>hd).fd
     if size > READ_BUFFER - sizeof(fuse_out_header):
         size = READ_BUFFER - sizeof(fuse_out_header)
+    if size >= LONG_IO:
+        self.release_ring()
     cdef char *buf = out
     if (<_Handle>hd).flags & os.O_DIRECT:
         buf = _direct_buffer(size)      # (the real file is read O_DIRECT too)
@@ -223,10 +229,7 @@ cdef int op_read(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
             memcpy(out, buf, done)
             free(buf)
         if err == 0 or done > 0:
-            oh.len = sizeof(fuse_out_header) + done
-            oh.error = 0
-            oh.unique = unique
-            write(fd, oh, oh.len)
+            self.reply(fd, unique, out, done)
     if err and done == 0:
         self.reply_err(fd, unique, err)
     return 0
@@ -252,6 +255,8 @@ cdef int op_write(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
     if a.write_flags & FUSE_WRITE_KILL_SUIDGID:
         with self.lock:
             self._kill_suidgid((<_Handle>hd).node, h)
+    if size >= LONG_IO:
+        self.release_ring()
     cdef char *buf = NULL
     if (<_Handle>hd).flags & os.O_DIRECT:
         buf = _direct_buffer(size)      # (the real file is written O_DIRECT too)
@@ -319,6 +324,7 @@ cdef int op_release(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
 cdef int op_fsync(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n, bint isdir) except -1:
     cdef fuse_fsync_in *a = <fuse_fsync_in*>arg
     cdef bint datasync = a.fsync_flags & FUSE_FSYNC_FDATASYNC
+    self.release_ring()
     if isdir:
         with self.lock:
             node = self._node(h.nodeid)
@@ -346,6 +352,7 @@ cdef int op_fallocate(OverlayFS self, int fd, fuse_in_header *h, char *arg, size
     cdef long long off = a.offset, length = a.length
     with self.lock:
         rfd = self._fd(self.handles[a.fh])
+    self.release_ring()
     if self.core.quota_on:
         _quota_fallocate(self, rfd, mode, off, length)
         self.reply_err(fd, h.unique, 0)
@@ -429,6 +436,7 @@ cdef int op_copy_file_range(OverlayFS self, int fd, fuse_in_header *h, char *arg
     with self.lock:
         fin = self._fd(self.handles[a.fh_in])
         fout = self._fd(self.handles[a.fh_out])
+    self.release_ring()
     if not wide and length > 0xfffff000:
         length = 0xfffff000
     if self.core.quota_on:

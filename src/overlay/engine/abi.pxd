@@ -11,7 +11,7 @@ cimported by wire.pyx (requests, replies, INIT) and bridge.pyx (the
 per-operation payloads). Nothing here runs.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, uint8_t
 
 cdef enum:
     FUSE_KERNEL_VERSION = 7
@@ -529,3 +529,31 @@ cdef extern from *:
     const unsigned long FUSE_DEV_IOC_CLONE "OVL_FUSE_DEV_IOC_CLONE"
     const unsigned long FUSE_DEV_IOC_BACKING_OPEN "OVL_FUSE_DEV_IOC_BACKING_OPEN"
     const unsigned long FUSE_DEV_IOC_BACKING_CLOSE "OVL_FUSE_DEV_IOC_BACKING_CLOSE"
+
+# ---------------------------------------------------------------- FUSE over io_uring
+# (7.42: the commands of IORING_OP_URING_CMD on a /dev/fuse fd, and what an
+# entry's header buffer holds; the request's and the reply's data go in its
+# payload buffer)
+cdef enum:
+    FUSE_URING_IN_OUT_HEADER_SZ = 128
+    FUSE_URING_OP_IN_OUT_SZ = 128
+    FUSE_IO_URING_CMD_REGISTER = 1
+    FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2
+
+cdef struct fuse_uring_ent_in_out:
+    uint64_t flags
+    uint64_t commit_id          # the request's unique, given back with its reply
+    uint32_t payload_sz         # bytes in the payload buffer (request, then reply)
+    uint32_t padding
+    uint64_t reserved
+
+cdef struct fuse_uring_req_header:
+    char in_out[FUSE_URING_IN_OUT_HEADER_SZ]    # fuse_in_header, then fuse_out_header
+    char op_in[FUSE_URING_OP_IN_OUT_SZ]         # the op's first argument (its struct)
+    fuse_uring_ent_in_out ring_ent_in_out
+
+cdef struct fuse_uring_cmd_req:            # in the 80-byte command area of the SQE
+    uint64_t flags
+    uint64_t commit_id
+    uint16_t qid
+    uint8_t padding[6]

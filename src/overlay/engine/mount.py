@@ -69,9 +69,10 @@ class Mounted:
         self._watchdog = None        # (pid, fd) of our watchdog child
 
     def start_watchdog(self) -> None:
-        """As root: the child that unmounts if we die (see wire.start_watchdog)."""
-        if self.method != "mount":
-            return
+        """The child that unmounts if we die (see wire.start_watchdog). With
+        fusermount3 its auto_unmount unmounts (the child may not, without
+        root): the child aborts the dead connection, which io_uring's
+        teardown could otherwise keep up for a while."""
         entry = find_mount(self.mountpoint)  # the top mount there: ours
         if entry is None:
             return

@@ -8,6 +8,9 @@ from overlay.engine.abi cimport fuse_in_header
 
 cdef enum:
     MAX_WORKERS = 64
+    # the "fd" a handler answers on when its request came through io_uring:
+    # URING_TOKEN + (queue << 16) + entry (see _uring.pxi)
+    URING_TOKEN = 1 << 28
     # the biggest WRITE payload we accept (and so READ size we announce)
     MAX_WRITE = 1 << 20
     # a read buffer holds one whole request: header + fuse_write_in + data
@@ -39,7 +42,19 @@ cdef class Session:
     cdef object _notify_thread
     cdef object _done                   # threading.Event: a worker saw the end
     cdef object _ready                  # threading.Event: INIT answered
+    # FUSE over io_uring (_uring.pxi)
+    cdef public bint want_uring         # ask for FUSE_OVER_IO_URING at INIT
+    cdef public int uring_depth         # entries per queue
+    cdef readonly bint uring            # the kernel granted it: the queues run
+    cdef readonly int nqueues           # one a possible CPU
+    cdef void *uq                       # _Queue[nqueues]
+    cdef object _uring_threads
+    cdef readonly object uring_error    # why the queues stopped early, or None
 
+    cdef int _uring_reply(self, int token, uint64_t unique, int err, const void *a, size_t alen,
+                          const void *b, size_t blen) noexcept nogil
+    cdef _uring_serve(self, int qid)
+    cdef int _uring_register(self, void *q) except -1
     cdef int reply_err(self, int fd, uint64_t unique, int err) noexcept nogil
     cdef int reply(self, int fd, uint64_t unique, const void *data, size_t size) noexcept nogil
     cdef int reply2(self, int fd, uint64_t unique, const void *a, size_t alen,

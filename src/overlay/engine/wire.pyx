@@ -32,9 +32,9 @@ import queue
 import threading
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENODEV, ENOSYS, EIO, EPROTO
-from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, free
+from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENODEV, ENOSYS, EIO, EPROTO, ENOTCONN
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memset, memcpy, strlen
 from posix.unistd cimport read, write, close, _exit, fork
 
@@ -56,6 +56,7 @@ cdef extern from "<fcntl.h>" nogil:
     int O_RDWR
     int O_CLOEXEC
     int O_RDONLY
+    int O_WRONLY
 
 cdef extern from "<sys/mount.h>" nogil:
     int c_mount "mount"(const char *source, const char *target, const char *fstype,
@@ -95,6 +96,9 @@ cdef extern from "<sys/syscall.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int dup2(int oldfd, int newfd)
     unsigned int sleep(unsigned int s)
+
+
+include "_uring.pxi"
 
 
 # ---------------------------------------------------------------- sizes
@@ -335,6 +339,13 @@ def start_watchdog(bytes target, bytes devid):
     cdef statfs_t st
     cdef bytes title = b"overlay-watchdog for %s [daemon %d]" % (target, os.getpid())
     cdef const char *ti = title
+    major, _, minor = devid.partition(b":")
+    # the connection's abort switch (fusectl): with FUSE over io_uring the
+    # dead daemon's rings are torn down asynchronously, and a request made
+    # meanwhile (our statfs) would wait for them
+    cdef bytes abort = b"/sys/fs/fuse/connections/%d/abort" % ((int(major) << 20) | int(minor))
+    cdef const char *ab = abort
+    cdef int afd
     rfd, wfd = os.pipe()
     os.set_inheritable(rfd, False)
     with nogil:
@@ -352,6 +363,11 @@ def start_watchdog(bytes target, bytes devid):
                 break
             if n == 1:
                 _exit(0)        # clean exit: the daemon unmounted itself
+            if _mount_is(t, d):
+                afd = c_open(ab, O_WRONLY | O_CLOEXEC)
+                if afd >= 0:
+                    write(afd, b"1", 1)
+                    close(afd)
             # the daemon is gone: unmount if the dead mount is still ours.
             # A dead connection answers ENOTCONN, or ECONNABORTED (with
             # FUSE_ABORT_ERROR) to a request that was queued before it died.
@@ -414,12 +430,17 @@ cdef class Session:
     def __cinit__(self):
         self.devfd = -1
         self.nworkers = 0
+        self.uq = NULL
+        self.nqueues = 0
+        self.uring_depth = 8
         self.stack_depth = 1
         for i in range(MAX_WORKERS):
             self.wfds[i] = -1
             self.tids[i] = 0
 
     def __init__(self):
+        self._uring_threads = []
+        self.uring_error = None
         self._notify_q = queue.SimpleQueue()
         self._threads = []
         self._done = threading.Event()
@@ -431,6 +452,8 @@ cdef class Session:
     cdef int reply_err(self, int fd, uint64_t unique, int err) noexcept nogil:
         """An error reply (err > 0 is an errno); 0 or -errno of the write."""
         cdef fuse_out_header oh
+        if fd >= URING_TOKEN:
+            return self._uring_reply(fd, unique, err, NULL, 0, NULL, 0)
         oh.len = sizeof(fuse_out_header)
         oh.error = -err
         oh.unique = unique
@@ -447,6 +470,8 @@ cdef class Session:
         cdef fuse_out_header oh
         cdef iovec iov[3]
         cdef int cnt = 1
+        if fd >= URING_TOKEN:
+            return self._uring_reply(fd, unique, 0, a, alen, b, blen)
         oh.len = sizeof(fuse_out_header) + alen + blen
         oh.error = 0
         oh.unique = unique
@@ -463,6 +488,231 @@ cdef class Session:
         if writev(fd, iov, cnt) < 0:
             return -errno
         return 0
+
+    # ------------------------------------------------------------ io_uring
+
+    cdef int _uring_reply(self, int token, uint64_t unique, int err, const void *a, size_t alen,
+                          const void *b, size_t blen) noexcept nogil:
+        """A reply to a request that came through io_uring: into its entry's
+        buffers, and the entry's COMMIT_AND_FETCH queued: the ring's owner
+        submits it with its next wait; a thread that gave the ring up for
+        long work (release_ring) submits it at once."""
+        cdef int qid = (token - URING_TOKEN) >> 16
+        cdef int idx = (token - URING_TOKEN) & 0xFFFF
+        cdef _Queue *q = &(<_Queue*>self.uq)[qid]
+        cdef _Ent *e = &q.ents[idx]
+        cdef fuse_out_header *oh = <fuse_out_header*>e.hdr.in_out
+        cdef size_t n = alen + blen
+        cdef int ret
+        cdef uint32_t todo = 0
+        if err or n > READ_BUFFER:
+            n = 0
+            if not err:
+                err = EIO
+        else:
+            if alen:
+                memmove(e.payload, a, alen)
+            if blen:
+                memmove(e.payload + alen, b, blen)
+        oh.len = sizeof(fuse_out_header) + n
+        oh.error = -err
+        oh.unique = unique
+        e.hdr.ring_ent_in_out.payload_sz = <uint32_t>n
+        pthread_mutex_lock(&q.mu)
+        ret = _ent_command(q, idx, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, self.devfd)
+        if q.owner != pthread_self():
+            todo = q.ring.pending
+            q.ring.pending = 0
+        pthread_mutex_unlock(&q.mu)
+        if todo:
+            ovl_uring_enter(q.ring.fd, todo, 0, 0)
+        return ret
+
+    def _uring_start(self):
+        """Set up a queue a possible CPU and start their threads (from INIT)."""
+        cdef int n = possible_cpus()
+        cdef int qid, err
+        cdef _Queue *qs = <_Queue*>calloc(n, sizeof(_Queue))
+        if qs == NULL:
+            raise MemoryError()
+        self.uq = qs
+        self.nqueues = n
+        for qid in range(n):
+            err = _queue_init(&qs[qid], qid, self.uring_depth)
+            if not err:
+                err = self._uring_register(&qs[qid])
+            if err:
+                self.uring_error = f"setting up queue {qid}: {os.strerror(-err)}"
+                log.warning("FUSE over io_uring not used (%s); requests through /dev/fuse",
+                            self.uring_error)
+                self._uring_free()
+                return
+        self.uring = True
+        for qid in range(n):
+            self._uring_thread(qid)
+        log.info("FUSE over io_uring: %d queues of %d entries", n, self.uring_depth)
+
+    cdef int _uring_register(self, void *qp) except -1:
+        """Queue the REGISTER of every entry and the stop poll (submitted by
+        the first wait of the queue's thread): 0, or -errno."""
+        cdef _Queue *q = <_Queue*>qp
+        cdef int i
+        cdef ovl_sqe128 *sqe
+        for i in range(q.depth):
+            if _ent_command(q, i, FUSE_IO_URING_CMD_REGISTER, self.devfd):
+                return -16
+        sqe = _ring_sqe(&q.ring)
+        if sqe == NULL:
+            return -16
+        sqe.opcode = IORING_OP_POLL_ADD
+        sqe.fd = q.evfd
+        sqe.op_flags = POLLIN
+        sqe.user_data = URING_STOP_TAG
+        return 0
+
+    def _uring_thread(self, int qid):
+        """Another thread for queue qid (it waits for the ring until the one
+        owning it gives it up)."""
+        t = threading.Thread(target=self._uring_worker, args=(qid,),
+                             name=f"fuse-ring-{qid}", daemon=True)
+        self._uring_threads.append(t)
+        t.start()
+
+    def _uring_worker(self, int qid):
+        try:
+            os.sched_setaffinity(0, {qid})
+        except OSError:
+            pass        # (a CPU this process may not run on: the queue still serves)
+        try:
+            self._uring_serve(qid)
+        except BaseException:
+            log.exception("io_uring queue %d failed", qid)
+
+    def release_ring(self):
+        """The calling request starts long work (a big copy-up, fsync, a wait
+        for another's copy-up): if its thread owns a queue's ring, another
+        thread takes the ring over, so the queue's next requests do not wait
+        behind it. A no-op elsewhere (a /dev/fuse worker)."""
+        cdef int qid
+        cdef bint spawn = False
+        cdef _Queue *qs = <_Queue*>self.uq
+        cdef unsigned long me = pthread_self()
+        if qs == NULL:
+            return
+        for qid in range(self.nqueues):
+            if qs[qid].owner == me:
+                pthread_mutex_lock(&qs[qid].mu)
+                qs[qid].owner = 0
+                if qs[qid].idle:
+                    pthread_cond_signal(&qs[qid].cv)
+                elif not qs[qid].stop:
+                    spawn = True
+                pthread_mutex_unlock(&qs[qid].mu)
+                if spawn:
+                    self._uring_thread(qid)
+                return
+
+    cdef _uring_serve(self, int qid):
+        """A thread of queue qid: while it owns the ring, take its next
+        request and handle it inline; else wait for the ring (_uring_next
+        keeps the queue's lock and the GIL apart: never both at once)."""
+        cdef _Queue *q = &(<_Queue*>self.uq)[qid]
+        cdef int token, what, err = 0, devfd = self.devfd
+        cdef uint64_t ud = 0
+        cdef int32_t res = 0
+        cdef _Ent *e
+        cdef fuse_in_header *ih
+        cdef fuse_in_header *h
+        cdef size_t s, psz, ext, arglen
+        cdef char *start
+        cdef unsigned long me = pthread_self()
+        with nogil:
+            pthread_mutex_lock(&q.mu)
+            q.threads += 1
+            pthread_mutex_unlock(&q.mu)
+        try:
+            while True:
+                with nogil:
+                    what = _uring_next(q, me, devfd, &ud, &res, &err)
+                if what == NEXT_STOP:
+                    break
+                if what == NEXT_ENTER_FAILED:
+                    self.uring_error = f"io_uring_enter: {os.strerror(err)}"
+                    log.error("io_uring queue %d: %s", qid, self.uring_error)
+                    break
+                if what == NEXT_REFUSED:
+                    # a registration the kernel refused: it falls back to
+                    # /dev/fuse for the requests (and so do we)
+                    self.uring_error = f"entry {ud}: {os.strerror(-res)}"
+                    log.warning("FUSE over io_uring queue %d: %s; requests through /dev/fuse",
+                                qid, self.uring_error)
+                    break
+                e = &q.ents[ud]
+                ih = <fuse_in_header*>e.hdr.in_out
+                e.commit_id = e.hdr.ring_ent_in_out.commit_id
+                psz = e.hdr.ring_ent_in_out.payload_sz
+                s = _op_in_size(ih.opcode, self.setxattr_ext)
+                start = e.payload - s - sizeof(fuse_in_header)
+                memcpy(start, ih, sizeof(fuse_in_header))
+                if s:
+                    memcpy(e.payload - s, e.hdr.op_in, s)
+                h = <fuse_in_header*>start
+                ext = h.total_extlen * 8
+                if ext > psz:
+                    ext = 0
+                arglen = s + psz - ext
+                token = URING_TOKEN + (qid << 16) + <int>ud
+                if self.debug:
+                    log.debug("<= %s unique=%d node=%d queue=%d", OPCODE_NAMES.get(h.opcode, h.opcode),
+                              h.unique, h.nodeid, qid)
+                try:
+                    self.handle(token, h, e.payload - s, arglen)
+                except BaseException:
+                    log.error("unexpected error in request handler (%s)",
+                              OPCODE_NAMES.get(h.opcode, h.opcode), exc_info=True)
+                    self.reply_err(token, h.unique, EIO)
+        finally:
+            with nogil:
+                pthread_mutex_lock(&q.mu)
+                if q.owner == me:
+                    q.owner = 0
+                q.threads -= 1
+                pthread_cond_broadcast(&q.cv)
+                pthread_mutex_unlock(&q.mu)
+
+    def _uring_stop(self):
+        """Wake the queues' threads (the owners through their eventfd poll,
+        the others on their condition) and wait for them."""
+        cdef int qid
+        cdef uint64_t one = 1
+        cdef _Queue *qs = <_Queue*>self.uq
+        if qs == NULL:
+            return
+        for qid in range(self.nqueues):
+            pthread_mutex_lock(&qs[qid].mu)
+            qs[qid].stop = True
+            pthread_cond_broadcast(&qs[qid].cv)
+            pthread_mutex_unlock(&qs[qid].mu)
+            if qs[qid].evfd >= 0:
+                write(qs[qid].evfd, &one, sizeof(one))
+        me = threading.current_thread()
+        for t in list(self._uring_threads):
+            if t is not me:
+                t.join(5)
+
+    def _uring_free(self):
+        cdef int qid
+        cdef _Queue *qs = <_Queue*>self.uq
+        if qs == NULL:
+            return
+        if any(t.is_alive() for t in self._uring_threads):
+            return      # (a thread still in the ring: leave the memory to the exit)
+        for qid in range(self.nqueues):
+            _queue_free(&qs[qid])
+        free(qs)
+        self.uq = NULL
+        self.nqueues = 0
+        self.uring = False
 
     # ------------------------------------------------------------ notifications
 
@@ -573,6 +823,8 @@ cdef class Session:
         want2 = 0
         if self.no_acl:
             want &= ~FUSE_POSIX_ACL
+        if self.want_uring:
+            want2 |= FUSE2_OVER_IO_URING
         if self.want_export:
             want |= FUSE_EXPORT_SUPPORT
         else:
@@ -608,6 +860,12 @@ cdef class Session:
                   i.minor, i.flags, flags2, o.minor, o.flags, o.flags2)
         self.initialized = True
         self.reply(fd, h.unique, &o, sizeof(o))
+        if o.flags2 & FUSE2_OVER_IO_URING:
+            # (after the reply: the kernel takes ring entries only once
+            # the connection is initialized)
+            self._uring_start()
+        elif self.want_uring:
+            log.info("FUSE over io_uring: not offered by the kernel; requests through /dev/fuse")
         self._ready.set()
         return 0
 
@@ -709,6 +967,7 @@ cdef class Session:
         """Make every worker return (a signal wakes those blocked in read)."""
         self.stopping = True
         self._done.set()
+        self._uring_stop()
         cdef int k
         me = threading.current_thread()
         for _ in range(200):
@@ -725,6 +984,7 @@ cdef class Session:
     def close(self):
         """Close the fds (after stop()): the kernel ends the connection."""
         cdef int k
+        self._uring_free()
         for k in range(self.nworkers):
             if self.wfds[k] >= 0:
                 close(self.wfds[k])
