@@ -316,7 +316,10 @@ cdef class OverlayFS(Session):
                 "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,
                 "backing_files": len(self.backings),
                 "handles_kept": sum(1 for k in self.forgotten if type(k) is int),
-                "workers": self.nworkers}
+                "workers": self.nworkers,
+                "uring": ({"queues": self.nqueues, "depth": self.uring_depth,
+                           "requests": self.uring_served, "threads": self.uring_threads()}
+                          if self.uring else None)}
 
     # ------------------------------------------------------------ attributes
 

@@ -50,6 +50,7 @@ cdef class Session:
     cdef void *uq                       # _Queue[nqueues]
     cdef object _uring_threads
     cdef readonly object uring_error    # why the queues stopped early, or None
+    cdef readonly uint64_t uring_served # requests answered through the rings
 
     cdef int _uring_reply(self, int token, uint64_t unique, int err, const void *a, size_t alen,
                           const void *b, size_t blen) noexcept nogil

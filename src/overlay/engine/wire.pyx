@@ -579,6 +579,8 @@ cdef class Session:
         t.start()
 
     def _uring_worker(self, int qid):
+        cdef bytes name = b"fuse-ring-%d" % qid
+        prctl(15, <unsigned long><const char*>name, 0, 0, 0)     # PR_SET_NAME: ps and top show it
         try:
             os.sched_setaffinity(0, {qid})
         except OSError:
@@ -662,6 +664,7 @@ cdef class Session:
                     ext = 0
                 arglen = s + psz - ext
                 token = URING_TOKEN + (qid << 16) + <int>ud
+                self.uring_served += 1
                 if self.debug:
                     log.debug("<= %s unique=%d node=%d queue=%d", OPCODE_NAMES.get(h.opcode, h.opcode),
                               h.unique, h.nodeid, qid)
@@ -699,6 +702,11 @@ cdef class Session:
         for t in list(self._uring_threads):
             if t is not me:
                 t.join(5)
+
+    def uring_threads(self):
+        """The threads serving the queues now (a queue has more than one
+        after a request gave its ring up for long work)."""
+        return sum(1 for t in self._uring_threads if t.is_alive())
 
     def _uring_free(self):
         cdef int qid
