@@ -42,7 +42,7 @@ from .macro import FULL, QUICK, Bench, Metric, Sizes
 from .systems import ORDER, SYSTEMS, Missing, System, daemon_pids
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GROUPS = ("tree", "big", "small", "layers", "image")
+GROUPS = ("tree", "big", "small", "layers", "image", "ops")   # ops: benchmarks/ops.py
 STACK_RATIO_TARGET = 1.2          # up to the kernel's 500 layers
 STACK_RATIO_TARGET_DEEP = 1.5     # past them (2,000 layers: lowerdir_file)
 MOUNT_TARGET_S = 0.15             # up to 500 layers
@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--no-png", action="store_true", help="skip the chart")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="run nothing: write the .md and .png again from a results JSON (next to it)")
+    p.add_argument("--floor", default=None, metavar="PATH",
+                   help="ops group: libfuse's passthrough_hp built by hand, for the C floor columns")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="py-spy our daemon during every workload, write stacks and a summary to DIR")
     g = p.add_argument_group("sizes (override the --quick or full defaults)")
@@ -492,6 +494,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
         return rerender(args.render, not args.no_png)
+    if "ops" in args.groups:
+        # the per-operation group: its own runner (systems in both io_uring
+        # modes, the C floor, idle and busy)
+        from . import ops
+
+        rc = ops.main(["--reps", str(args.reps or 5), "--out", args.out]
+                      + (["--floor", args.floor] if args.floor else []))
+        args.groups = [g for g in args.groups if g != "ops"]
+        if not args.groups or rc:
+            return rc
     if os.geteuid() != 0:
         say("warning: not root: the kernel overlay and fresh (cache-dropping) runs will be missing")
     own_scratch = args.scratch is None
