@@ -109,12 +109,12 @@ cdef int _reply_open(OverlayFS self, int fd, uint64_t unique, uint64_t nodeid, i
     if bid > 0 and flags & os.O_ACCMODE != os.O_RDONLY:
         # stores through a shared mapping would not reach us: the node's
         # attributes are not cached while it is open for writing
-        # (_mapped_writes), starting with what the kernel holds now
+        # (_mapped_writes), starting with what the kernel holds now (a
+        # file just created keeps its entry's: its open checks permissions
+        # with them, and any write or truncate drops them)
         bk = self.backings[nodeid]
         bk.writers += 1
-        if entry != NULL:
-            entry.attr_valid = entry.attr_valid_nsec = 0
-        elif bk.writers == 1:
+        if entry == NULL and bk.writers == 1:
             self.notify_inval_inode(nodeid, -1, 0, True)
     self.handles[fh] = hd
     node.pins += 1          # keeps its fds: fstat must work after an unlink

@@ -590,7 +590,7 @@ cdef class OverlayFS(Session):
         if not S.S_ISREG(mode):
             return
         new = mode & ~S.S_ISUID
-        if mode & S.S_IXGRP or not _in_group(h, st.st_gid):
+        if mode & S.S_ISGID and (mode & S.S_IXGRP or not _in_group(h, st.st_gid)):
             new &= ~S.S_ISGID
         if new != mode:
             self.core.setattr(node, mode=S.S_IMODE(new))
