@@ -3,9 +3,8 @@ create and O_TMPFILE (with FUSE passthrough of their data where the kernel
 gives it), read and write when the data come through us, release, fsync,
 fallocate, lseek and copy_file_range."""
 
-
-# reads and writes of this many bytes or more through the daemon give its
-# io_uring queue up to another thread first (Session.release_ring)
+# reads and writes of this many bytes or more through the daemon first give
+# the thread's turn at reading requests to another (Session.hand_off)
 DEF LONG_IO = 256 * 1024
 
 
@@ -207,7 +206,7 @@ cdef int op_read(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n)
     if size > READ_BUFFER - sizeof(fuse_out_header):
         size = READ_BUFFER - sizeof(fuse_out_header)
     if size >= LONG_IO:
-        self.release_ring()
+        self.hand_off()
     cdef char *buf = out
     if (<_Handle>hd).flags & os.O_DIRECT:
         buf = _direct_buffer(size)      # (the real file is read O_DIRECT too)
@@ -256,7 +255,7 @@ cdef int op_write(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n
         with self.lock:
             self._kill_suidgid((<_Handle>hd).node, h)
     if size >= LONG_IO:
-        self.release_ring()
+        self.hand_off()
     cdef char *buf = NULL
     if (<_Handle>hd).flags & os.O_DIRECT:
         buf = _direct_buffer(size)      # (the real file is written O_DIRECT too)
@@ -324,7 +323,7 @@ cdef int op_release(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
 cdef int op_fsync(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t n, bint isdir) except -1:
     cdef fuse_fsync_in *a = <fuse_fsync_in*>arg
     cdef bint datasync = a.fsync_flags & FUSE_FSYNC_FDATASYNC
-    self.release_ring()
+    self.hand_off()
     if isdir:
         with self.lock:
             node = self._node(h.nodeid)
@@ -352,7 +351,7 @@ cdef int op_fallocate(OverlayFS self, int fd, fuse_in_header *h, char *arg, size
     cdef long long off = a.offset, length = a.length
     with self.lock:
         rfd = self._fd(self.handles[a.fh])
-    self.release_ring()
+    self.hand_off()
     if self.core.quota_on:
         _quota_fallocate(self, rfd, mode, off, length)
         self.reply_err(fd, h.unique, 0)
@@ -436,7 +435,7 @@ cdef int op_copy_file_range(OverlayFS self, int fd, fuse_in_header *h, char *arg
     with self.lock:
         fin = self._fd(self.handles[a.fh_in])
         fout = self._fd(self.handles[a.fh_out])
-    self.release_ring()
+    self.hand_off()
     if not wide and length > 0xfffff000:
         length = 0xfffff000
     if self.core.quota_on:

@@ -181,7 +181,7 @@ cdef struct _Queue:
     _Ent *ents
     # the threads of a queue: one owns the ring (waits in io_uring_enter,
     # takes the next completion, handles it inline); a handler that starts
-    # long work gives the ring up to another (Session.release_ring), so the
+    # long work gives the ring up to another (Session.hand_off), so the
     # queue's other requests go on; the others wait on cv
     pthread_mutex_t mu          # the SQ, pending, owner, idle
     pthread_cond_t cv

@@ -197,8 +197,8 @@ cdef class OverlayFS(Session):
         self.next_fh = 1
         self.lock = threading.Lock()
         # the core lets go of it during long copy-ups (and then this thread
-        # gives up its io_uring queue, if it owns one: release_ring)
-        core.set_lock(self.lock, self.release_ring)
+        # gives up its io_uring queue, if it owns one: hand_off)
+        core.set_lock(self.lock, self.hand_off)
         self.entry_sec = <uint64_t>entry_timeout
         self.entry_nsec = <uint32_t>((entry_timeout - self.entry_sec) * 1e9)
         self.attr_sec = <uint64_t>attr_timeout
@@ -562,7 +562,7 @@ cdef class OverlayFS(Session):
             elif op == FUSE_SYNCFS:
                 with self.lock:
                     core = self.core
-                self.release_ring()
+                self.hand_off()
                 core.syncfs()
                 self.reply_err(fd, unique, 0)
             elif op == FUSE_INTERRUPT:

@@ -22,6 +22,9 @@ cdef class Session:
     cdef int wfds[MAX_WORKERS]          # fd each worker reads (devfd, then clones)
     cdef unsigned long tids[MAX_WORKERS]  # pthread_t of each running worker, or 0
     cdef readonly int nworkers
+    cdef public int64_t spin_ns         # the reader polls this long before it sleeps (_readers.pxi)
+    cdef public int turns               # workers reading /dev/fuse at once
+    cdef void *rd                       # _Readers: whose turn it is to read
     cdef readonly uint32_t proto_minor  # negotiated protocol minor, 0 before INIT
     cdef readonly uint32_t max_write
     cdef readonly bint initialized

@@ -97,8 +97,28 @@ cdef extern from "<unistd.h>" nogil:
     int dup2(int oldfd, int newfd)
     unsigned int sleep(unsigned int s)
 
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    int F_GETFL
+    int F_SETFL
+    int O_NONBLOCK
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_MONOTONIC
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
 
 include "_uring.pxi"
+include "_readers.pxi"
 
 
 # ---------------------------------------------------------------- sizes
@@ -434,9 +454,15 @@ cdef class Session:
         self.nqueues = 0
         self.uring_depth = 8
         self.stack_depth = 1
+        self.spin_ns = SPIN_NS
+        self.turns = 1
+        self.rd = NULL
         for i in range(MAX_WORKERS):
             self.wfds[i] = -1
             self.tids[i] = 0
+
+    def __dealloc__(self):
+        free(self.rd)
 
     def __init__(self):
         self._uring_threads = []
@@ -496,7 +522,7 @@ cdef class Session:
         """A reply to a request that came through io_uring: into its entry's
         buffers, and the entry's COMMIT_AND_FETCH queued: the ring's owner
         submits it with its next wait; a thread that gave the ring up for
-        long work (release_ring) submits it at once."""
+        long work (hand_off) submits it at once."""
         cdef int qid = (token - URING_TOKEN) >> 16
         cdef int idx = (token - URING_TOKEN) & 0xFFFF
         cdef _Queue *q = &(<_Queue*>self.uq)[qid]
@@ -590,16 +616,25 @@ cdef class Session:
         except BaseException:
             log.exception("io_uring queue %d failed", qid)
 
-    def release_ring(self):
+    def hand_off(self):
         """The calling request starts long work (a big copy-up, fsync, a wait
-        for another's copy-up): if its thread owns a queue's ring, another
-        thread takes the ring over, so the queue's next requests do not wait
-        behind it. A no-op elsewhere (a /dev/fuse worker)."""
-        cdef int qid
+        for another's copy-up): the thread gives what it reads requests from
+        to another, so the next requests do not wait behind it: its turn at
+        /dev/fuse (_readers.pxi) or its queue's ring."""
+        cdef int qid, k
         cdef bint spawn = False
         cdef _Queue *qs = <_Queue*>self.uq
         cdef unsigned long me = pthread_self()
+        cdef _Readers *rd = <_Readers*>self.rd
+        cdef long long t
         if qs == NULL:
+            for k in range(self.nworkers):
+                if self.tids[k] == me:
+                    t = ovl_load(&rd.state[k])
+                    if t > 1 and ovl_cas(&rd.state[k], t, 0):
+                        with nogil:
+                            _give_turn(rd)
+                    return
             return
         for qid in range(self.nqueues):
             if qs[qid].owner == me:
@@ -893,13 +928,24 @@ cdef class Session:
         cdef int err
         cdef fuse_in_header *h
         cdef size_t arglen, ext
+        cdef _Readers *rd = <_Readers*>self.rd
+        cdef int64_t spin_ns
+        cdef long long since
+        cdef bint nonblock = False, ok
         if buf == NULL:
             raise MemoryError()
         self.tids[index] = pthread_self()
         try:
             while not self.stopping:
+                if rd.state[index] == 0:
+                    with nogil:
+                        ok = _take_turn(rd, index, self.nworkers)
+                    if not ok:
+                        break
+                # (with io_uring only INIT, FORGET and INTERRUPT come here)
+                spin_ns = 0 if self.uring else self.spin_ns
                 with nogil:
-                    n = read(fd, buf, READ_BUFFER)
+                    n = _read_turn(rd, fd, buf, spin_ns, &nonblock)
                     err = errno
                 if n < 0:
                     if err == EINTR or err == EAGAIN or err == ENOENT:
@@ -921,6 +967,8 @@ cdef class Session:
                 if self.debug:
                     log.debug("<- %s unique=%d node=%d len=%d", OPCODE_NAMES.get(h.opcode, h.opcode),
                               h.unique, h.nodeid, h.len)
+                since = _now_ns()
+                ovl_store(&rd.state[index], since)
                 try:
                     if h.opcode == FUSE_INIT:
                         self._init(fd, h, buf + sizeof(fuse_in_header), arglen)
@@ -933,9 +981,15 @@ cdef class Session:
                               OPCODE_NAMES.get(h.opcode, h.opcode), exc_info=True)
                     if not _no_reply(h.opcode):
                         self.reply_err(fd, h.unique, EIO)
+                # the turn is kept unless given away meanwhile (then 0)
+                ovl_cas(&rd.state[index], since, 1)
         finally:
             free(buf)
             self.tids[index] = 0
+            if ovl_load(&rd.state[index]) != 0:
+                ovl_store(&rd.state[index], 0)
+                _give_turn(rd)
+            _readers_close(rd)
             self._done.set()
 
     def _worker(self, int index):
@@ -950,6 +1004,11 @@ cdef class Session:
         if not 1 <= nworkers <= MAX_WORKERS:
             raise ValueError(f"workers must be 1 to {MAX_WORKERS}")
         _install_wakeup()
+        if self.rd == NULL:
+            self.rd = calloc(1, sizeof(_Readers))
+            if self.rd == NULL:
+                raise MemoryError()
+        _readers_init(<_Readers*>self.rd, self.turns)
         self.devfd = devfd
         self.wfds[0] = devfd
         for k in range(1, nworkers):
@@ -975,6 +1034,8 @@ cdef class Session:
         """Make every worker return (a signal wakes those blocked in read)."""
         self.stopping = True
         self._done.set()
+        if self.rd != NULL:
+            _readers_close(<_Readers*>self.rd)
         self._uring_stop()
         cdef int k
         me = threading.current_thread()
