@@ -71,8 +71,12 @@ cdef class Overlay(_Quota):
 
     def _check_new(self, Node parent, bytes name):
         """EEXIST if name shows in parent; returns whether the upper holds a whiteout."""
+        cdef struct_stat sst
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG, name)
+        if (parent.upper >= 0 and not parent.lowers
+                and c_statat(parent.upper, name, &sst) == ENOENT):
+            return False    # nothing below to look up, nothing in the upper
         try:
             self.lookup(parent, name)
         except FileNotFoundError:
@@ -92,7 +96,8 @@ cdef class Overlay(_Quota):
         values, or None."""
         if not self.posix_acl or kind == S.S_IFLNK:
             return mode & ~umask, None, None
-        dflt = self._getx(parent.upper, ACL_DEFAULT)
+        cdef bytes xname = ACL_DEFAULT
+        dflt = c_getx_dir(parent.upper, xname)
         if not dflt:
             return mode & ~umask, None, None
         mode, access = acl_create_masq(dflt, mode)
@@ -121,6 +126,7 @@ cdef class Overlay(_Quota):
         else:
             dfd, dname = parent.upper, name
         ofd = -1
+        cdef struct_stat cst
         if link_src is not None:
             link_src = self._index_start(self.copy_up(link_src, meta=True))
             if link_src.metacopy:
@@ -156,9 +162,18 @@ cdef class Overlay(_Quota):
                 if not override_write(self, dpath, uid, gid, kind | (mode & 0o7777), False):
                     _chown_or_not(dname, dfd, uid, gid)
             elif link_src is None:
-                os.chown(dname, uid, gid, dir_fd=dfd, follow_symlinks=False)
-                if kind != S.S_IFLNK:
+                # (made by us: owned by us, mode under our umask; changed
+                # only where that is not what was asked)
+                if c_statat(dfd, dname, &cst) != 0:
+                    raise _oserror(c_errno, dname)
+                chmod = kind != S.S_IFLNK and (cst.st_mode & 0o7777) != (mode & 0o7777)
+                if cst.st_uid != <unsigned>uid or cst.st_gid != <unsigned>gid:
+                    os.chown(dname, uid, gid, dir_fd=dfd, follow_symlinks=False)
                     # chown may clear set-id bits: apply the mode after it
+                    chmod = kind != S.S_IFLNK and (mode & 0o6000 or chmod)
+                if chmod and ofd >= 0:
+                    os.fchmod(ofd, mode & 0o7777)
+                elif chmod:
                     os.chmod(b"/proc/self/fd/%d/%s" % (dfd, dname), mode & 0o7777)
             if acl is not None:
                 os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), ACL_ACCESS, acl)

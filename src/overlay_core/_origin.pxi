@@ -267,7 +267,7 @@ cdef set_impure(_Stack self, Node d):
         return
     if d.upper < 0:
         return
-    if self._getx(d.upper, self.x_impure) != b"y":
+    if c_getx_dir(d.upper, self.x_impure) != b"y":
         try:
             os.setxattr(_proc(d.upper), self.x_impure, b"y")
         except OSError as e:

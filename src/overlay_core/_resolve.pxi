@@ -311,6 +311,7 @@ cdef class _Resolver(_Stack):
         cdef struct_stat ust
         cdef int err
         cdef bint have_ust = False, have_upper_dir = False
+        cdef bint xo = True     # the upper entry may have overlay xattrs
         if not parent.is_dir:
             raise _err(errno.ENOTDIR, name)
         if len(name) > NAME_MAX:
@@ -334,8 +335,11 @@ cdef class _Resolver(_Stack):
                     n.is_dir = True
                     n.upper = self._opath(parent.upper, name, True)
                     have_upper_dir = True
-                    n.opaque = self._getx(n.upper, self.x_opaque) == b"y"
-                    redirect = self._getx(n.upper, self.x_redirect)
+                    # (most have no overlay xattr: one call, not two or three)
+                    xo = c_has_xattr_prefix(n.upper, self.prefix, True)
+                    if xo:
+                        n.opaque = c_getx_dir(n.upper, self.x_opaque) == b"y"
+                        redirect = c_getx_dir(n.upper, self.x_redirect)
                     if redirect is not None:
                         # its form is always checked; it is followed (and
                         # its . and .. refused) only where there is a lower
@@ -352,7 +356,9 @@ cdef class _Resolver(_Stack):
                     if known is not None:
                         return known
                     n.upper = self._opath(parent.upper, name, False)
-                    if (S.S_ISREG(ust.st_mode) and ust.st_size == 0
+                    # (most have no overlay xattr: one call, not three)
+                    xo = c_has_xattr_prefix_at(parent.upper, name, self.prefix)
+                    if (xo and S.S_ISREG(ust.st_mode) and ust.st_size == 0
                             and self._getx(n.upper, self.x_whiteout) is not None):
                         # an xattr whiteout in the upper layer: never written
                         # by us (or the kernel), but honoured at lookup as the
@@ -376,8 +382,12 @@ cdef class _Resolver(_Stack):
         if n.upper >= 0:
             n.key = _realkey(ust.st_dev, ust.st_ino)
             if not n.is_dir:
-                n.ino = upper_ino(self, n.upper, st)
-                if (S.S_ISREG(st.st_mode) and (self.metacopy or self.ndata or self._origin_seen)
+                if xo:
+                    n.ino = upper_ino(self, n.upper, st)
+                else:
+                    self._origin_seen = False
+                    n.ino = self.map_ino(st)
+                if (xo and S.S_ISREG(st.st_mode) and (self.metacopy or self.ndata or self._origin_seen)
                         and has_metacopy(self, n.upper)):
                     self._metacopy_upper(parent, n)
                     st = metacopy_stat(self, n, st)
@@ -387,7 +397,7 @@ cdef class _Resolver(_Stack):
                 # a merged dir: the kernel reports its top lower dir's
                 # number, and names that dir in the upper's origin
                 n.ino = self.map_ino(lst)
-                v = self._getx(n.upper, self.x_origin)
+                v = c_getx_dir(n.upper, self.x_origin) if xo else None
                 if v is None:
                     self._fix_origin(parent, n)
                 if self.index_all:

@@ -546,6 +546,59 @@ cdef bint c_has_xattr_prefix(int fd, bytes prefix, bint dir=False) noexcept:
     return False
 
 
+cdef bint _getxattrat_ok = True
+DEF SYS_GETXATTRAT = 464
+
+cdef struct xattr_args:
+    unsigned long long value
+    unsigned int size
+    unsigned int flags
+
+
+cdef bint c_has_xattr_prefix_at(int dirfd, const char *path, bytes prefix) noexcept:
+    """Has the entry path in (O_PATH) dir dirfd (not followed) an xattr whose
+    name starts with prefix? One listxattrat(2) (Linux 6.13), no walk of
+    /proc; True when that cannot be told (the caller reads what it wants)."""
+    cdef char buf[1024]
+    cdef ssize_t n, i = 0
+    cdef Py_ssize_t plen = len(prefix)
+    cdef const char *p = prefix
+    global _listxattrat_ok
+    if not _listxattrat_ok:
+        return True
+    n = c_syscall(SYS_LISTXATTRAT, dirfd, path, AT_SYMLINK_NOFOLLOW, buf, sizeof(buf))
+    if n < 0:
+        if c_errno == ENOSYS:
+            _listxattrat_ok = False
+        return c_errno != ENODATA and c_errno != EOPNOTSUPP
+    while i < n:
+        if strncmp(buf + i, p, plen) == 0:
+            return True
+        i += strlen(buf + i) + 1
+    return False
+
+
+cdef object c_getx_dir(int fd, const char *name):
+    """c_getx of a dir: getxattrat(2) (Linux 6.13) of "." in it, no walk
+    of /proc."""
+    cdef char buf[256]
+    cdef xattr_args a
+    cdef long n
+    global _getxattrat_ok
+    if _getxattrat_ok:
+        a.value = <unsigned long long><size_t>buf
+        a.size = sizeof(buf)
+        a.flags = 0
+        n = c_syscall(SYS_GETXATTRAT, fd, b".", AT_SYMLINK_NOFOLLOW, name, &a, sizeof(a))
+        if n >= 0:
+            return buf[:n]
+        if c_errno == ENODATA or c_errno == EOPNOTSUPP or c_errno == EPERM:
+            return None
+        if c_errno == ENOSYS:
+            _getxattrat_ok = False
+    return c_getx(fd, name)
+
+
 cdef object c_getx(int fd, const char *name):
     """Value of xattr name on the object behind (O_PATH) fd, or None when it
     has none (or the fs has no xattrs)."""
