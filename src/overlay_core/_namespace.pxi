@@ -322,11 +322,11 @@ cdef class Overlay(_Quota):
                     os.chmod(path, override_disk_mode(S.S_IFMT(st.st_mode) | new_mode))
                 uid = gid = mode = None     # done: the xattr holds them
         if uid is not None or gid is not None:
-            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+            sys_chown_fd(n.upper, -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
-            os.chmod(path, S.S_IMODE(mode))
+            sys_chmod_fd(n.upper, S.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
-            sys_utimens(path, atime_ns, mtime_ns, False)
+            sys_utimens_fd(n.upper, atime_ns, mtime_ns)
         return n
 
     def touch(self, Node n):
@@ -339,7 +339,7 @@ cdef class Overlay(_Quota):
         with the same effect on the bits. Returns the node to use next."""
         self._need_upper()
         n = self.copy_up(n, data=True, meta=True)
-        os.chown(_proc(n.upper), -1, -1)
+        sys_chown_fd(n.upper, -1, -1)
         return n
 
     # ------------------------------------------------------------ xattrs

@@ -48,6 +48,7 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t copy_file_range(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t len, unsigned int flags)
     int fdatasync(int fd)
     int fsync(int fd)
+    int fchownat(int dirfd, const char *pathname, unsigned int owner, unsigned int group, int flags)
 
 cdef extern from "<sys/sendfile.h>" nogil:
     ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
@@ -87,10 +88,8 @@ def sys_renameat2(int olddirfd, bytes oldname, int newdirfd, bytes newname, unsi
         raise _oserror(c_errno, oldname)
 
 
-def sys_utimens(bytes path, object atime_ns, object mtime_ns, bint nofollow=False):
-    """utimensat(2) on *path*; None leaves that time unchanged (UTIME_OMIT)."""
+cdef int _utimens(int dirfd, const char *p, object atime_ns, object mtime_ns, int flags):
     cdef timespec ts[2]
-    cdef const char *p = path
     cdef int ret
     if atime_ns is None:
         ts[0].tv_sec = 0
@@ -105,9 +104,53 @@ def sys_utimens(bytes path, object atime_ns, object mtime_ns, bint nofollow=Fals
         ts[1].tv_sec = mtime_ns // 1000000000
         ts[1].tv_nsec = mtime_ns % 1000000000
     with nogil:
-        ret = utimensat(AT_FDCWD, p, ts, AT_SYMLINK_NOFOLLOW if nofollow else 0)
+        ret = utimensat(dirfd, p, ts, flags)
+    return c_errno if ret != 0 else 0
+
+
+def sys_utimens(bytes path, object atime_ns, object mtime_ns, bint nofollow=False):
+    """utimensat(2) on *path*; None leaves that time unchanged (UTIME_OMIT)."""
+    cdef int err = _utimens(AT_FDCWD, path, atime_ns, mtime_ns,
+                            AT_SYMLINK_NOFOLLOW if nofollow else 0)
+    if err:
+        raise _oserror(err, path)
+
+
+# The object behind an (O_PATH) fd changed through the fd itself
+# (AT_EMPTY_PATH), not through a path walk of /proc/self/fd.
+
+cdef sys_utimens_fd(int fd, object atime_ns, object mtime_ns):
+    cdef int err = _utimens(fd, b"", atime_ns, mtime_ns, AT_EMPTY_PATH)
+    if err:
+        raise _oserror(err, _proc(fd))
+
+
+cdef sys_chown_fd(int fd, int uid, int gid):
+    """fchownat(2) of the object behind fd (-1 keeps that id)."""
+    cdef int ret
+    with nogil:
+        ret = fchownat(fd, b"", <unsigned int>uid, <unsigned int>gid, AT_EMPTY_PATH)
     if ret != 0:
-        raise _oserror(c_errno, path)
+        raise _oserror(c_errno, _proc(fd))
+
+
+cdef bint _fchmodat2_ok = True
+DEF SYS_FCHMODAT2 = 452
+
+cdef sys_chmod_fd(int fd, int mode):
+    """fchmodat2(2) (Linux 6.6) of the object behind fd; chmod through
+    /proc on older kernels."""
+    cdef long ret
+    global _fchmodat2_ok
+    if _fchmodat2_ok:
+        with nogil:
+            ret = c_syscall(SYS_FCHMODAT2, fd, b"", mode, AT_EMPTY_PATH)
+        if ret == 0:
+            return
+        if c_errno != ENOSYS:
+            raise _oserror(c_errno, _proc(fd))
+        _fchmodat2_ok = False
+    os.chmod(_proc(fd), mode)
 
 
 # Capability probes, remembered once answered (per process; layers are on
