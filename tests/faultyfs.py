@@ -10,7 +10,9 @@ It mirrors a source directory (read-only) and injects faults by name:
   (open, stat and readdir of it work);
 * ``lookup()`` of a name starting with ``eio`` fails with EIO (the name is
   still listed by readdir);
-* ``opendir()`` of a directory whose name starts with ``baddir`` fails with EIO.
+* ``opendir()`` of a directory whose name starts with ``baddir`` fails with EIO;
+* ``read()`` of a file whose name starts with ``slow`` answers after
+  ``FAULTYFS_SLOW_S`` seconds (default 3): a layer on a slow disk or network.
 
 Run it in the foreground::
 
@@ -42,6 +44,13 @@ def _fault_lookup(name: bytes) -> bool:
 
 def _fault_opendir(name: bytes) -> bool:
     return name.startswith(b"baddir")
+
+
+def _slow_read(name: bytes) -> bool:
+    return name.startswith(b"slow")
+
+
+SLOW_S = float(os.environ.get("FAULTYFS_SLOW_S", "3"))
 
 
 class FaultyFS(pyfuse3.Operations):
@@ -134,14 +143,17 @@ class FaultyFS(pyfuse3.Operations):
         except OSError as e:
             raise FUSEError(e.errno) from None
         self._fh += 1
-        self.handles[self._fh] = (fd, _fault_read(os.path.basename(path)))
+        name = os.path.basename(path)
+        self.handles[self._fh] = (fd, "bad" if _fault_read(name) else "slow" if _slow_read(name) else None)
         # direct_io: every read reaches us, so the fault cannot hide in a cache
         return pyfuse3.FileInfo(fh=self._fh, direct_io=True, keep_cache=False)
 
     async def read(self, fh, off, size):
         fd, faulty = self.handles[fh]
-        if faulty:
+        if faulty == "bad":
             raise FUSEError(errno.EIO)
+        if faulty == "slow":
+            await trio.sleep(SLOW_S)
         return os.pread(fd, size, off)
 
     async def release(self, fh):

@@ -42,6 +42,7 @@ import signal
 import shutil
 import subprocess
 import textwrap
+import threading
 import time
 
 import pytest
@@ -544,7 +545,8 @@ def faulty_lower(reltmp):
     lookup of eio* -> EIO, opendir of baddir* -> EIO."""
     src, fmp = mkdirs(reltmp, "src", "faulty")
     for name, data in (("good", b"good\n"), ("bad1", b"bad\n"), ("eio1", b"eio\n"),
-                       ("dir/good2", b"good2\n"), ("baddir1/x", b"x\n")):
+                       ("dir/good2", b"good2\n"), ("baddir1/x", b"x\n"),
+                       ("slow1", b"slow\n")):
         os.makedirs(os.path.dirname(f"{src}/{name}"), exist_ok=True)
         with open(f"{src}/{name}", "wb") as f:
             f.write(data)
@@ -629,6 +631,46 @@ def test_eio_from_a_lower_layer(reltmp, faulty_lower, relmounts):
         relmounts.kernel([faulty_lower], ku, kw, km)
         kernel = _run_eio_ops(km)
         assert ours == kernel
+
+
+def slow_read_beside_others(mp):
+    """Read mp/slow1 (answered by the slow layer after seconds) in a thread
+    and, while it waits, create, stat, rename and remove files in the mount;
+    returns whether the slow read was still waiting once all of them had
+    been answered."""
+    got = {}
+
+    def slow():
+        got["data"] = _read(f"{mp}/slow1")
+
+    th = threading.Thread(target=slow, daemon=True)
+    os.stat(f"{mp}/slow1")
+    th.start()
+    time.sleep(0.3)
+    for i in range(40):
+        p = f"{mp}/d/f{i}" if i else f"{mp}/d"
+        if i:
+            _write_at(p, b"x", flags=os.O_WRONLY | os.O_CREAT)
+            os.stat(p)
+            os.rename(p, p + ".r")
+        else:
+            os.mkdir(p)
+    for i in range(1, 40):
+        os.unlink(f"{mp}/d/f{i}.r")
+    os.rmdir(f"{mp}/d")
+    waiting = th.is_alive()
+    th.join(30)
+    assert got.get("data") == b"slow\n"
+    return waiting
+
+
+def test_slow_layer_read_does_not_stall_other_requests(reltmp, faulty_lower, relmounts):
+    """A read waiting seconds on a slow lower layer (too small to give its
+    worker's turn at /dev/fuse away) holds only its own worker: another
+    takes the turn over and every other request is answered meanwhile."""
+    upper, work, mp = mkdirs(reltmp, "u", "w", "m")
+    relmounts.ours([faulty_lower], upper, work, mp, opts=("passthrough=off", "uring=off"))
+    assert slow_read_beside_others(mp)
 
 
 # ---------------------------------------------------------------------------
