@@ -176,14 +176,14 @@ cdef class Overlay(_Quota):
                 elif chmod:
                     os.chmod(b"/proc/self/fd/%d/%s" % (dfd, dname), mode & 0o7777)
             if acl is not None:
-                os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), ACL_ACCESS, acl)
+                c_setx_at(dfd, dname, ACL_ACCESS, acl)
             if dacl is not None:
-                os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), ACL_DEFAULT, dacl)
+                c_setx_at(dfd, dname, ACL_DEFAULT, dacl)
             if kind == S.S_IFDIR and (over_whiteout or (parent.lowers and not self.userxattr)):
                 # over a whiteout it must be opaque; in a merged parent the
                 # kernel marks it too (not with userxattr), so lookups skip
                 # the lower layers
-                os.setxattr(b"/proc/self/fd/%d/%s" % (dfd, dname), self.x_opaque, b"y")
+                c_setx_at(dfd, dname, self.x_opaque, b"y")
             if over_whiteout:
                 sys_renameat2(dfd, dname, parent.upper, name, RENAME_EXCHANGE)
                 os.unlink(dname, dir_fd=dfd)   # the whiteout, now in work

@@ -621,6 +621,29 @@ cdef bint c_has_xattr_prefix_at(int dirfd, const char *path, bytes prefix) noexc
     return False
 
 
+cdef bint _setxattrat_ok = True
+DEF SYS_SETXATTRAT = 463
+
+cdef c_setx_at(int dirfd, bytes path, bytes name, bytes value):
+    """setxattr(2) of name on the entry path in dir dirfd (not followed):
+    setxattrat(2) (Linux 6.13), else through /proc."""
+    cdef xattr_args a
+    cdef long n
+    global _setxattrat_ok
+    if _setxattrat_ok:
+        a.value = <unsigned long long><size_t><const char*>value
+        a.size = len(value)
+        a.flags = 0
+        n = c_syscall(SYS_SETXATTRAT, dirfd, <const char*>path, AT_SYMLINK_NOFOLLOW,
+                      <const char*>name, &a, sizeof(a))
+        if n == 0:
+            return
+        if c_errno != ENOSYS:
+            raise _oserror(c_errno, path)
+        _setxattrat_ok = False
+    os.setxattr(b"/proc/self/fd/%d/%s" % (dirfd, path), name, value)
+
+
 cdef object c_getx_dir(int fd, const char *name):
     """c_getx of a dir: getxattrat(2) (Linux 6.13) of "." in it, no walk
     of /proc."""
