@@ -149,6 +149,18 @@ def _requests(mp) -> int | None:
     return sum(st.get("requests", {}).values())
 
 
+def _migrations() -> int:
+    """How often the scheduler moved this process to another CPU."""
+    try:
+        with open("/proc/self/sched") as f:
+            for line in f:
+                if line.startswith("se.nr_migrations"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return 0
+
+
 def _timed(fn, n) -> float:
     t0 = time.perf_counter()
     fn()
@@ -248,10 +260,13 @@ def measure(system, scratch: str, count: int, tarball: str) -> dict:
         pids = daemon_pids(mp) if system.fuse else []
         if isinstance(system, _Floor):
             pids = _floor_pids(mp)
-        cpu0, req0 = _cpu(pids), _requests(mp)
+        cpu0, req0, mig0 = _cpu(pids), _requests(mp), _migrations()
         row.update(run_ops(mp, count))
-        cpu1, req1 = _cpu(pids), _requests(mp)
+        cpu1, req1, mig1 = _cpu(pids), _requests(mp), _migrations()
         n = count * 8
+        # (a caller moved to another CPU at each request wakes that CPU:
+        # what an idle machine costs io_uring, whose queues are per CPU)
+        row["caller_cpu_moves_per_op"] = (mig1 - mig0) / n
         if system.fuse:
             row["cpu_us_per_op"] = (cpu1 - cpu0) / n * 1e6
         if req0 is not None and req1 is not None:
@@ -335,12 +350,14 @@ def render(res: dict) -> str:
         lines += [f"## {load}", "",
                   "| op | " + " | ".join(systems[s] for s in med[load]) + " |",
                   "|---|" + "---:|" * len(med[load])]
-        for row in OPS + WORKLOADS + ("cpu_us_per_op", "requests_per_op", "cpu_us_per_request"):
+        for row in OPS + WORKLOADS + ("cpu_us_per_op", "requests_per_op", "cpu_us_per_request",
+                                      "caller_cpu_moves_per_op"):
             cells = []
             for s in med[load]:
                 v = med[load][s].get(row)
                 cells.append("" if v is None else (f"{v:.2f}" if row in WORKLOADS else
-                                                   f"{v:.2f}" if row == "requests_per_op" else f"{v:.1f}"))
+                                                   f"{v:.2f}" if row in ("requests_per_op", "caller_cpu_moves_per_op")
+                                                   else f"{v:.1f}"))
             if any(cells):
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
