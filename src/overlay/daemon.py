@@ -12,8 +12,9 @@ import errno
 import logging
 import os
 import resource
+import time
 
-from overlay.mounttable import find_mount
+from overlay.mounttable import find_mount, iter_mounts, overlay_dirs
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,109 @@ def trusted_xattrs_work(workdir: str) -> bool:
         os.unlink(probe)
 
 
+STATS_XATTR = "user.overlay-fuse.stats"
+
+
+def mount_info(config, mountpoint: str) -> dict:
+    """What `overlay list` (and a mount refused for an upper in use) shows
+    of this mount: part of its stats."""
+    from overlay.options import MountConfig  # noqa: PLC0415
+
+    fields = config._fields()
+    options = {k: v for k, v in fields.items()
+               if k not in ("lowers", "upper", "work", "datadirs") and v != MountConfig.DEFAULTS.get(k)}
+    return {"pid": os.getpid(), "mountpoint": mountpoint, "lowers": list(config.lowers),
+            "datadirs": list(config.datadirs), "upper": config.upper, "work": config.work,
+            "engine": config.engine, "options": options, "started": time.time()}
+
+
+def read_stats_timeout(mountpoint: str, timeout: float = 2.0) -> dict | None:
+    """The stats of a mount of ours, or None (not ours, gone, or a daemon
+    that does not answer within timeout: never hangs the caller)."""
+    import json  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    out = {}
+
+    def get():
+        try:
+            out["v"] = json.loads(os.getxattr(mountpoint, STATS_XATTR))
+        except (OSError, ValueError):
+            pass
+
+    t = threading.Thread(target=get, daemon=True)
+    t.start()
+    t.join(timeout)
+    return out.get("v")
+
+
+def our_mounts():
+    """(MountEntry, its stats or None) of every live FUSE overlay of ours
+    this process sees."""
+    for entry in iter_mounts():
+        if entry.fstype == "fuse.overlay" or entry.fstype.startswith("fuse.overlay"):
+            yield entry, read_stats_timeout(entry.mountpoint)
+
+
+def _same_dir(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _lock_holder(path: str) -> int | None:
+    """PID holding the flock of dir path (/proc/locks), or None."""
+    try:
+        st = os.stat(path)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as fh:
+            for line in fh:
+                parts = [p for p in line.split() if p != "->"]
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_dirs_free(config) -> None:
+    """Refuse (EBUSY, one line naming the other mount) an upper or work dir
+    that a live kernel overlay uses (its mountinfo names them). Mounts of
+    ours are refused by the core's in-use locks (in_use_error)."""
+    if config.upper is None:
+        return
+    for entry in iter_mounts():
+        if entry.fstype != "overlay":
+            continue
+        dirs = overlay_dirs(entry)
+        for key, what, ours in (("upperdir", "upper dir", config.upper), ("workdir", "work dir", config.work)):
+            theirs = dirs.get(key)
+            if theirs and os.path.isabs(theirs) and _same_dir(theirs, ours):
+                raise OSError(errno.EBUSY, f"{what} '{ours}' is in use by the kernel overlay"
+                                           f" mounted on '{entry.mountpoint}'")
+
+
+def in_use_error(exc: OSError, config) -> OSError:
+    """The core's EBUSY for a locked upper or work dir, made one line naming
+    the mount of ours that holds it and its daemon's PID."""
+    if "work dir" in str(exc):
+        what, key, path = "work dir", "work", config.work
+    else:
+        what, key, path = "upper dir", "upper", config.upper
+    pid = _lock_holder(path)
+    for entry, st in our_mounts():
+        info = (st or {}).get("mount") or {}
+        if (pid is not None and info.get("pid") == pid) or _same_dir(info.get(key), path):
+            return OSError(errno.EBUSY, f"{what} '{path}' is in use by the overlay mounted on"
+                                        f" '{entry.mountpoint}' (PID {info.get('pid', pid)})")
+    holder = f" (PID {pid})" if pid is not None else ""
+    return OSError(errno.EBUSY, f"{what} '{path}' is in use by another overlay of ours{holder}")
+
+
 def build_core(config):
     """The Overlay core for a MountConfig. Without the privilege to write
     trusted.* xattrs (rootless containers: a user namespace, or a plain
@@ -57,7 +161,18 @@ def build_core(config):
                     " xattrs are user.overlay.* (opaque, origin, impure...), as the kernel's"
                     " userxattr; renaming a lower dir gives EXDEV")
         userxattr, redirect_dir, redirect_follow = True, False, False
-    core = Overlay(
+    check_dirs_free(config)
+    try:
+        core = _new_core(Overlay, config, userxattr, redirect_dir, redirect_follow)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY and "in use" in str(exc):
+            raise in_use_error(exc, config) from None
+        raise
+    return _with_quota(core, config)
+
+
+def _new_core(Overlay, config, userxattr, redirect_dir, redirect_follow):
+    return Overlay(
         config.lowers,
         config.upper,
         config.work,
@@ -82,6 +197,9 @@ def build_core(config):
         # keeping them here too would cost memory for every inode
         keep_listings=config.engine == "pyfuse3",
     )
+
+
+def _with_quota(core, config):
     if config.quota_bytes is not None or config.quota_inodes is not None:
         try:
             took = core.set_quota(config.quota_bytes, config.quota_inodes)

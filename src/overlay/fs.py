@@ -522,7 +522,8 @@ class OverlayOperations(pyfuse3.Operations):
 
     def stats(self) -> dict:
         """The counters `overlay stats` shows."""
-        return {"requests": dict(self.counts), "core": dict(self.core.counters),
+        return {"mount": getattr(self, "mount_info", None),
+                "requests": dict(self.counts), "core": dict(self.core.counters),
                 "layers": self.core.layer_stats(),
                 "inodes_known": len(self.inodes), "open_files": len(self.handles)}
 
@@ -601,6 +602,7 @@ def run_fs(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                             gidmap=IdMap.parse(config.gidmapping, "gidmapping") if config.gidmapping else None,
                             squash_to_root=config.squash_to_root)
     ops.enable_writeback_cache = config.writeback
+    ops.mount_info = daemon.mount_info(config, mountpoint)
     pyfuse3.init(ops, mountpoint, fuse_options(config))
     unmount = False
     try:

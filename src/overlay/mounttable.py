@@ -32,16 +32,17 @@ def unescape_mountinfo(field: str) -> str:
 class MountEntry:
     """One line of mountinfo (a plain class: dataclasses cost start-up time)."""
 
-    __slots__ = ("mountpoint", "fstype", "source", "mount_id", "dev", "options")
+    __slots__ = ("mountpoint", "fstype", "source", "mount_id", "dev", "options", "super_options")
 
     def __init__(self, mountpoint: str, fstype: str, source: str, mount_id: int = -1,
-                 dev: str = "", options: str = ""):
+                 dev: str = "", options: str = "", super_options: str = ""):
         self.mountpoint = mountpoint
         self.fstype = fstype
         self.source = source
         self.mount_id = mount_id
         self.dev = dev              # "major:minor" of the mounted filesystem
         self.options = options      # per-mount options ("rw,nosuid,nodev,relatime")
+        self.super_options = super_options  # the filesystem's (a kernel overlay's upperdir=...)
 
     def _key(self):
         return (self.mountpoint, self.fstype, self.source, self.mount_id)
@@ -73,7 +74,19 @@ def iter_mounts(mountinfo: str = "/proc/self/mountinfo"):
                 mount_id=int(fields[0]),
                 dev=fields[2],
                 options=fields[5],
+                super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
             )
+
+
+def overlay_dirs(entry: MountEntry) -> dict:
+    """{"upperdir": path, "workdir": path} of a kernel overlay's entry
+    (the paths as given to mount(2), unescaped), as far as it names them."""
+    out = {}
+    for opt in entry.super_options.split(","):
+        key, _, value = opt.partition("=")
+        if key in ("upperdir", "workdir") and value:
+            out[key] = unescape_mountinfo(value)
+    return out
 
 
 def find_mount(mountpoint: str) -> MountEntry | None:

@@ -121,6 +121,7 @@ cdef class _Stack:
     cdef readonly int work_fd          # O_PATH fd of our dir inside work, or -1
     cdef int _work_base                # O_PATH fd of the workdir= dir, or -1
     cdef list _clones                  # O_PATH fds of the private mounts' roots (_open_layers)
+    cdef list _inuse                   # fds holding the in-use locks of upper and work (_lock_inuse)
     cdef int _upper_clone              # the upper's private mount (one of _clones), or -1
     cdef readonly bint private_mounts  # the layers are reached through private mounts
     cdef readonly bint read_only       # a read-only mount (an upper layer is not written)

@@ -39,6 +39,7 @@ keeps it.
 cimport cython
 
 import errno
+import fcntl
 import logging
 import os
 import stat as S

@@ -168,24 +168,33 @@ cdef class _Stack:
         self.read_only = read_only
         self.posix_acl = posix_acl
         self.private_mounts = False
+        self._inuse = []
         self._open_layers(private_mounts, atime)
         devs = [os.stat(fd).st_dev for fd in self.lower_roots]
         if self.upper_path is not None:
             devs.append(os.stat(self.upper_root).st_dev)
-            self._setup_work()
-        self._private_dirs = set()
-        for private in [self.upper_root, self.work_fd, self._work_base]:
-            # (a list: a loop over a tuple of these C int fields saw wrong
-            # values here)
-            if private >= 0:
-                st = os.stat(private)
-                self._private_dirs.add((st.st_dev, st.st_ino))
-        setup_ino_map(self, devs, xino)
-        setup_identity(self, devs)
-        setup_index(self)
-        setup_override(self, xattr_permissions)
-        self.ovi = _register_overlay(self)
-        self.root = self._make_root()
+            self._lock_inuse()
+        try:
+            if self.upper_path is not None:
+                self._setup_work()
+            self._private_dirs = set()
+            for private in [self.upper_root, self.work_fd, self._work_base]:
+                # (a list: a loop over a tuple of these C int fields saw wrong
+                # values here)
+                if private >= 0:
+                    st = os.stat(private)
+                    self._private_dirs.add((st.st_dev, st.st_ino))
+            setup_ino_map(self, devs, xino)
+            setup_identity(self, devs)
+            setup_index(self)
+            setup_override(self, xattr_permissions)
+            self.ovi = _register_overlay(self)
+            self.root = self._make_root()
+        except BaseException:
+            for fd in self._inuse:      # (the in-use locks go with a failed mount)
+                os.close(fd)
+            self._inuse = []
+            raise
 
     # ------------------------------------------------------------ setup
 
@@ -262,6 +271,28 @@ cdef class _Stack:
                 if fd >= 0:
                     os.close(fd)
             raise
+
+    def _lock_inuse(self):
+        """The kernel's in-use marks of the upper and work dirs, stricter:
+        an exclusive flock(2) on each, held for the life of this Overlay
+        (and so of the daemon: it goes with the process, a crash leaves
+        nothing to clean up). An upper or work dir already locked (another
+        mount of ours uses it) gives EBUSY, before the work dir is touched."""
+        for what, path, fd in (("upper dir", self.upper_path, self.upper_root),
+                               ("work dir", self.work_path, self._work_base)):
+            lfd = os.open(b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=fd)
+            try:
+                fcntl.flock(lfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(lfd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise OSError(errno.EBUSY, f"{what} is in use by another mount",
+                                  os.fsdecode(path)) from None
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    log.debug("%s not locked: %s", what, e.strerror)
+                    continue
+                raise
+            self._inuse.append(lfd)
 
     def _setup_work(self):
         """Prepare <work>/work (as the kernel names it) and empty it of
@@ -363,6 +394,9 @@ cdef class _Stack:
             self._work_base = -1
         for fd in self._clones:
             os.close(fd)
+        for fd in self._inuse:
+            os.close(fd)
+        self._inuse = []
         self._clones = []
         self._upper_clone = -1
 

@@ -93,6 +93,7 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
             fs.strictatime = fs.dir_handles = config.atime[0] == "strictatime" and not config.read_only
             fs.want_uring = _want_uring(config)
             fs.uring_depth = config.uring_depth
+            fs.mount_info = daemon.mount_info(config, mountpoint)
             flags = vfs_flags(config.ignored, config.read_only)
             context = None
             if config.context:

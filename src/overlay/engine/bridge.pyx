@@ -179,6 +179,7 @@ cdef class OverlayFS(Session):
     cdef public bint passthrough_broken   # BACKING_OPEN refused: serve data ourselves
     cdef public bint strictatime  # the mount's strictatime: every read reaches a layer
     cdef public bint dir_handles  # OPENDIR answered (mounted strictatime), not ENOSYS
+    cdef public object mount_info # pid, mount point, layers, options (daemon.mount_info)
 
     def __init__(self, core, *, double entry_timeout=300.0, double attr_timeout=300.0,
                  uidmap=None, gidmap=None, bint squash_to_root=False, squash_to_uid=None,
@@ -310,7 +311,8 @@ cdef class OverlayFS(Session):
         for i in range(FUSE_OPCODE_MAX):
             if self.counts[i]:
                 req[OPCODE_NAMES.get(i, str(i)).lower()] = self.counts[i]
-        return {"requests": req, "core": dict(self.core.counters), "layers": self.core.layer_stats(),
+        return {"mount": self.mount_info,
+                "requests": req, "core": dict(self.core.counters), "layers": self.core.layer_stats(),
                 "quota": self.core.quota_usage(),
                 "inodes_known": len(self.inodes), "open_files": len(self.handles),
                 "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,
