@@ -121,6 +121,9 @@ class Stack:
         return os.path.join(self.upper, *parts)
 
     def overlay(self, **kw):
+        """A new Overlay of the stack (as a remount: the ones made before are
+        closed first, since an upper dir serves one Overlay at a time)."""
+        self.close()
         o = Overlay(self.lowers, self.upper, self.work, **kw)
         self._open.append(o)
         return o
@@ -131,6 +134,7 @@ class Stack:
     def close(self):
         for o in self._open:
             o.close()
+        self._open = []
 
 
 @pytest.fixture
