@@ -43,8 +43,10 @@ if TYPE_CHECKING:
 from overlay.mounttable import (  # noqa: F401  (re-exported: tests and callers use cli.*)
     MountEntry,
     find_mount,
+    is_ours,
     iter_mounts,
     mountpoint_path as _mountpoint_path,
+    our_mounts,
     unescape_mountinfo as _unescape_mountinfo,
     unmount as _unmount,
 )
@@ -377,13 +379,93 @@ def remount_command(words: list[str], mountpoint: str, *, prog: str) -> int:
 # unmounting
 
 
-def umount_command(mountpoint: str, *, lazy: bool, prog: str) -> int:
+def _umount_target(mountpoint: str) -> str:
+    """The mount point umount(8) would take for mountpoint: a symlink is
+    followed (the final one too); a mount point itself is never stat()ed
+    through (a dead FUSE mount would fail)."""
     path = _mountpoint_path(mountpoint)
-    if find_mount(path) is None:
+    try:
+        if os.path.islink(path):
+            return os.path.realpath(path)
+    except OSError:
+        pass
+    return path
+
+
+def umount_command(mountpoint: str, *, lazy: bool, prog: str, force: bool = False) -> int:
+    path = _umount_target(mountpoint)
+    entry = find_mount(path)
+    if entry is None:
         return _say_error(prog, f"'{path}' is not mounted")
+    if not force and not is_ours(entry):
+        return _say_error(prog, f"'{path}' is not an overlay of ours (it is {entry.fstype});"
+                                " use umount(8), or --force")
     ok, error = _unmount(path, lazy=lazy)
     if not ok:
         return _say_error(prog, f"cannot unmount '{path}': {error}")
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    return (f"{d}d{h}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def list_mounts() -> list[dict]:
+    """Every live mount of ours this process sees: mount point, layers,
+    options, daemon PID, engine, uptime (what its daemon reports)."""
+    out = []
+    now = time.time()
+    for entry, st in our_mounts():
+        info = (st or {}).get("mount") or {}
+        out.append({
+            "mountpoint": entry.mountpoint,
+            "source": entry.source,
+            "fstype": entry.fstype,
+            "pid": info.get("pid"),
+            "engine": info.get("engine") or (st or {}).get("engine"),
+            "uptime_s": round(now - info["started"], 1) if info.get("started") else None,
+            "lowers": info.get("lowers"),
+            "datadirs": info.get("datadirs") or [],
+            "upper": info.get("upper"),
+            "work": info.get("work"),
+            "options": info.get("options"),
+            "mount_options": entry.options,
+            "answering": st is not None,
+        })
+    return out
+
+
+def list_command(as_json: bool) -> int:
+    mounts = list_mounts()
+    if as_json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(mounts, indent=2))
+        return EXIT_OK
+    if not mounts:
+        print("no overlay mounts of ours")
+        return EXIT_OK
+    for m in mounts:
+        if not m["answering"]:
+            print(f"{m['mountpoint']}  (its daemon does not answer)")
+            continue
+        if m["pid"] is None:
+            print(f"{m['mountpoint']}  (a daemon of an older version: no details)")
+            continue
+        print(f"{m['mountpoint']}  pid {m['pid']}  {m['engine']}  up {_age(m['uptime_s'] or 0)}"
+              f"  ({m['mount_options']})")
+        lowers = ":".join(m["lowers"] or []) + ("::" + ":".join(m["datadirs"]) if m["datadirs"] else "")
+        print(f"  lower    {lowers}")
+        if m["upper"]:
+            print(f"  upper    {m['upper']}")
+            print(f"  work     {m['work']}")
+        if m["options"]:
+            opts = ",".join(k if v is True else f"{k}={v}" for k, v in sorted(m["options"].items()))
+            print(f"  options  {opts}")
     return EXIT_OK
 
 
@@ -440,9 +522,17 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
 
-    umount = sub.add_parser("umount", help="unmount an overlay", description="Unmount MOUNTPOINT.")
+    umount = sub.add_parser("umount", help="unmount an overlay",
+                            description="Unmount MOUNTPOINT (an overlay of ours; a symlink is followed).")
     umount.add_argument("-l", "-z", "--lazy", action="store_true", help="lazy unmount")
+    umount.add_argument("--force", action="store_true",
+                        help="unmount MOUNTPOINT even if it is not an overlay of ours")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    lst = sub.add_parser("list", help="list the live overlay mounts of ours",
+                         description="List every live overlay mount of ours: mount point, daemon PID,"
+                         " engine, uptime, layers and options.")
+    lst.add_argument("--json", action="store_true", help="print JSON")
 
     demo = sub.add_parser(
         "demo",
@@ -468,14 +558,14 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``overlay`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(tools=not argv or argv[0] not in ("mount", "umount"))
+    parser = build_parser(tools=not argv or argv[0] not in ("mount", "umount", "list"))
     args = parser.parse_args(argv)
     if args.version:
         print(f"overlay {_version()}")
         return EXIT_OK
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("overlay: error: a command is required (mount, umount, demo, diff, commit, stats or which)",
+        print("overlay: error: a command is required (mount, umount, list, demo, diff, commit, stats or which)",
               file=sys.stderr)
         return EXIT_USAGE
 
@@ -495,8 +585,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     setup_logging(logging.WARNING)
+    if args.command in ("list", "stats", "which", "diff", "commit"):
+        # output piped into head(1) and the like: end quietly when the
+        # reader goes away, as other tools do (killed by SIGPIPE)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command == "umount":
-        return umount_command(args.mountpoint, lazy=args.lazy, prog="overlay")
+        return umount_command(args.mountpoint, lazy=args.lazy, prog="overlay", force=args.force)
+    if args.command == "list":
+        return list_command(args.json)
     if args.command == "demo":
         from overlay.demo import run_demo  # noqa: PLC0415 - lazy
 
@@ -579,6 +675,8 @@ def parse_helper_args(argv: Sequence[str]) -> HelperArgs:
             log_file = arg[len("--log=") :]
         elif arg in ("-h", "--help"):
             return HelperArgs(None, "", [], help=True)
+        elif arg in ("-V", "--version"):
+            return HelperArgs(None, "", [], help="version")
         elif arg in ("-n", "-s", "-v"):
             continue
         elif arg.startswith("-") and arg != "-":
@@ -625,14 +723,21 @@ def containers_mount_main(argv: Sequence[str] | None = None) -> int:
 
 def mount_helper_main(argv: Sequence[str] | None = None, prog: str = "overlay-mount") -> int:
     """Entry point of the ``overlay-mount`` console script (mount.fuse3 helper)."""
+    usage = HELPER_USAGE.replace("overlay-mount", prog)
+    if prog == "overlay-containers-mount":
+        usage += ("\n       (podman, buildah: mount_program; the layers' whiteouts in the OCI form,"
+                  " .wh.NAME: oci_whiteouts is added)")
     try:
         args = parse_helper_args(sys.argv[1:] if argv is None else argv)
     except HelperUsageError as exc:
-        print(HELPER_USAGE, file=sys.stderr)
+        print(usage, file=sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.help == "version":
+        print(f"{prog} {_version()}")
+        return EXIT_OK
     if args.help:
-        print(HELPER_USAGE)
+        print(usage)
         return EXIT_OK
     if args.mountpoint.startswith("/dev/fd/"):
         return _say_error(prog, "mounting on a /dev/fd/N file descriptor (drop_privileges) is not supported")

@@ -14,7 +14,7 @@ import os
 import resource
 import time
 
-from overlay.mounttable import find_mount, iter_mounts, overlay_dirs
+from overlay.mounttable import STATS_XATTR, find_mount, iter_mounts, our_mounts, overlay_dirs  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,6 @@ def trusted_xattrs_work(workdir: str) -> bool:
         os.unlink(probe)
 
 
-STATS_XATTR = "user.overlay-fuse.stats"
-
-
 def mount_info(config, mountpoint: str) -> dict:
     """What `overlay list` (and a mount refused for an upper in use) shows
     of this mount: part of its stats."""
@@ -56,34 +53,6 @@ def mount_info(config, mountpoint: str) -> dict:
     return {"pid": os.getpid(), "mountpoint": mountpoint, "lowers": list(config.lowers),
             "datadirs": list(config.datadirs), "upper": config.upper, "work": config.work,
             "engine": config.engine, "options": options, "started": time.time()}
-
-
-def read_stats_timeout(mountpoint: str, timeout: float = 2.0) -> dict | None:
-    """The stats of a mount of ours, or None (not ours, gone, or a daemon
-    that does not answer within timeout: never hangs the caller)."""
-    import json  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-
-    out = {}
-
-    def get():
-        try:
-            out["v"] = json.loads(os.getxattr(mountpoint, STATS_XATTR))
-        except (OSError, ValueError):
-            pass
-
-    t = threading.Thread(target=get, daemon=True)
-    t.start()
-    t.join(timeout)
-    return out.get("v")
-
-
-def our_mounts():
-    """(MountEntry, its stats or None) of every live FUSE overlay of ours
-    this process sees."""
-    for entry in iter_mounts():
-        if entry.fstype == "fuse.overlay" or entry.fstype.startswith("fuse.overlay"):
-            yield entry, read_stats_timeout(entry.mountpoint)
 
 
 def _same_dir(a: str | None, b: str | None) -> bool:

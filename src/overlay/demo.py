@@ -357,8 +357,9 @@ class Demo:
 def run_demo(keep: bool = False, base_dir: str | None = None, out: TextIO | None = None) -> int:
     """Run the walkthrough; 0 if every check passed, 1 otherwise."""
     out = out or sys.stdout
-    if base_dir:
-        os.makedirs(base_dir, exist_ok=True)
+    if base_dir and not os.path.isdir(base_dir):
+        print(f"overlay demo: --dir {base_dir}: no such directory", file=sys.stderr)
+        return 2
     root = tempfile.mkdtemp(prefix="overlay-demo-", dir=base_dir)
     demo = Demo(root, out)
     code = 1

@@ -304,6 +304,58 @@ def _check_upper(upper: str) -> str:
     return path
 
 
+def upper_warnings(upper: str) -> list[str]:
+    """What the user should hear before a diff or commit of upper: that a
+    live mount is changing it now, or that it does not look like an upper
+    dir at all (no overlay xattr on its root, no whiteout in it)."""
+    import fcntl  # noqa: PLC0415
+
+    path = os.path.realpath(upper)
+    out = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return out
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        out.append(f"'{path}' is the upper dir of a live overlay mount: it may change while it is read")
+    finally:
+        os.close(fd)
+    if not out:
+        from overlay.mounttable import iter_mounts, overlay_dirs  # noqa: PLC0415
+
+        for entry in iter_mounts():
+            if entry.fstype == "overlay" and overlay_dirs(entry).get("upperdir") == path:
+                out.append(f"'{path}' is the upper dir of the kernel overlay mounted on"
+                           f" '{entry.mountpoint}': it may change while it is read")
+    try:
+        names = os.listxattr(path)
+    except OSError:
+        names = []
+    if not any(n.startswith(("trusted.overlay.", "user.overlay.")) for n in names):
+        whiteout = False
+        seen = 0
+        for _dirpath, dirs, files in os.walk(path):
+            seen += len(files) + len(dirs)
+            if seen > 20000:
+                whiteout = True     # (a big tree: not worth a second walk to warn)
+                break
+            for n in files + dirs:
+                try:
+                    if _is_chr_whiteout(os.lstat(os.path.join(_dirpath, n))):
+                        whiteout = True
+                        break
+                except OSError:
+                    pass
+            if whiteout:
+                break
+        if not whiteout:
+            out.append(f"'{path}' does not look like an upper dir (no overlay xattr on it, no"
+                       " whiteout in it): listing it as one")
+    return out
+
+
 def _skip_prefixes(userxattr: bool) -> tuple[str, ...]:
     """Xattr name prefixes that belong to the overlay, never to the content."""
     return ("trusted.overlay.",) + (("user.overlay.",) if userxattr else ())
@@ -659,7 +711,7 @@ def commit(
         with tarfile.open(fileobj=fileobj, mode="w|gz" if gzip else "w|", **tar_kw) as tar:
             return write_all(tar)
 
-    target = os.path.abspath(out_name)
+    target = check_output(out_name)
     parent = os.path.dirname(target)
     real_parent = os.path.realpath(parent)
     if real_parent == up or real_parent.startswith(up.rstrip("/") + "/"):
@@ -669,13 +721,35 @@ def commit(
         with tarfile.open(tmp, mode="w:gz" if gzip else "w", **tar_kw) as tar:
             count = write_all(tar)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            # (the user named the target, not our temporary file beside it)
+            raise OSError(exc.errno, exc.strerror, target) from None
         raise
     return count
+
+
+def check_output(out_name: str) -> str:
+    """The absolute path of commit's output file, or LayerError naming it:
+    a dir, a missing dir, another archive format's name."""
+    target = os.path.abspath(out_name)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise LayerError(f"the output '{target}' is a directory (name the layer file to write)")
+    if not os.path.isdir(parent):
+        raise LayerError(f"cannot write '{target}': no directory '{parent}'")
+    if target.lower().endswith(_OTHER_ARCHIVES):
+        raise LayerError(f"cannot write '{target}': a layer is written as a tar (.tar) or a gzipped"
+                         " tar (.tar.gz, .tgz), not another archive format")
+    return target
+
+
+_OTHER_ARCHIVES = (".zip", ".xz", ".txz", ".bz2", ".tbz", ".tbz2", ".zst", ".tzst", ".lz4", ".7z",
+                   ".rar", ".lzma", ".cpio")
 
 
 # --------------------------------------------------------------------------
@@ -736,6 +810,11 @@ def run_command(args: argparse.Namespace, prog: str = "overlay") -> int:
     """Run ``overlay diff`` or ``overlay commit``; returns the exit status."""
     try:
         lowers = _parse_lowers(args.lower)
+        if args.command == "commit" and args.output != "-":
+            check_output(args.output)
+        if os.path.isdir(args.upper):
+            for line in upper_warnings(args.upper):
+                print(f"{prog} {args.command}: warning: {line}", file=sys.stderr)
         if args.command == "diff":
             changes = diff(args.upper, lowers, userxattr=args.userxattr)
             if args.json:

@@ -89,6 +89,42 @@ def overlay_dirs(entry: MountEntry) -> dict:
     return out
 
 
+STATS_XATTR = "user.overlay-fuse.stats"
+
+
+def read_stats_timeout(mountpoint: str, timeout: float = 2.0) -> dict | None:
+    """The stats of a mount of ours, or None (not ours, gone, or a daemon
+    that does not answer within timeout: never hangs the caller)."""
+    import json  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    out = {}
+
+    def get():
+        try:
+            out["v"] = json.loads(os.getxattr(mountpoint, STATS_XATTR))
+        except (OSError, ValueError):
+            pass
+
+    t = threading.Thread(target=get, daemon=True)
+    t.start()
+    t.join(timeout)
+    return out.get("v")
+
+
+def our_mounts():
+    """(MountEntry, its stats or None) of every live FUSE overlay of ours
+    this process sees."""
+    for entry in iter_mounts():
+        if is_ours(entry):
+            yield entry, read_stats_timeout(entry.mountpoint)
+
+
+def is_ours(entry: MountEntry) -> bool:
+    """A FUSE overlay of ours (fuse.overlay, or the type its helper gives)?"""
+    return entry.fstype == "fuse.overlay" or entry.fstype.startswith("fuse.overlay")
+
+
 def find_mount(mountpoint: str) -> MountEntry | None:
     """The topmost mount on ``mountpoint`` (an absolute path), if any."""
     found = None

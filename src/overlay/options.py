@@ -415,14 +415,22 @@ def split_layers(value: str) -> tuple[list[str], list[str]]:
 _SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+_WORKERS_RANGE = "expected 1 to 64; 1 to 1000 with engine=pyfuse3"
+
+
 def parse_size(value: str, name: str) -> int:
     """A quota: a number, with k, M, G or T (powers of 1024) after it."""
     v = value.strip()
     suffix = v[-1:].lower() if v[-1:].isalpha() else ""
     digits = v[:-1] if suffix else v
-    if suffix not in _SIZE_SUFFIX or not digits.isdigit() or len(digits) > 18:
+    whole, dot, frac = digits.partition(".")
+    if (suffix not in _SIZE_SUFFIX or not whole.isdigit() or (dot and not frac.isdigit())
+            or len(digits) > 18):
         raise OptionError(f"bad value '{value}' for {name} (expected a number, with k, M, G or T after it)")
-    return int(digits) * _SIZE_SUFFIX[suffix]
+    if not dot:
+        return int(digits) * _SIZE_SUFFIX[suffix]
+    # 1.5G: exact in integers (no float rounding), down to whole bytes
+    return (int(whole + frac) * _SIZE_SUFFIX[suffix]) // 10 ** len(frac)
 
 
 def read_layer_file(path: str, cwd: str) -> tuple[list[str], list[str]]:
@@ -602,7 +610,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             extra["passthrough"] = value == "on"
         elif name == "workers":
             if not value.isdigit() or not 1 <= int(value) <= 1000:
-                raise OptionError(f"bad value '{value}' for workers (expected 1 to 1000)")
+                raise OptionError(f"bad value '{value}' for workers ({_WORKERS_RANGE})")
             extra["workers"] = int(value)
         elif name in ("timeout", "entry_timeout", "attr_timeout"):
             try:
@@ -763,7 +771,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     if extra.get("xattr_permissions") and upper is None:
         extra["xattr_permissions"] = 0      # (as fuse-overlayfs: only an upper layer is written)
     if extra.get("engine", "native") == "native" and extra.get("workers", 1) > 64:
-        raise OptionError(f"bad value '{extra['workers']}' for workers (expected 1 to 64 with engine=native)")
+        raise OptionError(f"bad value '{extra['workers']}' for workers ({_WORKERS_RANGE})")
 
     config = MountConfig(
         lowers=lowers,

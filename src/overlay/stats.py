@@ -45,6 +45,8 @@ def format_stats(st: dict) -> str:
         def used(n, limit, unit=""):
             if limit is None:
                 return f"{n}{unit} (no limit)"
+            if n > limit:
+                return f"{n}{unit} of {limit}{unit} (over the limit)"
             return f"{n}{unit} of {limit}{unit} ({100.0 * n / limit if limit else 100.0:.1f}%)"
         lines.append(f"quota bytes     {used(quota['bytes'], quota['bytes_limit'])}")
         lines.append(f"quota inodes    {used(quota['inodes'], quota['inodes_limit'])}")
@@ -103,12 +105,31 @@ def add_command(sub) -> None:
                    help="print again every SECONDS until interrupted")
 
 
+def mount_root_of(path: str) -> str:
+    """The mount point of the overlay of ours that path is in (path itself,
+    or the mount it lies in), or path when it is in none."""
+    from overlay.mounttable import is_ours, iter_mounts  # noqa: PLC0415
+
+    real = os.path.realpath(path)
+    best = None
+    for entry in iter_mounts():
+        mp = entry.mountpoint
+        if real == mp or real.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) >= len(best.mountpoint):
+                best = entry        # (the innermost; later lines are on top)
+    return best.mountpoint if best is not None and is_ours(best) else path
+
+
 def run_command(args, prog: str = "overlay") -> int:
+    if args.watch is not None and not args.watch > 0:
+        print(f"{prog}: --watch takes a positive number of seconds, not {args.watch:g}", file=sys.stderr)
+        return 2
+    where = mount_root_of(args.mountpoint)
     while True:
         try:
-            st = read_stats(args.mountpoint)
+            st = read_stats(where)
         except OSError as exc:
-            print(f"{prog}: {args.mountpoint}: not an overlay mount of ours "
+            print(f"{prog}: {args.mountpoint}: not an overlay mount of ours or a path in one "
                   f"({exc.strerror})", file=sys.stderr)
             return 1
         print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_stats(st), flush=True)
