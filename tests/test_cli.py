@@ -392,7 +392,7 @@ def test_validate_mountpoint(tree: Path):
 
 def test_mountconfig_defaults():
     cfg = MountConfig(lowers=["/a"], upper=None, work=None)
-    assert (cfg.userxattr, cfg.redirect_dir, cfg.volatile, cfg.allow_other) == (False, True, False, False)
+    assert (cfg.userxattr, cfg.redirect_dir, cfg.volatile, cfg.allow_other) == (False, True, False, None)
     assert (cfg.default_permissions, cfg.debug, cfg.fsname) == (False, False, "overlay")
 
 

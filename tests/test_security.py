@@ -662,8 +662,9 @@ def test_permissions_for_another_user(reltmp, relmounts):
 
 
 def test_without_allow_other_other_users_are_shut_out(reltmp, relmounts):
+    # (root's mounts have allow_other unless told noallow_other)
     ob = build_perm(f"{reltmp}/o")
-    omp = relmounts.ours([ob["l"]], ob["u"], ob["w"], f"{reltmp}/o/m")
+    omp = relmounts.ours([ob["l"]], ob["u"], ob["w"], f"{reltmp}/o/m", opts=("noallow_other",))
     assert run_as(NOBODY, NOBODY, _call, lambda m: os.stat(f"{m}/pub"), omp) == ("err", errno.EACCES)
     assert run_as(NOBODY, NOBODY, _call, lambda m: os.listdir(m), omp) == ("err", errno.EACCES)
     assert run_as(0, 0, _call, lambda m: os.stat(f"{m}/pub"), omp) == ("ok", None)

@@ -83,9 +83,43 @@ def _say_error(prog: str, message: str) -> int:
     return EXIT_ERROR
 
 
+SYSLOG_SOCKET = "/dev/log"
+
+
+def syslog_available() -> bool:
+    """Is there a syslog socket (journald's, or a syslog daemon's)?"""
+    import stat as _stat  # noqa: PLC0415
+
+    try:
+        return _stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode)
+    except OSError:
+        return False
+
+
+def check_log_target(target: str) -> str | None:
+    """Why the log target (a file, or "syslog") cannot be used, or None.
+    A file is created if missing (the mount would log into it)."""
+    if target == "syslog":
+        return None if syslog_available() else f"log=syslog: no syslog socket ({SYSLOG_SOCKET}) here"
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        return f"cannot open the log '{target}': {exc.strerror}"
+    os.close(fd)
+    return None
+
+
 def setup_logging(level: int, log_file: str | None = None) -> None:
-    """Send log records to stderr, or append them to ``log_file``."""
+    """Send log records to stderr, append them to ``log_file``, or (log_file
+    "syslog") to the syslog socket: the journal where systemd runs."""
     handler: logging.Handler
+    if log_file == "syslog":
+        from logging.handlers import SysLogHandler  # noqa: PLC0415
+
+        handler = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter("overlay[%(process)d]: %(name)s %(levelname)s: %(message)s"))
+        logging.basicConfig(level=level, handlers=[handler], force=True)
+        return
     if log_file:
         handler = logging.FileHandler(log_file, encoding="utf-8")
     else:
@@ -171,14 +205,15 @@ def _daemon_child(
     """Body of the forked background process; returns its exit status."""
     os.setsid()
     os.chdir("/")
-    _redirect_stdio(log_file)
+    _redirect_stdio(None if log_file == "syslog" else log_file)
     # fds 1/2 now go to the log (or nowhere); the logging handler writes to fd 2
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         except (AttributeError, ValueError):
             pass
-    setup_logging(logging.DEBUG if config.debug else logging.INFO)
+    setup_logging(logging.DEBUG if config.debug else logging.INFO,
+                  "syslog" if log_file == "syslog" else None)
 
     reported = False
 
@@ -336,17 +371,44 @@ def start_mount(
     cwd = os.getcwd()
     if "remount" in split_options(optstring):
         return remount_command(split_options(optstring), mountpoint, prog=prog)
+    root_logger = logging.getLogger()
+    saved_level = root_logger.level
+    # (the parse's own debug lines would reach the terminal before the log
+    # is set up; the config is logged below, where the log goes)
+    root_logger.setLevel(max(saved_level, logging.INFO))
     try:
         config = parse_options(optstring, cwd)
         if as_helper:
-            _apply_helper_defaults(config, optstring, source)
+            _apply_helper_defaults(config, optstring, source, prog)
+        if config.allow_other is None:
+            # the same default at every entry point: a root mount shows
+            # other users what the kernel overlay would show them
+            config.allow_other = os.geteuid() == 0
         if debug:
             config.debug = True
         mountpoint = validate_mountpoint(mountpoint, cwd)
     except OptionError as exc:
         return _say_error(prog, str(exc))
+    finally:
+        root_logger.setLevel(saved_level)
+    # where the log goes: --log, else log=, else (background) the syslog
+    # socket where there is one; a target that cannot be used is an error
     if log_file:
-        log_file = os.path.abspath(log_file)
+        log_file = os.path.abspath(log_file) if log_file != "syslog" else log_file
+    else:
+        log_file = config.log
+    if log_file:
+        problem = check_log_target(log_file)
+        if problem:
+            return _say_error(prog, problem)
+    elif not foreground and syslog_available():
+        log_file = "syslog"
+    level = logging.DEBUG if config.debug else (logging.getLogger().level or logging.WARNING)
+    if log_file and (foreground or log_file != "syslog"):
+        # this process's own lines (the options, the outcome) go there too
+        setup_logging(level, log_file)
+    else:
+        logging.getLogger().setLevel(level)
     log.debug("mounting %r on %s (foreground=%s)", config, mountpoint, foreground)
     if foreground:
         return run_foreground(config, mountpoint, prog)
@@ -571,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "mount":
         level = logging.DEBUG if args.debug else (logging.INFO if args.foreground else logging.WARNING)
-        setup_logging(level, args.log if args.foreground else None)
+        setup_logging(level)        # (start_mount sends it to --log or log=)
         if args.timeout <= 0:
             parser.error("--timeout must be positive")
         return start_mount(
@@ -692,12 +754,13 @@ def parse_helper_args(argv: Sequence[str]) -> HelperArgs:
     raise HelperUsageError(f"too many arguments: {' '.join(positionals)}")
 
 
-def _apply_helper_defaults(config: MountConfig, optstring: str, source: str | None) -> None:
-    """What overlay-mount adds on top of the user's options."""
+def _apply_helper_defaults(config: MountConfig, optstring: str, source: str | None,
+                           prog: str = "overlay-mount") -> None:
+    """What overlay-mount adds on top of the user's options: the source as
+    the fsname, and its own name as the mount's type (fuse.overlay-mount,
+    what mount -t named, so findmnt -t and umount -t find it)."""
+    config.subtype = prog
     if os.geteuid() == 0:
-        # A root mount made by mount(8) is meant to be used by everybody, with
-        # the kernel checking permissions like on any other filesystem.
-        config.allow_other = True
         config.default_permissions = True
     if source and not any(o.strip().startswith("fsname=") for o in split_options(optstring)):
         config.fsname = source

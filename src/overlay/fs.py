@@ -579,7 +579,9 @@ class _errors:
 
 
 def fuse_options(config) -> set:
-    opts = {"default_permissions", f"fsname={config.fsname}", "subtype=overlay"}
+    opts = {"default_permissions", f"fsname={config.fsname}", f"subtype={config.subtype}"}
+    if os.geteuid() == 0:
+        opts |= {"suid", "dev"}         # (as the native engine: see options.default_flags)
     if config.allow_other:
         opts.add("allow_other")
     if config.read_only:

@@ -76,9 +76,11 @@ class MountConfig:
         "redirect_dir": True,  # False -> EXDEV on renaming a merged/lower dir
         "redirect_follow": True,  # False (redirect_dir=nofollow): a redirect met at lookup is EPERM
         "volatile": False,
-        "allow_other": False,
+        "allow_other": None,  # None: as root yes (what the kernel overlay shows others, they see), else no
         "default_permissions": False,
         "debug": False,
+        "log": None,  # log=PATH (appended to) or log=syslog: where a background mount logs
+        "subtype": "overlay",  # the mount's type is fuse.<subtype> (the helpers: their own name)
         "fsname": "overlay",
         "entry_timeout": DEFAULT_TIMEOUT,
         "attr_timeout": DEFAULT_TIMEOUT,
@@ -222,6 +224,13 @@ _MS_OPTIONS = {
     "strictatime": (MS_STRICTATIME, 0), "nostrictatime": (0, MS_STRICTATIME),
     "lazytime": (MS_LAZYTIME, 0), "nolazytime": (0, MS_LAZYTIME),
 }
+
+
+def default_flags() -> int:
+    """The mount flags before the user's: as root none, as the kernel
+    overlay mounts (set-id files and devices work, for every user with
+    allow_other); otherwise nosuid,nodev (fusermount3 forces them anyway)."""
+    return 0 if os.geteuid() == 0 else MS_NOSUID | MS_NODEV
 
 
 def vfs_flags(generic: list[str], read_only: bool, base: int = MS_NOSUID | MS_NODEV) -> int:
@@ -558,6 +567,14 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         if (name in FUSE_GENERIC_FLAGS and not has_value) or (name in FUSE_GENERIC_VALUES and has_value):
             ignored.append(opt)
             continue
+        if opt == "noallow_other":
+            flags["allow_other"] = False
+            continue
+        if name == "log":
+            if not value:
+                raise OptionError("log= needs a file, or syslog")
+            extra["log"] = value if value == "syslog" else _resolve(value, cwd)
+            continue
         if name == "writeback" and has_value:
             if value not in ("0", "1"):
                 raise OptionError(f"bad value '{value}' for writeback (expected 0 or 1)")
@@ -781,7 +798,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
         userxattr=userxattr,
         redirect_dir=redirect_dir,
         volatile=flags.get("volatile", False),
-        allow_other=flags.get("allow_other", False),
+        allow_other=flags.get("allow_other"),
         default_permissions=flags.get("default_permissions", False),
         debug=flags.get("debug", False),
         writeback=flags.get("writeback", False),

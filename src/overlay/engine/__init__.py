@@ -42,7 +42,7 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     from overlay.engine import mount as mnt
     from overlay.engine.bridge import OverlayFS
     from overlay.idmap import IdMap
-    from overlay.options import vfs_flags
+    from overlay.options import default_flags, vfs_flags
 
     state = {"stop": False, "fs": None, "mount": None}
 
@@ -94,7 +94,7 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
             fs.want_uring = _want_uring(config)
             fs.uring_depth = config.uring_depth
             fs.mount_info = daemon.mount_info(config, mountpoint)
-            flags = vfs_flags(config.ignored, config.read_only)
+            flags = vfs_flags(config.ignored, config.read_only, base=default_flags())
             context = None
             if config.context:
                 # an SELinux label: the kernel takes it where SELinux runs
@@ -103,8 +103,8 @@ def run_native(config, mountpoint: str, on_ready: Callable[[], None]) -> None:
                 else:
                     log.info("context=%s: SELinux is not enabled here, no label applied",
                              config.context)
-            m = mnt.mount(mountpoint, fsname=config.fsname, subtype="overlay", flags=flags,
-                          allow_other=config.allow_other, root_mode=stat.S_IFDIR,
+            m = mnt.mount(mountpoint, fsname=config.fsname, subtype=config.subtype, flags=flags,
+                          allow_other=bool(config.allow_other), root_mode=stat.S_IFDIR,
                           context=context)
             state["mount"] = m
             state["fs"] = fs
