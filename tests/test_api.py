@@ -92,6 +92,21 @@ def test_context_manager_temporary_layers(eco):
     assert sorted(os.listdir(lower)) == ["a.txt", "sub"]
 
 
+def test_root_mounts_have_the_defaults_of_every_entry_point(eco):
+    """The API's mounts have overlay mount's defaults (as root: allow_other,
+    devices and set-id files allowed, type fuse.overlay)."""
+    if os.geteuid() != 0:
+        pytest.skip("root's defaults")
+    from overlay.mounttable import find_mount
+
+    d, lower, tmp = eco
+    with overlay.mount(lower=[lower], tmpdir=tmp) as mp:
+        entry = find_mount(str(mp.path))
+        assert entry.fstype == "fuse.overlay"
+        opts = entry.options.split(",") + entry.super_options.split(",")
+        assert "allow_other" in opts and "nosuid" not in opts and "nodev" not in opts
+
+
 def test_unmounted_on_exception(eco):
     d, lower, tmp = eco
     with pytest.raises(KeyError, match="boom"):
