@@ -1,25 +1,21 @@
-"""A known bug, pinned (found at the end of a session; present since at
-least a34c4fb): with the core's fd cache under pressure (OVERLAY_FD_CACHE=4
-here; in real use a tree far bigger than the cache), a fixed sequence of
-creates over deleted lower files, held read-only fds, writes and stats ends
-with open(O_WRONLY) failing with ENODATA: the daemon takes the recreated
-upper file for a metacopy and copies it onto itself (strace: sendfile from
-/proc/self/fd/N to itself, then removexattr of trusted.overlay.metacopy ->
-ENODATA). strict: once fixed, this fails until the xfail mark goes.
-"""
+"""The core's fd cache under pressure (OVERLAY_FD_CACHE=4 here; in real
+use a tree far bigger than the cache, a quarter of RLIMIT_NOFILE): creates
+over deleted lower files, held read-only fds (which pin their Nodes),
+writes and stats. It used to end with open(O_WRONLY) failing with ENODATA:
+with every other Node pinned, holding a Node's fds evicted that very Node
+(_Stack._hold), so copy_up saw it without an upper, then with one, and
+took it for a metacopy to complete (sendfile of the file onto itself, then
+removexattr of trusted.overlay.metacopy -> ENODATA)."""
 
 from __future__ import annotations
 
 import os
 import random
 
-import pytest
-
 import mountutil
 from relutil import mkdirs, relmounts, reltmp  # noqa: F401  (fixtures)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: ENODATA on open for write under fd cache pressure")
 def test_writes_and_recreates_under_fd_cache_pressure(reltmp, relmounts, monkeypatch):
     lo, up, wk, mp = mkdirs(reltmp, "l", "u", "w", "m")
     os.makedirs(f"{lo}/own")

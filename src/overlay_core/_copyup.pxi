@@ -60,6 +60,8 @@ cdef class _Copier(_Lister):
         try:
             if n.upper < 0:
                 return self._copy_up(n, data, meta)
+            if not n._bits & NB_METACOPY:
+                return n            # (copied up meanwhile, data and all)
             copy_data_up(self, n, data)
             if self._indexed and n.key in self._indexed:
                 self._link_up(n)

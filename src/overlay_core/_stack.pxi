@@ -497,7 +497,9 @@ cdef class _Stack:
         while self.fd_cache_len > self.fd_cache_max and tries > 0 and old is not None:
             tries -= 1
             nxt = old._lru_next
-            if not (old.busy or old.pins):
+            # (never n itself: the caller is about to use the fds it holds;
+            # with every other Node busy or pinned the walk reaches it)
+            if old is not n and not (old.busy or old.pins):
                 self._lru_unlink(old)
                 if not old.evicted:
                     self._evict(old)
