@@ -561,15 +561,29 @@ cdef extern from "<unistd.h>" nogil:
     long c_syscall "syscall"(long number, ...)
 
 
+cdef bint _listed_prefix(const char *buf, ssize_t n, bytes prefix) noexcept:
+    """Does the list of xattr names a listxattr call put in buf (n bytes,
+    or n < 0 with errno) hold one starting with prefix? True when that
+    cannot be told: the caller then reads the ones it wants."""
+    cdef ssize_t i = 0
+    cdef Py_ssize_t plen = len(prefix)
+    cdef const char *p = prefix
+    if n < 0:
+        return c_errno != ENODATA and c_errno != EOPNOTSUPP
+    while i < n:
+        if strncmp(buf + i, p, plen) == 0:
+            return True
+        i += strlen(buf + i) + 1
+    return False
+
+
 cdef bint c_has_xattr_prefix(int fd, bytes prefix, bint dir=False) noexcept:
     """Does the object behind (O_PATH) fd have an xattr whose name starts
     with prefix? (True when that cannot be told: the caller then reads
     the ones it wants.) One listxattr instead of a getxattr per name."""
     cdef char path[48]
     cdef char buf[1024]
-    cdef ssize_t n, i = 0
-    cdef Py_ssize_t plen = len(prefix)
-    cdef const char *p = prefix
+    cdef ssize_t n
     global _listxattrat_ok
     n = -1
     if dir and _listxattrat_ok:
@@ -580,13 +594,7 @@ cdef bint c_has_xattr_prefix(int fd, bytes prefix, bint dir=False) noexcept:
     if n < 0 and not (dir and _listxattrat_ok):
         snprintf(path, sizeof(path), "/proc/self/fd/%d", fd)
         n = c_listxattr(path, buf, sizeof(buf))
-    if n < 0:
-        return c_errno != ENODATA and c_errno != EOPNOTSUPP
-    while i < n:
-        if strncmp(buf + i, p, plen) == 0:
-            return True
-        i += strlen(buf + i) + 1
-    return False
+    return _listed_prefix(buf, n, prefix)
 
 
 cdef bint _getxattrat_ok = True
@@ -603,22 +611,15 @@ cdef bint c_has_xattr_prefix_at(int dirfd, const char *path, bytes prefix) noexc
     name starts with prefix? One listxattrat(2) (Linux 6.13), no walk of
     /proc; True when that cannot be told (the caller reads what it wants)."""
     cdef char buf[1024]
-    cdef ssize_t n, i = 0
-    cdef Py_ssize_t plen = len(prefix)
-    cdef const char *p = prefix
+    cdef ssize_t n
     global _listxattrat_ok
     if not _listxattrat_ok:
         return True
     n = c_syscall(SYS_LISTXATTRAT, dirfd, path, AT_SYMLINK_NOFOLLOW, buf, sizeof(buf))
-    if n < 0:
-        if c_errno == ENOSYS:
-            _listxattrat_ok = False
-        return c_errno != ENODATA and c_errno != EOPNOTSUPP
-    while i < n:
-        if strncmp(buf + i, p, plen) == 0:
-            return True
-        i += strlen(buf + i) + 1
-    return False
+    if n < 0 and c_errno == ENOSYS:
+        _listxattrat_ok = False
+        return True
+    return _listed_prefix(buf, n, prefix)
 
 
 cdef bint _setxattrat_ok = True
