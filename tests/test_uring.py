@@ -18,7 +18,7 @@ import pytest
 import mountutil
 from overlay.stats import read_stats
 from relutil import Daemon, mkdirs, relmounts, reltmp  # noqa: F401  (fixtures)
-from test_engine import _wait
+from test_engine import _wait, daemons  # noqa: F401  (fixture)
 from test_engine import test_clean_unmount_with_requests_in_flight as _unmount_in_flight
 from test_engine import test_long_copy_up_does_not_stall_other_requests as _no_stall
 from test_engine import test_opener_killed_during_its_copy_up as _opener_killed
@@ -58,14 +58,6 @@ def uring_on():
         yield
     finally:
         _set(was)
-
-
-@pytest.fixture
-def daemons():
-    ds = []
-    yield ds
-    for d in ds:
-        d.stop()
 
 
 def _ring_threads(pid):

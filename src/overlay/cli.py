@@ -424,7 +424,7 @@ def remount_command(words: list[str], mountpoint: str, *, prog: str) -> int:
 
     path = _mountpoint_path(mountpoint)
     entry = find_mount(path)
-    if entry is None or not entry.fstype.startswith("fuse.overlay"):
+    if entry is None or not is_ours(entry):
         return _say_error(prog, f"'{path}' is not a mount of ours")
     given = [w for w in words if w in _MS_OPTIONS]
     flags = remount_flags(entry.options, given)

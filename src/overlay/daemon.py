@@ -14,7 +14,7 @@ import os
 import resource
 import time
 
-from overlay.mounttable import STATS_XATTR, find_mount, iter_mounts, our_mounts, overlay_dirs  # noqa: F401
+from overlay.mounttable import find_mount, kernel_overlay_using, our_mounts, same_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,6 @@ def mount_info(config, mountpoint: str) -> dict:
             "engine": config.engine, "options": options, "started": time.time()}
 
 
-def _same_dir(a: str | None, b: str | None) -> bool:
-    if not a or not b:
-        return False
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
 def _lock_holder(path: str) -> int | None:
     """PID holding the flock of dir path (/proc/locks), or None."""
     try:
@@ -86,15 +76,11 @@ def check_dirs_free(config) -> None:
     ours are refused by the core's in-use locks (in_use_error)."""
     if config.upper is None:
         return
-    for entry in iter_mounts():
-        if entry.fstype != "overlay":
-            continue
-        dirs = overlay_dirs(entry)
-        for key, what, ours in (("upperdir", "upper dir", config.upper), ("workdir", "work dir", config.work)):
-            theirs = dirs.get(key)
-            if theirs and os.path.isabs(theirs) and _same_dir(theirs, ours):
-                raise OSError(errno.EBUSY, f"{what} '{ours}' is in use by the kernel overlay"
-                                           f" mounted on '{entry.mountpoint}'")
+    for key, what, ours in (("upperdir", "upper dir", config.upper), ("workdir", "work dir", config.work)):
+        entry = kernel_overlay_using(ours, key)
+        if entry is not None:
+            raise OSError(errno.EBUSY, f"{what} '{ours}' is in use by the kernel overlay"
+                                       f" mounted on '{entry.mountpoint}'")
 
 
 def in_use_error(exc: OSError, config) -> OSError:
@@ -107,7 +93,7 @@ def in_use_error(exc: OSError, config) -> OSError:
     pid = _lock_holder(path)
     for entry, st in our_mounts():
         info = (st or {}).get("mount") or {}
-        if (pid is not None and info.get("pid") == pid) or _same_dir(info.get(key), path):
+        if (pid is not None and info.get("pid") == pid) or same_dir(info.get(key), path):
             return OSError(errno.EBUSY, f"{what} '{path}' is in use by the overlay mounted on"
                                         f" '{entry.mountpoint}' (PID {info.get('pid', pid)})")
     holder = f" (PID {pid})" if pid is not None else ""

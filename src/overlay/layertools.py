@@ -323,12 +323,12 @@ def upper_warnings(upper: str) -> list[str]:
     finally:
         os.close(fd)
     if not out:
-        from overlay.mounttable import iter_mounts, overlay_dirs  # noqa: PLC0415
+        from overlay.mounttable import kernel_overlay_using  # noqa: PLC0415
 
-        for entry in iter_mounts():
-            if entry.fstype == "overlay" and overlay_dirs(entry).get("upperdir") == path:
-                out.append(f"'{path}' is the upper dir of the kernel overlay mounted on"
-                           f" '{entry.mountpoint}': it may change while it is read")
+        entry = kernel_overlay_using(path, "upperdir")
+        if entry is not None:
+            out.append(f"'{path}' is the upper dir of the kernel overlay mounted on"
+                       f" '{entry.mountpoint}': it may change while it is read")
     try:
         names = os.listxattr(path)
     except OSError:

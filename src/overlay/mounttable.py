@@ -89,20 +89,40 @@ def overlay_dirs(entry: MountEntry) -> dict:
     return out
 
 
-STATS_XATTR = "user.overlay-fuse.stats"
+def same_dir(a: str | None, b: str | None) -> bool:
+    """Are paths a and b the same dir (st_dev, st_ino)?"""
+    if not a or not b:
+        return False
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def kernel_overlay_using(path: str, key: str) -> MountEntry | None:
+    """The live kernel overlay whose key ("upperdir" or "workdir") is the
+    dir path (its mount table entry names it), or None."""
+    for entry in iter_mounts():
+        if entry.fstype == "overlay":
+            theirs = overlay_dirs(entry).get(key)
+            if theirs and os.path.isabs(theirs) and same_dir(theirs, path):
+                return entry
+    return None
 
 
 def read_stats_timeout(mountpoint: str, timeout: float = 2.0) -> dict | None:
     """The stats of a mount of ours, or None (not ours, gone, or a daemon
     that does not answer within timeout: never hangs the caller)."""
-    import json  # noqa: PLC0415
     import threading  # noqa: PLC0415
+
+    from overlay.stats import read_stats  # noqa: PLC0415
 
     out = {}
 
     def get():
         try:
-            out["v"] = json.loads(os.getxattr(mountpoint, STATS_XATTR))
+            out["v"] = read_stats(mountpoint)
         except (OSError, ValueError):
             pass
 
@@ -122,7 +142,7 @@ def our_mounts():
 
 def is_ours(entry: MountEntry) -> bool:
     """A FUSE overlay of ours (fuse.overlay, or the type its helper gives)?"""
-    return entry.fstype == "fuse.overlay" or entry.fstype.startswith("fuse.overlay")
+    return entry.fstype.startswith("fuse.overlay")
 
 
 def find_mount(mountpoint: str) -> MountEntry | None:
