@@ -237,9 +237,29 @@ class Worker:
             want = frozen if frozen is not None else self.objs[obj]
             if actual != want:
                 self.fail(f"fd {fd} (obj {obj}{', lower' if frozen is not None else ''}): "
-                          f"{_diff(bytes(want), actual)}")
+                          f"{_diff(bytes(want), actual)}; {self._fd_facts(fd, obj)}")
                 if frozen is None:
                     self.objs[obj] = bytearray(actual)
+
+    def _fd_facts(self, fd, obj) -> str:
+        """What a failure message needs to tell a stale fd from a wrong model:
+        the fd's flags and attributes beside those of the obj's names."""
+        def attrs(st):
+            return f"ino {st.st_ino} size {st.st_size} mtime {st.st_mtime_ns}"
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                flags = next(ln.split()[1] for ln in f if ln.startswith("flags:"))
+            facts = [f"fd flags {flags} {attrs(os.fstat(fd))}"]
+        except OSError as e:
+            facts = [f"fd: {e}"]
+        for n, o in self.names.items():
+            if o == obj:
+                try:
+                    facts.append(f"{n}: {attrs(os.stat(self.path(n)))}")
+                except OSError as e:
+                    facts.append(f"{n}: {e}")
+        facts.append(f"copied {obj in self.copied}, writable {self.fds[fd][1]}")
+        return "; ".join(facts)
 
     def resync(self, rel):
         try:
@@ -359,8 +379,8 @@ class Worker:
         elif kind == "rename":
             dst = r.choice(self.cands)
             os.rename(p, self.path(dst))
-            self.copied.add(self.names[rel])
-            if dst != rel:
+            if dst != rel:      # rename(p, p) does nothing: no copy-up
+                self.copied.add(self.names[rel])
                 self.names[dst] = self.names.pop(rel)
             self.check_private(dst)
             self.check_private(rel)
