@@ -16,6 +16,12 @@ disk out of it) and times, per system in turn: ``create`` (create, write
 files as root) and ``create x4`` against ``create x1`` (four processes
 creating files in four dirs at once against one process making all of
 them). ``busy``: the same while a busy loop per CPU runs at nice 19.
+``pinned``: idle, with the runner (the caller) pinned to CPU 0, so the
+scheduler never moves it between requests: on an idle VM such moves (each
+waking a halted vCPU) dominate io_uring's costs and come and go with the
+scheduler's state (the ``caller_cpu_moves_per_op`` row); pinned, what is
+left is the cost of the request path itself (``tar`` is pinned too; the
+creating processes of ``create x4`` are not).
 
 Also reported: the daemon's CPU per operation (user + system time of the
 FUSE daemon from /proc, over the operations of the run), and for ours the
@@ -213,13 +219,18 @@ def _creator(dirpath: str, n: int) -> None:
         os.close(fd)
 
 
+def _all_cpus() -> None:
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 def run_parallel(mp: str, procs: int) -> float:
     code = ("import sys\nfrom benchmarks.ops import _creator\n"
             "_creator(sys.argv[1], int(sys.argv[2]))")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     t0 = time.perf_counter()
     ps = [subprocess.Popen([sys.executable, "-c", code, f"{mp}/par{procs}-{k}",
-                            str(PARALLEL_FILES // procs)], env=env) for k in range(procs)]
+                            str(PARALLEL_FILES // procs)], env=env, preexec_fn=_all_cpus)
+          for k in range(procs)]
     for p in ps:
         if p.wait() != 0:
             raise RuntimeError("a creating process failed")
@@ -239,6 +250,20 @@ class _Busy:
         for p in self.procs:
             p.kill()
             p.wait()
+
+
+class _Pinned:
+    """This process on CPU 0 only, for as long as the context lasts (the
+    processes of ``create x4`` run on every CPU; ``tar`` stays pinned: it
+is the caller there)."""
+
+    def __enter__(self):
+        self.was = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(self.was)})
+        return self
+
+    def __exit__(self, *exc):
+        os.sched_setaffinity(0, self.was)
 
 
 # ------------------------------------------------------------------ one run
@@ -388,7 +413,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--systems", default="kernel,fuse-overlayfs,ours-uring,ours-devfuse,floor,floor-uring")
     p.add_argument("--floor", default=None, metavar="PATH", help="libfuse's passthrough_hp, built by hand")
-    p.add_argument("--loads", default="idle,busy", help="idle, busy (a busy loop per CPU at nice 19)")
+    p.add_argument("--loads", default="idle,busy", help="idle, busy (a busy loop per CPU at nice 19), pinned (idle, the caller on one CPU)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--count", type=int, default=2000, help="objects an op is timed over")
     p.add_argument("--scratch", default="/tmp/bench-ops", help="a tmpfs is mounted here for the layers")
@@ -426,6 +451,9 @@ def main(argv=None) -> int:
                     say(f"{load} rep {rep + 1}/{args.reps}: {name}")
                     if load == "busy":
                         with _Busy():
+                            row = measure(system, args.scratch, args.count, tarball)
+                    elif load == "pinned":
+                        with _Pinned():
                             row = measure(system, args.scratch, args.count, tarball)
                     else:
                         row = measure(system, args.scratch, args.count, tarball)

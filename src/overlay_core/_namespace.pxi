@@ -70,21 +70,33 @@ cdef class Overlay(_Quota):
         return uid, gid, False
 
     def _check_new(self, Node parent, bytes name):
-        """EEXIST if name shows in parent; returns whether the upper holds a whiteout."""
+        """EEXIST if name shows in parent; returns whether the upper holds a
+        whiteout. One stat of the upper entry: a whiteout there hides the
+        layers below, any other entry shows; only when there is none are
+        the lower layers probed (as lookup would)."""
         cdef struct_stat sst
+        cdef int err
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG, name)
-        if (parent.upper >= 0 and not parent.lowers
-                and c_statat(parent.upper, name, &sst) == ENOENT):
-            return False    # nothing below to look up, nothing in the upper
+        if parent.upper >= 0:
+            err = c_statat(parent.upper, name, &sst)
+            if err == 0:
+                if self._lower_whiteout_c(parent.upper, name, sst.st_mode, sst.st_rdev, sst.st_size):
+                    return True
+                raise _err(errno.EEXIST, name)
+            if err != ENOENT:
+                raise _err(err, name)
+            if not parent.lowers:
+                return False    # nothing below to look up, nothing in the upper
+            nondir, dirs, _ = self._lookup_lowers(parent, name, None, False)
+            if nondir is not None or dirs:
+                raise _err(errno.EEXIST, name)
+            return False
         try:
             self.lookup(parent, name)
         except FileNotFoundError:
-            pass
-        else:
-            raise _err(errno.EEXIST, name)
-        ust = self._upper_entry(parent, name)
-        return self._upper_whiteout(parent.upper, name, ust)
+            return False
+        raise _err(errno.EEXIST, name)
 
     cdef tuple _new_mode(self, Node parent, int kind, int mode, int umask):
         """(mode, access ACL, default ACL) of a new object in parent (copied
