@@ -169,29 +169,12 @@ def _with_quota(core, config):
 
 
 def raise_fd_limit() -> None:
-    """Directories keep their O_PATH fds open (the fds of other objects live
-    in a bounded cache, see overlay_core), one per directory the kernel
-    knows: allow as many as we may. The soft limit goes up to the hard one;
-    as root (CAP_SYS_RESOURCE) both go up to the kernel's ceiling
-    (fs.nr_open), since a hard limit of a few tens of thousands would make
-    a tree with that many directories fail with EMFILE once walked."""
+    """Directories keep their O_PATH fds open while the kernel knows them
+    (the fds of other objects live in a bounded cache, see overlay_core):
+    allow as many as we may. Where the dirs still need more, the engine has
+    the kernel drop some (OverlayFS._relieve)."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError) as exc:
-        log.debug("RLIMIT_NOFILE not read: %s", exc)
-        return
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            ceiling = int(f.read())
-    except (OSError, ValueError):
-        ceiling = 0
-    if hard != resource.RLIM_INFINITY and ceiling > hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
-            return
-        except (OSError, ValueError) as exc:
-            log.debug("RLIMIT_NOFILE not raised past %d: %s", hard, exc)
-    try:
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (OSError, ValueError) as exc:

@@ -40,6 +40,9 @@ def format_stats(st: dict) -> str:
         f"copy-ups        {core.get('copy_ups', 0)}, {core.get('bytes_copied', 0)} bytes copied",
         f"inodes known    {st.get('inodes_known', 0)}, open files {st.get('open_files', 0)}",
     ]
+    if "dirs_known" in st:
+        lines.append(f"dirs known      {st['dirs_known']} (each holds its layers' fds); "
+                     f"dropped for want of fds {st.get('fd_reliefs', 0)} times")
     quota = st.get("quota")
     if quota:
         def used(n, limit, unit=""):

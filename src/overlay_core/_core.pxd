@@ -203,6 +203,7 @@ cdef class _Stack:
     cpdef remember(self, Node n)
     cpdef forget(self, Node n)
     cpdef release(self, Node n)
+    cpdef evict_dir(self, Node n)
     cpdef Stat getattr(self, Node n)
     cdef Stat shown_stat(self, Node n, Stat st)
 

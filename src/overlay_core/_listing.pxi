@@ -112,6 +112,8 @@ cdef class _Lister(_Resolver):
             try:
                 child = self.lookup(n, name)
                 child = known.setdefault(child.key, child)
+                if child.is_dir and self.nodes.get(child.key) is not child:
+                    self.evict_dir(child)   # (unknown to the kernel: see evict_dir)
             except FileNotFoundError:
                 if recheck and fd == n.upper:
                     continue

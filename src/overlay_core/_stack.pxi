@@ -541,6 +541,8 @@ cdef class _Stack:
         """Reopen the fds of an evicted Node by name, under its parent dir or
         one of its other names, checking it is still the same object."""
         cdef Node p
+        if n.is_dir:
+            return self._reopen_dir(n)
         names = [(n.parent, n.name)] + [a for a in (n.aliases or ()) if a != (n.parent, n.name)]
         why = []
         if n._bits & NB_METACOPY:
@@ -602,10 +604,40 @@ cdef class _Stack:
         log.warning("cannot reopen %r (real %s): %s", n.name, n.real, why)
         raise _err(errno.ESTALE, n.name)
 
+    def _reopen_dir(self, Node n):
+        """Reopen the fds of an evicted dir: a lookup of its name (which
+        finds its layers as any lookup does) hands them over, checked to be
+        the same object."""
+        cdef Node m
+        p = n.parent
+        if p is None:
+            raise _err(errno.ESTALE, n.name)
+        try:
+            m = (<_Resolver>self).lookup(p, n.name)
+        except OSError as e:
+            log.warning("cannot reopen dir %r: %s", n.name, e.strerror)
+            raise _err(errno.ESTALE, n.name)
+        if m is n and not n.evicted:
+            return              # (found as known: _intern handed it the fds)
+        if m is n or not m.is_dir or m.key != n.key:
+            log.warning("cannot reopen dir %r: another object there now", n.name)
+            raise _err(errno.ESTALE, n.name)
+        # (copies: m may be another Node of the dir, in use)
+        n._upper = os.dup(m._upper) if m._upper >= 0 else -1
+        n._lowers = [(idx, os.dup(fd)) for idx, fd in m.lowers]
+        n.real_dev, n.real_ino = m.real_dev, m.real_ino
+        n._has_real = m._has_real
+        n.opaque = m.opaque
+        n.redirect = m.redirect
+        n.evicted = False
+
     cdef _sync_upper(self, Node d):
         """d, a dir, may have been copied up through another Node for it (one
         the kernel looked up after forgetting d): find its upper dir."""
         cdef struct_stat st
+        if d.is_dir and d.evicted:
+            self._reopen(d)     # (finds it)
+            return
         if d._upper >= 0 or d.parent is None or not d.is_dir:
             return
         self._sync_upper(d.parent)
@@ -710,6 +742,32 @@ cdef class _Stack:
                 # with its inode: found again, it is read as at a mount
                 self._indexed[n.key] = (info[0], info[1], False)
         self.release(n)
+        if n.is_dir:
+            self.evict_dir(n)
+
+    cpdef evict_dir(self, Node n):
+        """Close the fds of dir n (reopened by a lookup of its name at its
+        next use, see _reopen): when the kernel forgot it, or, for a dir a
+        listing found, at once. A dir holds a fd in each layer it is in,
+        and nothing bounds how many dirs a tree has: the fds of those the
+        kernel does not know stay closed. Not the root, nor a dir in use
+        (busy, pinned)."""
+        if not n.is_dir or n.evicted or n.parent is None or n.busy or n.pins or n.ghost:
+            return
+        if n._upper < 0 and not n._lowers:
+            return
+        n.dircache = None       # (it holds n's fds)
+        if n._upper >= 0:
+            os.close(n._upper)
+            n._upper = EVICTED
+        if n._lowers:
+            lowers = []
+            for idx, fd in n._lowers:
+                if fd >= 0:
+                    os.close(fd)
+                lowers.append((idx, EVICTED))
+            n._lowers = lowers
+        n.evicted = True
 
     cpdef release(self, Node n):
         """Close the fds of a non-dir n that nothing uses now (an O_PATH fd

@@ -47,6 +47,23 @@ cdef class IdTable:
     def __len__(self):
         return self.used
 
+    cdef list sweep_dirs(self, size_t *pos, size_t want):
+        """Up to `want` (id, Node) of dirs, from slot *pos on, wrapping
+        round; *pos is left after the last slot looked at, so successive
+        sweeps go round the table."""
+        cdef list out = []
+        cdef size_t mask = self.cap - 1
+        cdef size_t k = pos[0] & mask, seen = 0
+        cdef IdSlot *s
+        while seen < self.cap and <size_t>len(out) < want:
+            s = &self.slots[k]
+            if s.id != 0 and s.id != ID_GONE and (<Node>s.node).is_dir:
+                out.append((s.id, <object>s.node))
+            k = (k + 1) & mask
+            seen += 1
+        pos[0] = k
+        return out
+
     cdef object get(self, uint64_t i):
         """The Node of id i, or None (0 and ID_GONE are never ids: they mark
         empty and removed slots)."""

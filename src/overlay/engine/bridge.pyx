@@ -180,6 +180,13 @@ cdef class OverlayFS(Session):
     cdef public bint strictatime  # the mount's strictatime: every read reaches a layer
     cdef public bint dir_handles  # OPENDIR answered (mounted strictatime), not ENOSYS
     cdef public object mount_info # pid, mount point, layers, options (daemon.mount_info)
+    cdef public int kdirs         # dirs the kernel knows: each keeps its O_PATH fds open
+    cdef public int fd_high       # a dir's fd numbered this high starts a relief (_relieve)
+    cdef size_t sweep_pos         # where the next relief's sweep of the table starts
+    cdef object relief            # the thread relieving now, or None
+    cdef double relief_at         # when the last relief started (monotonic)
+    cdef int dirs_added           # dirs the kernel got to know since then
+    cdef public uint64_t reliefs  # how many ran
 
     def __init__(self, core, *, double entry_timeout=300.0, double attr_timeout=300.0,
                  uidmap=None, gidmap=None, bint squash_to_root=False, squash_to_uid=None,
@@ -189,6 +196,11 @@ cdef class OverlayFS(Session):
         self.core = core
         self.inodes = IdTable()
         self.inodes.put(FUSE_ROOT_ID, core.root)
+        self.kdirs = 1
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_high = (0x7fffffff if soft == resource.RLIM_INFINITY or soft >= 0x7fffffff
+                        else max(64, <int>(soft * 3 // 4)))
         self.old_refs = {}
         core.root.kernel_refs = 1
         self.handles = {}
@@ -263,13 +275,64 @@ cdef class OverlayFS(Session):
             raise OSError(E.ESTALE, "unknown node id")
         return <Node>node
 
+    cdef int _put(self, uint64_t nodeid, Node node) except -1:
+        """node enters the table under nodeid. A dir keeps its O_PATH fds
+        (one a layer it is in) while the kernel knows it: when one of them
+        is numbered past fd_high, the fds are running out (open() gives the
+        lowest free number) and a relief starts (_relieve)."""
+        cdef int top
+        self.inodes.put(nodeid, node)
+        if not node.is_dir:
+            return 0
+        self.kdirs += 1
+        self.dirs_added += 1
+        top = node._upper
+        if node._lowers:
+            top = max(top, <int>node._lowers[-1][1])
+        # (again once the last is done, if 64 dirs were added since or a
+        # second has passed: where open files hold the fds, dropping dirs
+        # cannot help, and is not done at every request)
+        if (top >= self.fd_high and self.relief is None
+                and (self.dirs_added >= 64 or time.monotonic() - self.relief_at > 1.0)):
+            self.relief_at = time.monotonic()
+            self.dirs_added = 0
+            self.relief = threading.Thread(target=self._relieve, name="overlay-relief", daemon=True)
+            self.relief.start()
+        return 0
+
+    def _relieve(self):
+        """The daemon's fds run short, held by the dirs the kernel knows:
+        ask the kernel to drop the dentries of half of them (with the
+        subtrees below them), from where the last sweep of the table
+        ended. Their FORGETs then close the fds; a dir used again is
+        looked up again. (Notifications go through the notifier thread: a
+        request in flight may hold the locks they take.)"""
+        cdef list victims = []
+        try:
+            with self.lock:
+                want = max(64, self.kdirs // 2)
+                for nid, node in self.inodes.sweep_dirs(&self.sweep_pos, want):
+                    parent = (<Node>node).parent
+                    if nid == FUSE_ROOT_ID or parent is None or not (<Node>parent).fuse_id:
+                        continue
+                    victims.append(((<Node>parent).fuse_id, (<Node>node).name))
+                kdirs = self.kdirs
+            for pid, name in victims:
+                self.notify_inval_entry(pid, name)
+            self.reliefs += 1
+            log.info("fds running short (a dir fd numbered %d, limit at %d): the kernel asked "
+                     "to drop %d of the %d dirs it knows", self.fd_high, self.fd_high * 4 // 3,
+                     len(victims), kdirs)
+        finally:
+            self.relief = None
+
     cdef uint64_t _ref(self, Node node, uint64_t count=1) except? 0:
         """The kernel got count more references to node (an entry reply, a
         readdirplus record): its node id, given out now if it had none. The
         count lives in the Node (kernel_refs): no table entry per inode."""
         cdef uint64_t key = self._key(node)
         if not self.inodes.contains(key):
-            self.inodes.put(key, node)
+            self._put(key, node)
             self.core.remember(node)
             if self.forgotten:
                 h = self.forgotten.pop(key, None)     # known again under its id
@@ -296,6 +359,8 @@ cdef class OverlayFS(Session):
                 self.old_refs.pop(nodeid, None)
         if left > 0:
             return
+        if node.is_dir:
+            self.kdirs -= 1
         self.inodes.pop(nodeid)
         self.listings.pop(nodeid, None)
         if self.want_export:
@@ -314,7 +379,8 @@ cdef class OverlayFS(Session):
         return {"mount": self.mount_info,
                 "requests": req, "core": dict(self.core.counters), "layers": self.core.layer_stats(),
                 "quota": self.core.quota_usage(),
-                "inodes_known": len(self.inodes), "open_files": len(self.handles),
+                "inodes_known": len(self.inodes), "dirs_known": self.kdirs,
+                "fd_reliefs": self.reliefs, "open_files": len(self.handles),
                 "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,
                 "backing_files": len(self.backings),
                 "handles_kept": sum(1 for k in self.forgotten if type(k) is int),
@@ -438,7 +504,7 @@ cdef class OverlayFS(Session):
         self._fill_entry(&e, node, st)
         e.nodeid = nodeid
         if not self.inodes.contains(nodeid):
-            self.inodes.put(nodeid, node)
+            self._put(nodeid, node)
         self.old_refs[nodeid] = self.old_refs.get(nodeid, 0) + 1
         self.forgotten.pop(nodeid, None)
         if self.reply(fd, unique, &e, sizeof(e)) == -E.ENOENT:
