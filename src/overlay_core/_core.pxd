@@ -94,10 +94,11 @@ cdef inline void node_note_reported(Node n, long long size, long long mtime_ns,
 
 
 cdef inline bint node_is_merged(Node n) noexcept:
-    """Node.merged, at C level (dirs are never evicted: their fds are there)."""
+    """Node.merged, at C level (an evicted dir keeps its layers' entries,
+    and an evicted upper fd is -3, EVICTED)."""
     if not n.is_dir:
         return False
-    return ((len(n._lowers) if n._lowers is not None else 0) + (n._upper >= 0)) > 1
+    return ((len(n._lowers) if n._lowers is not None else 0) + (n._upper >= 0 or n._upper == -3)) > 1
 
 
 cdef inline unsigned long long _fingerprint(long long a, long long b, long long c) noexcept:

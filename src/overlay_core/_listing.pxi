@@ -3,6 +3,16 @@ listing of a directory (readdir), as the kernel lists it, kept until the
 directory changes through us; the names that make a dir non-empty; readlink."""
 
 
+cdef int _top_fd(Node n) except -2:
+    """The highest-numbered fd n holds (-1: none)."""
+    cdef int top = n._upper
+    if n._lowers:
+        for _, fd in n._lowers:
+            if fd > top:
+                top = fd
+    return top
+
+
 cdef class _Lister(_Resolver):
     """Directory listings."""
 
@@ -112,8 +122,11 @@ cdef class _Lister(_Resolver):
             try:
                 child = self.lookup(n, name)
                 child = known.setdefault(child.key, child)
-                if child.is_dir and self.nodes.get(child.key) is not child:
-                    self.evict_dir(child)   # (unknown to the kernel: see evict_dir)
+                if (child.is_dir and self.nodes.get(child.key) is not child
+                        and _top_fd(child) >= self.fd_cache_max):
+                    # unknown to the kernel, and fds are many already (open()
+                    # gives the lowest free number): see evict_dir
+                    self.evict_dir(child)
             except FileNotFoundError:
                 if recheck and fd == n.upper:
                     continue
