@@ -117,18 +117,41 @@ def build_core(config):
                     " userxattr; renaming a lower dir gives EXDEV")
         userxattr, redirect_dir, redirect_follow = True, False, False
     check_dirs_free(config)
+    lowers, providers = prepare_blob_layers(config)
     try:
-        core = _new_core(Overlay, config, userxattr, redirect_dir, redirect_follow)
+        core = _new_core(Overlay, config, lowers, userxattr, redirect_dir, redirect_follow)
     except OSError as exc:
         if exc.errno == errno.EBUSY and "in use" in str(exc):
             raise in_use_error(exc, config) from None
         raise
+    if providers:
+        core.providers = providers
     return _with_quota(core, config)
 
 
-def _new_core(Overlay, config, userxattr, redirect_dir, redirect_follow):
+def prepare_blob_layers(config):
+    """Lower layers given as layer blobs (regular files: overlay.images):
+    (the lower dirs, with each blob's skeleton dir in its place, {layer
+    index: its BlobLayer}). The first mount of a blob builds its index."""
+    lowers = list(config.lowers)
+    providers = {}
+    for i, path in enumerate(lowers):
+        if os.path.isdir(path):
+            continue
+        from overlay.images.blob import BlobError  # noqa: PLC0415 - only for blobs
+        from overlay.images.layer import BlobLayer  # noqa: PLC0415
+        try:
+            layer = BlobLayer(path, getattr(config, "blob_cache", None))
+            lowers[i] = layer.prepare()
+        except BlobError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
+        providers[i] = layer
+    return lowers, providers
+
+
+def _new_core(Overlay, config, lowers, userxattr, redirect_dir, redirect_follow):
     return Overlay(
-        config.lowers,
+        lowers,
         config.upper,
         config.work,
         userxattr=userxattr,

@@ -113,6 +113,7 @@ class MountConfig:
         "no_fsync": False,  # fsync=0: fsync does not reach the upper layer (no volatile marker)
         "quota_bytes": None,  # upper layer quota: bytes of regular files (None: no limit)
         "quota_inodes": None,  # upper layer quota: inodes (None: no limit)
+        "blob_cache": None,  # where lower layers given as layer blobs keep their index (overlay.images)
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -510,6 +511,18 @@ def _check_dir(path: str, what: str) -> os.stat_result:
     return st
 
 
+def _check_lower(path: str) -> None:
+    """A lower layer is a directory, or a regular file holding a layer blob
+    (tar, tar+gzip, tar+zstd: overlay.images)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        _check_dir(path, "lower layer")     # (its message)
+        return
+    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
+        raise OptionError(f"lower layer '{path}' is neither a directory nor a layer blob")
+
+
 def _is_same_or_inside(path: str, other: str) -> bool:
     """True if ``path`` equals ``other`` or lies below it (both canonical)."""
     if path == other:
@@ -574,6 +587,11 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             if not value:
                 raise OptionError("log= needs a file, or syslog")
             extra["log"] = value if value == "syslog" else _resolve(value, cwd)
+            continue
+        if name == "blob_cache":
+            if not value:
+                raise OptionError("blob_cache= needs a directory")
+            extra["blob_cache"] = _resolve(value, cwd)
             continue
         if name == "writeback" and has_value:
             if value not in ("0", "1"):
@@ -702,7 +720,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
     parents: dict[str, str] = {}
     for entry in entries:
         path = _resolve(entry, cwd, parents)
-        _check_dir(path, "lower layer")
+        _check_lower(path)
         lowers.append(path)
     datadirs: list[str] = []
     for entry in data_entries:

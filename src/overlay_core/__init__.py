@@ -10,4 +10,5 @@ from ._core import (  # noqa: F401
     Node,
     Overlay,
     sys_copy_data,
+    sys_open_inside,
 )

@@ -71,6 +71,44 @@ cdef class _Copier(_Lister):
             if self._cond is not None:
                 self._cond.notify_all()
 
+    def provide_data(self, Node n, bint mine=False):
+        """n's data lie in a lower layer with a provider (an image layer:
+        overlay.images): have it put them in place first. The lock is let
+        go meanwhile (n is busy: changes to it wait), as for a big copy-up.
+        mine: the caller (a copy-up of n) has made n busy itself."""
+        lowers = n.lowers
+        if not lowers or n.is_dir:
+            return
+        idx, fd = lowers[-1] if n._bits & NB_METACOPY else lowers[0]
+        prov = self.providers.get(idx)
+        if prov is None:
+            return
+        ino = os.fstat(fd).st_ino
+        if not prov.needs(ino):
+            return
+        if not mine:
+            self._wait_idle(n)
+            n.busy = True
+        unlock = self._cond is not None
+        if unlock:
+            if self._on_long is not None:
+                self._on_long()
+            self._cond.release()
+        try:
+            prov.ensure(ino)
+        except OSError:
+            raise
+        except Exception as e:
+            log.error("data of %r from layer %d: %s", n.name, idx, e)
+            raise _err(errno.EIO, n.name)
+        finally:
+            if unlock:
+                self._cond.acquire()
+            if not mine:
+                n.busy = False
+                if self._cond is not None:
+                    self._cond.notify_all()
+
     def set_lock(self, lock, on_long=None):
         """Callers from several threads: they hold `lock` (a threading.Lock)
         around every call. The core then lets go of it while it copies the
@@ -121,6 +159,8 @@ cdef class _Copier(_Lister):
             raise _err(errno.EEXIST, n.name)
         if n._bits & NB_METACOPY and self.verity != "off":
             check_verity(self, n)   # a lower metacopy file: as the kernel, before copying it
+        if self.providers and data and not n.is_dir:
+            self.provide_data(n, True)      # (copy_up made n busy)
         src = n.lowers[0][1]
         dsrc = n.datafd         # src, or the data of a metacopy chain
         st = os.stat(src)

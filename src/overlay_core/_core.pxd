@@ -177,6 +177,8 @@ cdef class _Stack:
     cdef object _cond                  # threading.Condition on the callers' lock, or None
     cdef object _on_long               # called before long work (set_lock), or None
     cdef public bint keep_listings     # readdir keeps listings (dircache)
+    cdef public dict providers         # lower layer index -> its data provider (an image
+                                       # layer: ensure(st_ino) before data are read), or None
     cdef readonly bint quota_on        # quota_bytes= or quota_inodes= (_quota.pxi)
     cdef readonly long long q_bytes_max, q_inodes_max   # the limits, -1: none
     cdef public long long q_bytes, q_inodes             # what the upper holds

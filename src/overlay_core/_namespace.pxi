@@ -291,6 +291,8 @@ cdef class Overlay(_Quota):
             self._need_upper()
             n = self.copy_up(n, data=not (flags & os.O_TRUNC))
         f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | O_NOFOLLOW) | O_CLOEXEC
+        if self.providers and (n.upper < 0 or n._bits & NB_METACOPY):
+            self.provide_data(n)
         if n._bits & NB_METACOPY and self.verity != "off":
             check_verity(self, n)
         if flags & os.O_TRUNC and self.quota_on and n.upper >= 0:

@@ -1,0 +1,274 @@
+"""Lower layers given as OCI layer blobs (overlay.images, issue 23): a tar,
+tar+gzip or tar+zstd file as a lowerdir entry. The merged tree must equal
+the kernel overlay's over the same layer extracted with tar (OCI whiteouts
+turned into the kernel's, as containers/storage does), metadata included;
+data come from the blob only when a file is opened; the index is reused
+by later mounts and rebuilt when it does not match; damaged data give EIO,
+never wrong bytes. Mounts are unmounted in teardown."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import subprocess
+import tarfile
+
+import pytest
+
+import mountutil
+from difftest.snapshot import diff_snapshots, snapshot_mount
+from relutil import mkdirs, relmounts, reltmp  # noqa: F401  (fixtures)
+
+zstandard = pytest.importorskip("zstandard", reason="the images extra (zstandard) is not installed")
+pytest.importorskip("indexed_gzip", reason="the images extra (indexed_gzip) is not installed")
+
+MTIME = 1_600_000_000
+
+
+def _member(tf, name, kind=tarfile.REGTYPE, data=b"", mode=0o644, uid=0, gid=0, mtime=MTIME,
+            xattrs=None, linkname="", major=0, minor=0):
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.mode = mode
+    ti.uid, ti.gid = uid, gid
+    ti.mtime = mtime
+    ti.linkname = linkname
+    ti.devmajor, ti.devminor = major, minor
+    if xattrs:
+        ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
+                          for k, v in xattrs.items()}
+    if kind == tarfile.REGTYPE:
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    else:
+        tf.addfile(ti)
+
+
+def layer_tar(path):
+    """One layer: dirs, files of several sizes, owners and modes, xattrs,
+    a hard link, symlinks, a fifo and a device, set-id bits, and OCI
+    whiteouts over the layer below (a file, a dir, an opaque dir)."""
+    big = hashlib.sha256(b"seed").digest() * (3 << 15)      # 3 MiB
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        _member(tf, "etc", tarfile.DIRTYPE, mode=0o755)
+        _member(tf, "etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n")
+        _member(tf, "etc/shadow", data=b"root:*:1::::::\n", mode=0o640, gid=42)
+        _member(tf, "usr", tarfile.DIRTYPE, mode=0o755)
+        _member(tf, "usr/bin", tarfile.DIRTYPE, mode=0o755)
+        _member(tf, "usr/bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o4755)
+        _member(tf, "usr/bin/tool2", tarfile.LNKTYPE, linkname="usr/bin/tool")
+        _member(tf, "usr/bin/sh", tarfile.SYMTYPE, linkname="/bin/busybox", mode=0o777)
+        _member(tf, "usr/lib", tarfile.DIRTYPE, mode=0o755, uid=1000, gid=1000)
+        _member(tf, "usr/lib/big.bin", data=big, mode=0o600, uid=1000, gid=1000)
+        _member(tf, "usr/lib/cap", data=b"\x7fELF", mode=0o755,
+                xattrs={"user.note": b"hello", "security.capability": b"\x01\x00\x00\x02" + bytes(16)})
+        _member(tf, "usr/lib/empty", data=b"")
+        for i in range(50):
+            _member(tf, f"usr/share/doc/f{i:02d}", data=b"doc %d\n" % i * (i + 1), mtime=MTIME + i)
+        _member(tf, "dev", tarfile.DIRTYPE, mode=0o755)
+        _member(tf, "dev/null", tarfile.CHRTYPE, mode=0o666, major=1, minor=3)
+        _member(tf, "run", tarfile.DIRTYPE, mode=0o1777)
+        _member(tf, "run/fifo", tarfile.FIFOTYPE, mode=0o600)
+        _member(tf, "old/.wh.gone", data=b"")               # hides old/gone below
+        _member(tf, ".wh.olddir", data=b"")                 # hides olddir below
+        _member(tf, "opq", tarfile.DIRTYPE, mode=0o755)
+        _member(tf, "opq/.wh..wh..opq", data=b"")           # opq's lower entries hidden
+        _member(tf, "opq/new", data=b"new\n")
+        _member(tf, "implicit/parent/file", data=b"made without its dirs\n")
+
+
+def lower_dir(base):
+    """The layer below the blob: what its whiteouts hide, and more."""
+    low = os.path.join(base, "below")
+    for p, data in [("old/gone", b"gone\n"), ("old/kept", b"kept\n"), ("olddir/x", b"x\n"),
+                    ("opq/hidden", b"hidden\n"), ("etc/hostname", b"below\n"), ("etc/passwd", b"old\n")]:
+        os.makedirs(os.path.dirname(os.path.join(low, p)), exist_ok=True)
+        with open(os.path.join(low, p), "wb") as f:
+            f.write(data)
+    return low
+
+
+def extract_as_kernel_layer(tar, dest):
+    """tar -x, then the OCI whiteouts in the kernel's format (what
+    containers/storage does before a kernel overlay mount)."""
+    os.makedirs(dest)
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", tar, "-C", dest],
+                   check=True)
+    for root, dirs, files in os.walk(dest):
+        for n in files:
+            if n == ".wh..wh..opq":
+                os.unlink(os.path.join(root, n))
+                os.setxattr(root, "trusted.overlay.opaque", b"y")
+            elif n.startswith(".wh."):
+                os.unlink(os.path.join(root, n))
+                os.mknod(os.path.join(root, n[4:]), stat.S_IFCHR, 0)
+    # the swaps changed their dirs' times: back to the tar's
+    with tarfile.open(tar) as tf:
+        for ti in tf:
+            if ti.isdir():
+                p = os.path.join(dest, ti.name)
+                os.utime(p, ns=(ti.mtime * 10**9, ti.mtime * 10**9), follow_symlinks=False)
+    return dest
+
+
+def compress(tar, fmt):
+    if fmt == "tar":
+        return tar
+    if fmt == "gzip":
+        out = tar + ".gz"
+        with open(tar, "rb") as src, gzip.open(out, "wb", compresslevel=6) as dst:
+            dst.write(src.read())
+        return out
+    out = tar + ".zst"
+    with open(tar, "rb") as src, open(out, "wb") as dst:
+        dst.write(zstandard.ZstdCompressor(level=3).compress(src.read()))
+    return out
+
+
+@pytest.fixture
+def images(reltmp):
+    base = os.path.join(reltmp, "img")
+    os.makedirs(base)
+    tar = os.path.join(base, "layer.tar")
+    layer_tar(tar)
+    return base, tar, lower_dir(base)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "gzip", "zstd"])
+def test_blob_layer_equals_its_extraction(images, relmounts, fmt):
+    mountutil.require_ours()
+    if mountutil._probe_kernel_overlay() is not None:
+        pytest.skip("needs the kernel overlay to compare with")
+    base, tar, low = images
+    blob = compress(tar, fmt)
+    ext = extract_as_kernel_layer(tar, os.path.join(base, "extracted"))
+    ku, kw, km = mkdirs(base, "ku", "kw", "km")
+    relmounts.kernel([ext, low], ku, kw, km)
+    ou, ow, om = mkdirs(base, "ou", "ow", "om")
+    cache = os.path.join(base, "cache")
+    relmounts.ours([blob, low], ou, ow, om, (f"blob_cache={cache}",))
+    # nothing read yet: the skeleton holds no data
+    tree = _tree_of(cache)
+    assert os.stat(f"{tree}/usr/lib/big.bin").st_blocks == 0
+    a, b = snapshot_mount(km), snapshot_mount(om)
+    assert diff_snapshots(a, b, "kernel", "ours") == []
+    assert os.stat(f"{tree}/usr/lib/big.bin").st_blocks > 0     # read by the snapshot
+    with open(f"{om}/usr/bin/tool", "rb") as f:
+        assert f.read() == b"#!/bin/sh\necho tool\n"
+    # (the snapshot leaves security.* out: a file's capability survives its data)
+    assert os.getxattr(f"{om}/usr/lib/cap", "security.capability") == \
+        os.getxattr(f"{km}/usr/lib/cap", "security.capability")
+    assert os.stat(f"{om}/usr/bin/tool").st_mode == os.stat(f"{km}/usr/bin/tool").st_mode
+
+
+def _tree_of(cache):
+    (hexd,) = os.listdir(os.path.join(cache, "sha256"))
+    return os.path.join(cache, "sha256", hexd, "tree")
+
+
+def test_data_come_only_for_files_read_and_copy_up_works(images, relmounts):
+    mountutil.require_ours()
+    base, tar, low = images
+    blob = compress(tar, "gzip")
+    u, w, m = mkdirs(base, "u", "w", "m")
+    cache = os.path.join(base, "cache")
+    relmounts.ours([blob, low], u, w, m, (f"blob_cache={cache}",))
+    tree = _tree_of(cache)
+    assert len(os.listdir(f"{m}/usr/share/doc")) == 50
+    assert os.stat(f"{m}/usr/lib/big.bin").st_size == 3 << 20
+    with open(f"{m}/usr/share/doc/f07", "rb") as f:
+        assert f.read() == b"doc 7\n" * 8
+    filled = [n for n in os.listdir(f"{tree}/usr/share/doc") if os.stat(f"{tree}/usr/share/doc/{n}").st_blocks]
+    assert filled == ["f07"]
+    assert os.stat(f"{tree}/usr/lib/big.bin").st_blocks == 0
+    # copy-up: a write to a blob file copies its data up first
+    with open(f"{m}/usr/lib/big.bin", "r+b") as f:
+        f.seek(10)
+        f.write(b"XYZ")
+    with open(f"{u}/usr/lib/big.bin", "rb") as f:
+        data = f.read()
+    want = bytearray(hashlib.sha256(b"seed").digest() * (3 << 15))
+    want[10:13] = b"XYZ"
+    assert data == bytes(want)
+    st = os.stat(f"{u}/usr/lib/big.bin")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o600)
+    # and the lower file stays as it was
+    with open(f"{tree}/usr/lib/big.bin", "rb") as f:
+        assert f.read(16) == hashlib.sha256(b"seed").digest()[:16]
+
+
+def test_index_reused_and_rebuilt_when_it_does_not_match(images, relmounts):
+    mountutil.require_ours()
+    base, tar, low = images
+    blob = compress(tar, "gzip")
+    u, w, m = mkdirs(base, "u", "w", "m")
+    cache = os.path.join(base, "cache")
+    relmounts.ours([blob, low], u, w, m, (f"blob_cache={cache}",))
+    tree = _tree_of(cache)
+    marker = os.path.join(os.path.dirname(tree), "marker")
+    open(marker, "w").close()       # gone only if the cache entry is rebuilt
+    with open(f"{m}/etc/passwd", "rb") as f:
+        assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+    relmounts.umount(m)
+    relmounts.ours([blob, low], u, w, m, (f"blob_cache={cache}",))
+    assert os.path.exists(marker)                           # reused
+    relmounts.umount(m)
+    idx = os.path.join(os.path.dirname(tree), "index.json")
+    doc = json.load(open(idx))
+    doc["files"][0][2] += 1                                 # an offset changed: its checksum fails
+    json.dump(doc, open(idx, "w"))
+    relmounts.ours([blob, low], u, w, m, (f"blob_cache={cache}",))
+    assert not os.path.exists(marker)                       # rebuilt
+    with open(f"{m}/usr/lib/cap", "rb") as f:
+        assert f.read() == b"\x7fELF"
+
+
+def test_damaged_blob_data_give_eio_never_wrong_bytes(images, relmounts):
+    mountutil.require_ours()
+    base, tar, low = images
+    u, w, m = mkdirs(base, "u", "w", "m")
+    cache = os.path.join(base, "cache")
+    relmounts.ours([tar, low], u, w, m, (f"blob_cache={cache}",))
+    relmounts.umount(m)
+    # the blob changes behind the cache's back (same size and times)
+    st = os.stat(tar)
+    with tarfile.open(tar) as tf:
+        off = tf.getmember("usr/bin/tool").offset_data
+    with open(tar, "r+b") as f:
+        f.seek(off)
+        f.write(b"#!/bin/XX")
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    relmounts.ours([tar, low], u, w, m, (f"blob_cache={cache}",))
+    with pytest.raises(OSError) as e:
+        with open(f"{m}/usr/bin/tool", "rb") as f:
+            f.read()
+    assert e.value.errno == 5
+    with open(f"{m}/etc/passwd", "rb") as f:            # the rest is served
+        assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+
+
+def test_not_a_layer_blob_is_refused_in_one_line(reltmp):
+    bad = os.path.join(reltmp, "notalayer")
+    with open(bad, "wb") as f:
+        f.write(b"hello, this is no tar\n" * 100)
+    u, w, m = mkdirs(reltmp, "u", "w", "m")
+    r = subprocess.run(mountutil_cmd(f"lowerdir={bad},upperdir={u},workdir={w}", m),
+                       capture_output=True, text=True, env=mountutil_env(), timeout=60)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not a layer blob" in lines[0], r.stderr
+    assert not os.path.ismount(m)
+
+
+def mountutil_cmd(opts, mp):
+    from relutil import overlay_cmd
+    return overlay_cmd("mount", "-o", opts, mp)
+
+
+def mountutil_env():
+    from relutil import overlay_env
+    return overlay_env()
