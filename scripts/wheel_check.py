@@ -46,7 +46,7 @@ def main() -> int:
     source = os.path.realpath(sys.argv[1]) if len(sys.argv) > 1 else None
     mods = ["overlay", "overlay_core._core", "overlay.engine", "overlay.engine.wire",
             "overlay.engine.bridge", "overlay.engine.mount", "overlay.serve", "overlay.daemon", "overlay.cli",
-            "overlay.api", "overlay.layertools", "overlay.options"]
+            "overlay.api", "overlay.layertools", "overlay.options", "overlay.images.blob", "overlay.images.layer"]
     if importlib.util.find_spec("pyfuse3") is not None:
         mods += ["overlay._fuseattr", "overlay.fs"]
     for name in mods:

@@ -43,7 +43,7 @@ from relutil import (  # noqa: F401  (fixtures)
     write_pattern_file,
 )
 
-HAMMER_SECONDS = float(os.environ.get("ENGINE_HAMMER_SECONDS", "30"))
+HAMMER_SECONDS = float(os.environ.get("ENGINE_HAMMER_SECONDS", "25"))
 LOOKUPS = int(os.environ.get("ENGINE_LOOKUPS", "1000000"))
 
 pytestmark = pytest.mark.skipif(mountutil.engine() != "native", reason="native engine tests")

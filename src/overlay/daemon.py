@@ -138,6 +138,9 @@ def prepare_blob_layers(config):
     for i, path in enumerate(lowers):
         if os.path.isdir(path):
             continue
+        if os.geteuid() != 0:
+            raise OSError(errno.EPERM, f"lower layer '{path}' is a layer blob: blobs need root for now"
+                          " (their whiteouts are the kernel's trusted.* ones)")
         from overlay.images.blob import BlobError  # noqa: PLC0415 - only for blobs
         from overlay.images.layer import BlobLayer  # noqa: PLC0415
         try:
