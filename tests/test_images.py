@@ -185,6 +185,15 @@ def test_data_come_only_for_files_read_and_copy_up_works(images, relmounts):
     filled = [n for n in os.listdir(f"{tree}/usr/share/doc") if os.stat(f"{tree}/usr/share/doc/{n}").st_blocks]
     assert filled == ["f07"]
     assert os.stat(f"{tree}/usr/lib/big.bin").st_blocks == 0
+    # which layer, which entry of the blob, taken out or not
+    which = os.getxattr(f"{m}/usr/share/doc/f07", "user.overlay-fuse.layer").decode()
+    assert which.startswith(f"lower 0: {blob} (layer blob sha256:") and "entry usr/share/doc/f07: 48 bytes" \
+        in which and which.endswith("taken out)"), which
+    assert os.getxattr(f"{m}/usr/share/doc/f08", "user.overlay-fuse.layer").decode().endswith("not read yet)")
+    assert "lower 1: " + low in os.getxattr(f"{m}/etc", "user.overlay-fuse.layer").decode()
+    st = json.loads(os.getxattr(m, "user.overlay-fuse.stats"))
+    (img,) = st["images"]
+    assert (img["blob"], img["files_filled"], img["bytes_filled"]) == (blob, 1, 48), img
     # copy-up: a write to a blob file copies its data up first
     with open(f"{m}/usr/lib/big.bin", "r+b") as f:
         f.seek(10)

@@ -53,6 +53,10 @@ def format_stats(st: dict) -> str:
             return f"{n}{unit} of {limit}{unit} ({100.0 * n / limit if limit else 100.0:.1f}%)"
         lines.append(f"quota bytes     {used(quota['bytes'], quota['bytes_limit'])}")
         lines.append(f"quota inodes    {used(quota['inodes'], quota['inodes_limit'])}")
+    for img in st.get("images") or ():
+        lines.append(f"image layer     {img['layer']}: {img['blob']}: {img['files_filled']} of "
+                     f"{img['files']} files taken out, {img['bytes_filled']} bytes, "
+                     f"{img['seconds_filling']} s")
     layers = st.get("layers", [])
     if layers:
         lines.append("lookups served by each layer")

@@ -413,9 +413,17 @@ cdef class Overlay(_Quota):
                       key=lambda k: -self.layer_hits[1 + k])[:most]
         for k in used:
             name = "lower %d" % k if k < self.nlower else "data-only %d" % (k - self.nlower)
-            out.append({"layer": name, "path": os.fsdecode(self.lower_paths[k]),
+            prov = self.providers.get(k) if self.providers else None
+            out.append({"layer": name, "path": os.fsdecode(self.lower_paths[k]) if prov is None else prov.path,
                         "lookups": self.layer_hits[1 + k]})
         return out
+
+    def provider_stats(self):
+        """[{layer, ...}] of the lower layers with a data provider (image
+        layers: blob, files filled, bytes, seconds spent), for overlay stats."""
+        if not self.providers:
+            return []
+        return [dict(layer="lower %d" % k, **prov.stats()) for k, prov in sorted(self.providers.items())]
 
     def layer_info(self, Node n):
         """Which layer serves n, for people: "upper: PATH" (with where a
@@ -424,8 +432,9 @@ cdef class Overlay(_Quota):
         user.overlay-fuse.layer; never stored."""
         def lower(int k):
             kind = "lower" if k < self.nlower else "data-only layer"
-            return "%s %d: %s" % (kind, k if k < self.nlower else k - self.nlower,
-                                  os.fsdecode(self.lower_paths[k]))
+            prov = self.providers.get(k) if self.providers else None
+            where = os.fsdecode(self.lower_paths[k]) if prov is None else prov.describe()
+            return "%s %d: %s" % (kind, k if k < self.nlower else k - self.nlower, where)
         up = "upper: %s" % os.fsdecode(self.upper_path or b"")
         if n.is_dir:
             parts = ([up] if n.upper >= 0 else []) + [lower(k) for k, _ in n.lowers]
@@ -433,7 +442,11 @@ cdef class Overlay(_Quota):
         if n.upper < 0:
             if n.metacopy and len(n.lowers) > 1:
                 return lower(n.lowers[0][0]) + " (metadata only; data in %s)" % lower(n.lowers[-1][0])
-            return lower(n.lowers[0][0])
+            k, fd = n.lowers[0]
+            prov = self.providers.get(k) if self.providers else None
+            if prov is not None:
+                return lower(k) + prov.describe_entry(os.fstat(fd).st_ino)
+            return lower(k)
         if self._indexed and n.key in self._indexed and n.parent is not None:
             up += " (a hard link's copy in the index)" if self._upper_entry(
                 n.parent, n.name) is None else ""

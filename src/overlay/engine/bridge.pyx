@@ -378,7 +378,7 @@ cdef class OverlayFS(Session):
                 req[OPCODE_NAMES.get(i, str(i)).lower()] = self.counts[i]
         return {"mount": self.mount_info,
                 "requests": req, "core": dict(self.core.counters), "layers": self.core.layer_stats(),
-                "quota": self.core.quota_usage(),
+                "quota": self.core.quota_usage(), "images": self.core.provider_stats(),
                 "inodes_known": len(self.inodes), "dirs_known": self.kdirs,
                 "fd_reliefs": self.reliefs, "open_files": len(self.handles),
                 "engine": "native", "passthrough": self.passthrough and not self.passthrough_broken,

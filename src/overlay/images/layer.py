@@ -31,6 +31,7 @@ import shutil
 import stat as S
 import tarfile
 import threading
+import time
 
 from overlay_core import sys_open_inside
 
@@ -115,7 +116,9 @@ class BlobLayer:
         self.done: set[int] = set()
         self.lock = threading.Lock()
         self.reader = None
-        self.fetched = 0            # bytes of data put in place
+        self.fetched = 0            # bytes of data put in place by this process
+        self.seconds = 0.0          # spent doing it
+        self.digest = None
 
     # ------------------------------------------------------------ cache
 
@@ -390,6 +393,24 @@ class BlobLayer:
 
     # ------------------------------------------------------------ data
 
+    def describe(self) -> str:
+        """The layer for people (overlay which, the layer xattr)."""
+        return f"{self.path} (layer blob {self.digest}, {self.fmt})"
+
+    def describe_entry(self, ino: int) -> str:
+        """Where in the blob the skeleton file with this inode number has
+        its data ("" for one without data)."""
+        f = self.files.get(ino)
+        if f is None:
+            return ""
+        state = "taken out" if ino in self.done else "not read yet"
+        return f" (entry {f[0]}: {f[2]} bytes at offset {f[1]} of the tar stream, {state})"
+
+    def stats(self) -> dict:
+        return {"blob": self.path, "digest": self.digest, "format": self.fmt,
+                "files": len(self.files), "files_filled": len(self.done & self.files.keys()),
+                "bytes_filled": self.fetched, "seconds_filling": round(self.seconds, 3)}
+
     def needs(self, ino: int) -> bool:
         return ino in self.files and ino not in self.done
 
@@ -400,6 +421,13 @@ class BlobLayer:
         files at the first call."""
         if ino not in self.files or ino in self.done:
             return
+        t0 = time.monotonic()
+        try:
+            self._ensure(ino)
+        finally:
+            self.seconds += time.monotonic() - t0
+
+    def _ensure(self, ino: int) -> None:
         with self.lock:
             if ino in self.done:
                 return
