@@ -201,8 +201,8 @@ def _check_path(p):
 
 
 def overlay_option_string(lowers, upper, work, opts=()) -> str:
-    if not lowers:
-        raise ValueError("need at least one lower layer")
+    if not lowers and not any(str(o).startswith("image=") for o in opts):
+        raise ValueError("need at least one lower layer (or image=)")
     # a "::" entry makes the next layers data-only ones (lowerdir=A:B::D)
     lowerdir, sep = "", ""
     for l in lowers:
@@ -211,7 +211,7 @@ def overlay_option_string(lowers, upper, work, opts=()) -> str:
             continue
         lowerdir += sep + _check_path(os.path.abspath(str(l)))
         sep = ":"
-    parts = ["lowerdir=" + lowerdir]
+    parts = ["lowerdir=" + lowerdir] if lowers else []
     if upper is not None:
         if work is None:
             raise ValueError("upper without work")

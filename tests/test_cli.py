@@ -297,7 +297,7 @@ def test_later_option_wins(tree: Path):
         ("lowerdir=l1::l2:l1", "regular lower layers cannot follow data-only lower layers in lowerdir="),
         ("lowerdir=::l2", "empty layer path in lowerdir="),
         ("lowerdir=l1:nope", "lower layer '{t}/nope' does not exist"),
-        ("lowerdir=file", "lower layer '{t}/file' is not a directory"),
+        ("lowerdir=file", "lower layer '{t}/file' is neither a directory nor a layer blob (tar, tar+gzip, tar+zstd)"),
         ("lowerdir=file/sub", "lower layer '{t}/file/sub' does not exist"),
         ("lowerdir=l1,upperdir=u", "upperdir= given without workdir="),
         ("lowerdir=l1,workdir=w", "workdir= given without upperdir="),
@@ -445,7 +445,8 @@ BAD_MOUNTS = [
     ("missing-lowerdir", "upperdir={t}/u,workdir={t}/w", "{t}/mp", "missing required option 'lowerdir='"),
     ("nonexistent-layer", "lowerdir={t}/l1:{t}/nope", "{t}/mp", "lower layer '{t}/nope' does not exist"),
     ("relative-nonexistent-layer", "lowerdir=l1:nope", "mp", "lower layer '{t}/nope' does not exist"),
-    ("layer-is-file", "lowerdir={t}/file", "{t}/mp", "lower layer '{t}/file' is not a directory"),
+    ("layer-is-file", "lowerdir={t}/file", "{t}/mp",
+     "lower layer '{t}/file' is neither a directory nor a layer blob (tar, tar+gzip, tar+zstd)"),
     (
         "work-inside-upper",
         "lowerdir={t}/l1,upperdir={t}/u,workdir={t}/u/w",

@@ -269,7 +269,7 @@ def test_not_a_layer_blob_is_refused_in_one_line(reltmp):
                        capture_output=True, text=True, env=mountutil_env(), timeout=60)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "not a layer blob" in lines[0], r.stderr
+    assert len(lines) == 1 and "neither a directory nor a layer blob" in lines[0], r.stderr
     assert not os.path.ismount(m)
 
 
@@ -281,3 +281,141 @@ def mountutil_cmd(opts, mp):
 def mountutil_env():
     from relutil import overlay_env
     return overlay_env()
+
+
+# ---------------------------------------------------------------------------
+# image=: an OCI layout dir, and a registry on loopback (Debian's
+# docker-registry, started here with a temporary store; skopeo pushes)
+
+
+def oci_layout(base, layers, tag="v1"):
+    """An OCI layout dir holding an image of these layer blobs (bottom
+    first), as skopeo copy ... oci:DIR:TAG writes one."""
+    root = os.path.join(base, "layout")
+    blobs = os.path.join(root, "blobs", "sha256")
+    os.makedirs(blobs)
+
+    def put(data: bytes) -> str:
+        d = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, d), "wb") as f:
+            f.write(data)
+        return "sha256:" + d
+
+    descs, diffs = [], []
+    for path in layers:
+        data = open(path, "rb").read()
+        raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        diffs.append("sha256:" + hashlib.sha256(raw).hexdigest())
+        mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if raw is not data else "")
+        descs.append({"mediaType": mt, "digest": put(data), "size": len(data)})
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diffs},
+                         "config": {}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": put(config), "size": len(config)},
+                           "layers": descs}).encode()
+    md = put(manifest)
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": len(manifest),
+             "annotations": {"org.opencontainers.image.ref.name": tag}}]}, f)
+    with open(os.path.join(root, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion": "1.0.0"}')
+    return root
+
+
+def base_layer(path):
+    """The layer below: what the top layer's whiteouts hide, and more."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in [("old/gone", b"gone\n"), ("old/kept", b"kept\n"), ("olddir/x", b"x\n"),
+                           ("opq/hidden", b"hidden\n"), ("etc/hostname", b"below\n"), ("etc/passwd", b"old\n")]:
+            _member(tf, name, data=data)
+    return compress(path, "gzip")
+
+
+@pytest.fixture
+def image_layout(images):
+    base, tar, _low = images
+    bottom = base_layer(os.path.join(base, "base.tar"))
+    top = compress(tar, "gzip")
+    return base, oci_layout(base, [bottom, top]), bottom, top
+
+
+def test_image_from_an_oci_layout(image_layout, relmounts):
+    """image=oci:PATH:TAG mounts the image's layers, in their order, as
+    the same blobs given as lowerdir= show them."""
+    mountutil.require_ours()
+    base, layout, bottom, top = image_layout
+    cache = os.path.join(base, "cache")
+    u1, w1, m1, u2, w2, m2 = mkdirs(base, "u1", "w1", "m1", "u2", "w2", "m2")
+    relmounts.ours([top, bottom], u1, w1, m1, (f"blob_cache={cache}",))
+    relmounts.ours([], u2, w2, m2, (f"image=oci:{layout}:v1", f"blob_cache={cache}"))
+    assert diff_snapshots(snapshot_mount(m1), snapshot_mount(m2), "lowerdir", "image") == []
+    assert sorted(os.listdir(f"{m2}/old")) == ["kept"] and not os.path.exists(f"{m2}/olddir")
+
+
+@pytest.fixture
+def registry(reltmp):
+    """docker-registry on 127.0.0.1 (a free port), its store in reltmp."""
+    import shutil
+    import socket
+    import time
+    exe = shutil.which("docker-registry")
+    if exe is None or shutil.which("skopeo") is None:
+        pytest.skip("docker-registry and skopeo are needed (apt-get install docker-registry skopeo)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = os.path.join(reltmp, "registry")
+    os.makedirs(store)
+    conf = os.path.join(reltmp, "registry.yml")
+    with open(conf, "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {store}\n"
+                f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen([exe, "serve", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("docker-registry did not start")
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_image_from_a_registry_on_loopback(image_layout, registry, relmounts):
+    """An image pushed with skopeo to a registry on 127.0.0.1 mounts with
+    image=HOST:PORT/REPO:TAG,tls_verify=false (plain HTTP), by tag and by
+    digest, as the same layers from disk; its blobs are checked against
+    their digests; with the registry gone the mount fails in one line."""
+    mountutil.require_ours()
+    base, layout, bottom, top = image_layout
+    host, proc = registry
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v1",
+                    f"docker://{host}/test/app:v1"], check=True, capture_output=True, timeout=120)
+    cache = os.path.join(base, "cache")
+    u1, w1, m1, u2, w2, m2, u3, w3, m3 = mkdirs(base, "u1", "w1", "m1", "u2", "w2", "m2", "u3", "w3", "m3")
+    relmounts.ours([top, bottom], u1, w1, m1, (f"blob_cache={cache}",))
+    relmounts.ours([], u2, w2, m2, (f"image={host}/test/app:v1", "tls_verify=false", f"blob_cache={cache}"))
+    assert diff_snapshots(snapshot_mount(m1), snapshot_mount(m2), "disk", "registry") == []
+    digest = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{host}/test/app:v1"],
+                                       check=True, capture_output=True, text=True).stdout)["Digest"]
+    relmounts.ours([], u3, w3, m3, (f"image={host}/test/app@{digest}", "tls_verify=false",
+                                    f"blob_cache={os.path.join(base, 'cache2')}"))
+    with open(f"{m3}/etc/passwd", "rb") as f:
+        assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+    proc.terminate()
+    proc.wait(timeout=30)
+    u4, w4, m4 = mkdirs(base, "u4", "w4", "m4")
+    r = subprocess.run(mountutil_cmd(f"image={host}/test/app:v2,tls_verify=false,upperdir={u4},workdir={w4},"
+                                     f"blob_cache={os.path.join(base, 'cache3')}", m4),
+                       capture_output=True, text=True, env=mountutil_env(), timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and host in lines[0] and "Connection refused" in lines[0], r.stderr

@@ -135,6 +135,20 @@ def prepare_blob_layers(config):
     index: its BlobLayer}). The first mount of a blob builds its index."""
     lowers = list(config.lowers)
     providers = {}
+    image = getattr(config, "image", None)
+    if image is not None:
+        if os.geteuid() != 0:
+            raise OSError(errno.EPERM, f"image={image}: image layers need root for now")
+        from overlay.images.blob import BlobError  # noqa: PLC0415 - only for images
+        from overlay.images.layer import default_cache  # noqa: PLC0415
+        from overlay.images.registry import Ref, layers_of  # noqa: PLC0415
+        try:
+            lowers = layers_of(Ref(image), getattr(config, "blob_cache", None) or default_cache(),
+                               getattr(config, "tls_verify", True), getattr(config, "authfile", None))
+        except BlobError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
+        if not lowers:
+            raise OSError(errno.EINVAL, f"image={image}: the image has no layers")
     for i, path in enumerate(lowers):
         if os.path.isdir(path):
             continue

@@ -114,6 +114,9 @@ class MountConfig:
         "quota_bytes": None,  # upper layer quota: bytes of regular files (None: no limit)
         "quota_inodes": None,  # upper layer quota: inodes (None: no limit)
         "blob_cache": None,  # where lower layers given as layer blobs keep their index (overlay.images)
+        "image": None,  # image=REF: the lower layers are that image's (overlay.images.registry)
+        "tls_verify": True,  # image= from a registry: verify its TLS certificate (false: also plain HTTP)
+        "authfile": None,  # image=: credentials file (auth.json), else as containers find it
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -519,8 +522,19 @@ def _check_lower(path: str) -> None:
     except OSError:
         _check_dir(path, "lower layer")     # (its message)
         return
-    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
-        raise OptionError(f"lower layer '{path}' is neither a directory nor a layer blob")
+    if stat.S_ISDIR(st.st_mode):
+        return
+    head = b""
+    if stat.S_ISREG(st.st_mode):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(512)
+        except OSError as exc:
+            raise OptionError(f"cannot read lower layer '{path}': {exc.strerror}") from None
+    # (gzip, zstd, or a tar's ustar magic: overlay.images.blob.sniff)
+    if not (head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd" or head[257:262] == b"ustar"):
+        raise OptionError(f"lower layer '{path}' is neither a directory nor a layer blob"
+                          " (tar, tar+gzip, tar+zstd)")
 
 
 def _is_same_or_inside(path: str, other: str) -> bool:
@@ -587,6 +601,24 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             if not value:
                 raise OptionError("log= needs a file, or syslog")
             extra["log"] = value if value == "syslog" else _resolve(value, cwd)
+            continue
+        if name == "image":
+            if not value:
+                raise OptionError("image= needs a reference (HOST[:PORT]/REPO[:TAG], ...@sha256:..., oci:PATH[:TAG])")
+            if value.startswith("oci:"):
+                path, colon, tag = value[4:].partition(":")
+                value = "oci:" + _resolve(path, cwd) + colon + tag
+            extra["image"] = value
+            continue
+        if name == "tls_verify":
+            if value not in ("true", "false"):
+                raise OptionError(f"bad value '{value}' for tls_verify (expected true or false)")
+            extra["tls_verify"] = value == "true"
+            continue
+        if name == "authfile":
+            if not value:
+                raise OptionError("authfile= needs a file")
+            extra["authfile"] = _resolve(value, cwd)
             continue
         if name == "blob_cache":
             if not value:
@@ -708,7 +740,12 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 )
             features[name] = value
 
-    if lowerdir_file is not None:
+    image = extra.get("image")
+    if image is not None and (lowerdir is not None or lowerdir_file is not None):
+        raise OptionError("give either image= or lowerdir=, not both")
+    if image is not None:
+        entries, data_entries = [], []      # (the daemon fetches the image's layers)
+    elif lowerdir_file is not None:
         if lowerdir is not None:
             raise OptionError("give either lowerdir= or lowerdir_file=, not both")
         entries, data_entries = read_layer_file(lowerdir_file, cwd)
