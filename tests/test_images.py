@@ -359,7 +359,6 @@ def registry(reltmp):
     """docker-registry on 127.0.0.1 (a free port), its store in reltmp."""
     import shutil
     import socket
-    import time
     exe = shutil.which("docker-registry")
     if exe is None or shutil.which("skopeo") is None:
         pytest.skip("docker-registry and skopeo are needed (apt-get install docker-registry skopeo)")
@@ -372,21 +371,13 @@ def registry(reltmp):
     with open(conf, "w") as f:
         f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {store}\n"
                 f"http:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen([exe, "serve", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_registry(conf)
     try:
-        import urllib.request
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("docker-registry did not start")
         yield f"127.0.0.1:{port}", proc
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def test_image_from_a_registry_on_loopback(image_layout, registry, relmounts):
@@ -419,3 +410,70 @@ def test_image_from_a_registry_on_loopback(image_layout, registry, relmounts):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and host in lines[0] and "Connection refused" in lines[0], r.stderr
+
+
+def _start_registry(conf):
+    import shutil
+    import time
+    import urllib.request
+    proc = subprocess.Popen([shutil.which("docker-registry"), "serve", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = open(conf).read().split("127.0.0.1:")[1].split()[0]
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("docker-registry did not start")
+
+
+def test_zstd_chunked_image_fetches_only_what_is_read(images, registry, relmounts, reltmp):
+    """A zstd:chunked image in a registry: the first mount fetches the
+    table of contents only; a file's chunks come when it is opened, checked
+    against the TOC's digest; the tree equals the same layers from disk.
+    With the registry stopped, opening a file not fetched yet gives EIO
+    (the rest goes on), and works again once the registry is back."""
+    mountutil.require_ours()
+    base, tar, low = images
+    bottom = os.path.join(base, "base.tar")
+    base_layer(bottom)
+    layout = oci_layout(base, [bottom, tar])       # uncompressed: skopeo compresses
+    host, proc = registry
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
+                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{host}/test/chunked:v1"],
+                   check=True, capture_output=True, timeout=120)
+    u, w, m, u2, w2, m2 = mkdirs(base, "u", "w", "m", "u2", "w2", "m2")
+    relmounts.ours([], u, w, m, (f"image={host}/test/chunked:v1", "tls_verify=false",
+                                 f"blob_cache={os.path.join(base, 'cache')}"))
+    st = json.loads(os.getxattr(m, "user.overlay-fuse.stats"))
+    top = next(i for i in st["images"] if i["layer"] == "lower 0")
+    assert top["format"] == "zstd:chunked" and top["files_filled"] == 0
+    toc_bytes = top["bytes_fetched"]
+    with open(f"{m}/etc/passwd", "rb") as f:
+        assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+    st = json.loads(os.getxattr(m, "user.overlay-fuse.stats"))
+    top = next(i for i in st["images"] if i["layer"] == "lower 0")
+    assert top["files_filled"] == 1 and top["bytes_fetched"] - toc_bytes < 200, top
+    assert "chunk(s) at" in os.getxattr(f"{m}/etc/passwd", "user.overlay-fuse.layer").decode()
+    # the registry goes away: what was fetched is served, the rest is EIO
+    proc.terminate()
+    proc.wait(timeout=30)
+    with open(f"{m}/etc/passwd", "rb") as f:
+        assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+    with pytest.raises(OSError) as e:
+        open(f"{m}/usr/bin/tool", "rb").close()
+    assert e.value.errno == 5
+    assert os.listdir(f"{m}/usr/share/doc")          # metadata need no network
+    back = _start_registry(os.path.join(reltmp, "registry.yml"))
+    try:
+        with open(f"{m}/usr/bin/tool", "rb") as f:
+            assert f.read() == b"#!/bin/sh\necho tool\n"
+        # the whole tree, as the same layers from disk
+        relmounts.ours([compress(tar, "gzip"), compress(bottom, "gzip")], u2, w2, m2,
+                       (f"blob_cache={os.path.join(base, 'cache2')}",))
+        assert diff_snapshots(snapshot_mount(m2), snapshot_mount(m), "disk", "zstd:chunked") == []
+    finally:
+        back.terminate()
+        back.wait(timeout=30)

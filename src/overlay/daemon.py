@@ -150,6 +150,16 @@ def prepare_blob_layers(config):
         if not lowers:
             raise OSError(errno.EINVAL, f"image={image}: the image has no layers")
     for i, path in enumerate(lowers):
+        if not isinstance(path, str):       # a zstd:chunked blob in a registry
+            from overlay.images.blob import BlobError  # noqa: PLC0415 - only for images
+            from overlay.images.chunked import ChunkedLayer  # noqa: PLC0415
+            try:
+                layer = ChunkedLayer(path, getattr(config, "blob_cache", None))
+                lowers[i] = layer.prepare()
+            except BlobError as exc:
+                raise OSError(errno.EINVAL, str(exc)) from None
+            providers[i] = layer
+            continue
         if os.path.isdir(path):
             continue
         if os.geteuid() != 0:

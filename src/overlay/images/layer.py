@@ -225,16 +225,24 @@ class BlobLayer:
                 raise BlobError(f"{self.path}: not a readable layer: {e}") from None
             finally:
                 stream.close()
-            # dirs' times last (their entries changed them)
-            for rel, ns in sorted(dirs.items(), key=lambda kv: -kv[0].count("/")):
-                fd = sys_open_inside(root, rel.encode() or b".", O_PATH | os.O_DIRECTORY)
-                try:
-                    os.utime(f"/proc/self/fd/{fd}", ns=(ns, ns))
-                finally:
-                    os.close(fd)
+            self._dir_times(root, dirs)
             tst = os.fstat(root)
         finally:
             os.close(root)
+        self._write_index(tmp, d, files, tst)
+
+    @staticmethod
+    def _dir_times(root: int, dirs: dict) -> None:
+        """Dirs' times last (their entries changed them), deepest first."""
+        for rel, ns in sorted(dirs.items(), key=lambda kv: -kv[0].count("/")):
+            fd = sys_open_inside(root, rel.encode() or b".", O_PATH | os.O_DIRECTORY)
+            try:
+                os.utime(f"/proc/self/fd/{fd}", ns=(ns, ns))
+            finally:
+                os.close(fd)
+
+    def _write_index(self, tmp: str, d: str, files: dict, tst) -> None:
+        """index.json into tmp (flushed), then tmp in d's place."""
         body = [[ino, p, off, size, h] for ino, (p, off, size, h) in files.items()]
         doc = {"version": INDEX_VERSION, "digest": "sha256:" + os.path.basename(d), "format": self.fmt,
                "blob_size": self.st.st_size, "tree": [tst.st_dev, tst.st_ino], "files": body,
@@ -247,12 +255,23 @@ class BlobLayer:
         os.rename(tmp, d)
 
     def _skeleton(self, tf: tarfile.TarFile, root: int):
-        """Make every member's entry below root; returns ({ino: (path,
-        offset, size, sha256)} of the regular files with data, {dir path:
-        mtime})."""
-        files: dict[int, tuple[str, int, int, str]] = {}
+        """The skeleton of a tar stream (see _make)."""
+        def members():
+            for ti in tf:
+                if ti.isreg() and ti.size:
+                    yield ti, ti.offset_data, lambda ti=ti: _sha256(tf.extractfile(ti))
+                else:
+                    yield ti, None, None
+        return self._make(members(), root)
+
+    def _make(self, members, root: int):
+        """Make every member's entry below root, members giving (TarInfo,
+        where its data lie, a function giving their sha256); returns
+        ({ino: (path, where, size, sha256)} of the regular files with data,
+        {dir path: mtime})."""
+        files: dict[int, tuple] = {}
         dirs: dict[str, int] = {}
-        for ti in tf:
+        for ti, where, digest in members:
             rel = _rel(ti.name)
             if rel is None:
                 log.warning("%s: member %r leaves the layer: skipped", self.path, ti.name)
@@ -303,7 +322,7 @@ class BlobLayer:
                     finally:
                         os.close(fd)
                     if ti.size:
-                        files[st.st_ino] = (rel, ti.offset_data, ti.size, _sha256(tf.extractfile(ti)))
+                        files[st.st_ino] = (rel, where, ti.size, digest())
                 elif ti.islnk():
                     trel = _rel(ti.linkname)
                     if not trel:
@@ -404,6 +423,9 @@ class BlobLayer:
         if f is None:
             return ""
         state = "taken out" if ino in self.done else "not read yet"
+        if isinstance(f[1], list):
+            return (f" (entry {f[0]}: {f[2]} bytes in {len(f[1])} chunk(s) at {min(c[0] for c in f[1])}"
+                    f"-{max(c[1] for c in f[1])} of the blob, {state})")
         return f" (entry {f[0]}: {f[2]} bytes at offset {f[1]} of the tar stream, {state})"
 
     def stats(self) -> dict:
@@ -439,9 +461,16 @@ class BlobLayer:
                 self.reader = RandomReader(self.fd, self.fmt,
                                            os.path.join(self.dir, "gzip.idx") if self.fmt == GZIP else None)
             rel, off, size, want = self.files[ino]
-            self._fill(ino, rel, size, want, lambda pos, n: self.reader.read(off + pos, n))
 
-    def _fill(self, ino: int, rel: str, size: int, want: str, read) -> None:
+            def pieces():
+                pos = 0
+                while pos < size:
+                    n = min(size - pos, 1 << 20)
+                    yield self.reader.read(off + pos, n)
+                    pos += n
+            self._fill(ino, rel, size, want, pieces())
+
+    def _fill(self, ino: int, rel: str, size: int, want: str, pieces) -> None:
         """Write the file's data into its skeleton file, checked against
         the digest the index has of them: data that differ (a blob changed
         or damaged since) are never left in place, and the read that
@@ -456,12 +485,11 @@ class BlobLayer:
             kept = {k: os.getxattr(fd, k) for k in os.listxattr(fd)}
             h = hashlib.sha256()
             pos = 0
-            while pos < size:
-                b = read(pos, min(size - pos, 1 << 20))
+            for b in pieces:
                 h.update(b)
                 os.pwrite(fd, b, pos)
                 pos += len(b)
-            if h.hexdigest() != want:
+            if pos != size or h.hexdigest() != want:
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -503,13 +531,15 @@ class BlobLayer:
                 skip = off - pos
                 while skip > 0:
                     skip -= len(self._exactly(stream, min(skip, 1 << 20)))
-                pos = off
+                pos = off + size
 
-                def read(_p, n):
-                    nonlocal pos
-                    pos += n
-                    return self._exactly(stream, n)
-                self._fill(ino, rel, size, h, read)
+                def pieces(size=size):
+                    left = size
+                    while left > 0:
+                        b = self._exactly(stream, min(left, 1 << 20))
+                        left -= len(b)
+                        yield b
+                self._fill(ino, rel, size, h, pieces())
         finally:
             stream.close()
 

@@ -235,10 +235,11 @@ def _pick(index: dict) -> str:
     raise BlobError(f"no image for linux/{arch} in the index")
 
 
-def layers_of(ref: Ref, cache: str, tls_verify: bool = True, auth_file: str | None = None) -> list[str]:
-    """The image's layer blobs as files, top layer first: in an OCI layout
-    where they lie; from a registry, fetched into cache/blobs (once; each
-    checked against its digest)."""
+def layers_of(ref: Ref, cache: str, tls_verify: bool = True, auth_file: str | None = None) -> list:
+    """The image's layers, top first: blob files (in an OCI layout where
+    they lie; from a registry fetched into cache/blobs, once, each checked
+    against its digest), except zstd:chunked blobs in a registry, which
+    stay there (chunked.RemoteBlob: read by range, only what is used)."""
     if ref.layout is not None:
         return _layout_layers(ref)
     reg = Registry(ref.host, tls_verify, auth_file)
@@ -252,6 +253,10 @@ def layers_of(ref: Ref, cache: str, tls_verify: bool = True, auth_file: str | No
         digest = layer["digest"]
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise BlobError(f"{ref.text}: unsupported layer digest {digest!r}")
+        from .chunked import RemoteBlob, is_chunked
+        if is_chunked(layer):
+            out.append(RemoteBlob(reg, ref.repo, layer))
+            continue
         path = os.path.join(blobs, digest[7:])
         if not os.path.exists(path):
             log.info("%s: fetching layer %s (%s bytes)", ref.text, digest, layer.get("size"))

@@ -1,0 +1,228 @@
+"""zstd:chunked layers read where they lie, in a registry: only the table of
+contents at the first mount, then each file's frames when it is opened.
+
+A zstd:chunked blob (``skopeo copy --dest-compress-format zstd:chunked``,
+containers/storage's format) is a tar+zstd stream whose files' data are
+zstd frames of their own, with a table of contents in a frame near its end;
+the layer's descriptor says where it is
+(``io.containers.zstd-chunked.manifest-position``: offset, length,
+uncompressed length, kind) and its digest
+(``io.containers.zstd-chunked.manifest-checksum``). The TOC lists every
+entry with its metadata, the sha256 of a file's data and the byte range
+of each of its chunks in the blob.
+
+ChunkedLayer (a BlobLayer) builds the skeleton from the TOC, fetched with
+one range request and checked against its digest, and fills a file by
+fetching its chunks' ranges, each decompressed and the whole checked
+against the TOC's digest. A network error fails that open with EIO (and a
+log line); the next open of the file tries again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import threading
+import time
+
+from .blob import BlobError, need
+from .layer import INDEX_VERSION, O_PATH, BlobLayer, default_cache
+
+log = logging.getLogger("overlay.images")
+
+TOC_POSITION = "io.containers.zstd-chunked.manifest-position"
+TOC_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
+FORMAT = "zstd:chunked"
+
+_TYPES = {"dir": tarfile.DIRTYPE, "reg": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
+          "hardlink": tarfile.LNKTYPE, "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE,
+          "fifo": tarfile.FIFOTYPE}
+_TIME = re.compile(r"(-?\d+)-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
+def is_chunked(desc: dict) -> bool:
+    return TOC_POSITION in (desc.get("annotations") or {})
+
+
+def _pax_time(text: str) -> str:
+    """An RFC 3339 time as PAX's "seconds.fraction" (exact to the ns)."""
+    import calendar
+    m = _TIME.fullmatch(text or "")
+    if not m:
+        return "0"
+    y, mo, d, h, mi, sec, frac, tz = m.groups()
+    secs = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(sec)))
+    if tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        secs -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    return f"{secs}.{(frac or '0')[:9]}"
+
+
+def toc_members(entries: list):
+    """(TarInfo, chunks, digest function) of each TOC entry, as
+    BlobLayer._make takes them; a file's "chunk" entries are gathered into
+    its chunk list [[offset, end offset, offset in the file, size]]."""
+    out = []
+    for e in entries:
+        kind = e.get("type")
+        if kind == "chunk":
+            if not out or out[-1][1] is None:
+                raise BlobError("a chunk with no file before it in the table of contents")
+            out[-1][1].append([e["offset"], e["endOffset"], e.get("chunkOffset", 0),
+                               e.get("chunkSize", 0)])
+            continue
+        if kind not in _TYPES:
+            raise BlobError(f"table of contents: entry of unknown type {kind!r}")
+        ti = tarfile.TarInfo(e.get("name", "").rstrip("/") or ".")
+        ti.type = _TYPES[kind]
+        ti.mode = e.get("mode", 0) & 0o7777
+        ti.uid, ti.gid = e.get("uid", 0), e.get("gid", 0)
+        ti.linkname = e.get("linkName", "")
+        ti.devmajor, ti.devminor = e.get("devMajor", 0), e.get("devMinor", 0)
+        pax = {"mtime": _pax_time(e.get("modtime", ""))}
+        for k, v in (e.get("xattrs") or {}).items():
+            pax["SCHILY.xattr." + k] = base64.b64decode(v).decode("utf-8", "surrogateescape")
+        ti.pax_headers = pax
+        chunks = None
+        if kind == "reg":
+            ti.size = e.get("size", 0)
+            if ti.size:
+                chunks = [[e["offset"], e["endOffset"], 0, e.get("chunkSize") or ti.size]]
+        digest = e.get("digest", "")
+        out.append([ti, chunks, (lambda d=digest: d.partition(":")[2])])
+    for ti, chunks, _ in out:
+        if chunks:
+            for c in chunks:
+                if c[3] == 0:
+                    c[3] = ti.size - c[2]
+    return [(ti, chunks, f) for ti, chunks, f in out]
+
+
+class RemoteBlob:
+    """A blob in a registry: its descriptor, read by range."""
+
+    def __init__(self, reg, repo: str, desc: dict):
+        self.reg = reg
+        self.repo = repo
+        self.desc = desc
+        self.digest = desc["digest"]
+        self.size = desc.get("size", 0)
+        self.fetched = 0
+        self.waited = 0.0
+        self.lock = threading.Lock()
+
+    def read(self, start: int, end: int) -> bytes:
+        t0 = time.monotonic()
+        try:
+            data = self.reg.blob_range(self.repo, self.digest, start, end)
+        finally:
+            with self.lock:
+                self.waited += time.monotonic() - t0
+        with self.lock:
+            self.fetched += len(data)
+        return data
+
+    def name(self) -> str:
+        return f"{self.reg.host}/{self.repo}@{self.digest}"
+
+
+class _St:
+    def __init__(self, size):
+        self.st_size = size
+
+
+class ChunkedLayer(BlobLayer):
+    """A zstd:chunked blob in a registry, as a lower layer (see the module's
+    docstring)."""
+
+    def __init__(self, remote: RemoteBlob, cache: str | None = None):
+        self.remote = remote
+        self.path = remote.name()
+        self.cache = cache or default_cache()
+        self.fd = -1
+        self.st = _St(remote.size)
+        self.fmt = FORMAT
+        self.dir = None
+        self.tree_fd = -1
+        self.files = {}
+        self.done = set()
+        self.lock = threading.Lock()
+        self.reader = None
+        self.fetched = 0
+        self.seconds = 0.0
+        self.digest = remote.digest
+        self.zstd = need("zstandard", "a zstd:chunked layer")
+
+    def _digest(self) -> str:
+        return self.remote.digest.partition(":")[2]
+
+    def _toc(self) -> list:
+        ann = self.remote.desc.get("annotations") or {}
+        try:
+            off, length, ulen, kind = (int(x) for x in ann[TOC_POSITION].split(":"))
+        except (KeyError, ValueError):
+            raise BlobError(f"{self.path}: bad {TOC_POSITION} annotation") from None
+        if kind != 1:
+            raise BlobError(f"{self.path}: table of contents of kind {kind} (1 is known)")
+        raw = self.remote.read(off, off + length)
+        want = ann.get(TOC_CHECKSUM)
+        if want and "sha256:" + hashlib.sha256(raw).hexdigest() != want:
+            raise OSError(5, f"{self.path}: the table of contents does not match its checksum")
+        try:
+            doc = json.loads(self.zstd.ZstdDecompressor().decompress(raw, max_output_size=ulen))
+        except (self.zstd.ZstdError, ValueError) as e:
+            raise BlobError(f"{self.path}: unreadable table of contents: {e}") from None
+        if doc.get("version") != 1:
+            raise BlobError(f"{self.path}: table of contents version {doc.get('version')!r}")
+        return doc.get("entries", [])
+
+    def _build(self, d: str) -> None:
+        tmp = f"{d}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "tree"))
+        root = os.open(os.path.join(tmp, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            files, dirs = self._make(toc_members(self._toc()), root)
+            self._dir_times(root, dirs)
+            tst = os.fstat(root)
+        finally:
+            os.close(root)
+        self._write_index(tmp, d, files, tst)
+
+    def _ensure(self, ino: int) -> None:
+        with self.lock:
+            if ino in self.done:
+                return
+            rel, chunks, size, want = self.files[ino]
+            chunks = sorted(chunks, key=lambda c: c[2])
+            # one request for a file's chunks (they lie one after the other)
+            start = min(c[0] for c in chunks)
+            end = max(c[1] for c in chunks)
+            data = self.remote.read(start, end)
+            dctx = self.zstd.ZstdDecompressor()
+
+            def pieces():
+                for off, endoff, _coff, csize in chunks:
+                    frame = data[off - start:endoff - start]
+                    try:
+                        yield dctx.decompress(frame, max_output_size=max(csize, 1))
+                    except self.zstd.ZstdError as e:
+                        raise OSError(5, f"{rel}: a chunk does not decompress: {e}") from None
+            self._fill(ino, rel, size, want, pieces())
+
+    def describe(self) -> str:
+        return f"{self.path} (layer blob, {self.fmt}, read by range)"
+
+    def stats(self) -> dict:
+        st = super().stats()
+        st.update(bytes_fetched=self.remote.fetched, seconds_waiting=round(self.remote.waited, 3))
+        return st
+
+
+__all__ = ["ChunkedLayer", "RemoteBlob", "is_chunked", "toc_members", "INDEX_VERSION"]
