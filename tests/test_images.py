@@ -170,13 +170,21 @@ def _tree_of(cache):
     return os.path.join(cache, "sha256", hexd, "tree")
 
 
-def test_data_come_only_for_files_read_and_copy_up_works(images, relmounts):
+@pytest.fixture
+def gzip_mounted(images, relmounts):
+    """The layer as a gzip blob over the dir below it, mounted: (base, the
+    blob, the dir below, upper, work, mount point, cache)."""
     mountutil.require_ours()
     base, tar, low = images
     blob = compress(tar, "gzip")
     u, w, m = mkdirs(base, "u", "w", "m")
     cache = os.path.join(base, "cache")
     relmounts.ours([blob, low], u, w, m, (f"blob_cache={cache}",))
+    return base, blob, low, u, w, m, cache
+
+
+def test_data_come_only_for_files_read_and_copy_up_works(gzip_mounted):
+    base, blob, low, u, w, m, cache = gzip_mounted
     tree = _tree_of(cache)
     assert len(os.listdir(f"{m}/usr/share/doc")) == 50
     assert os.stat(f"{m}/usr/lib/big.bin").st_size == 3 << 20
@@ -210,13 +218,8 @@ def test_data_come_only_for_files_read_and_copy_up_works(images, relmounts):
         assert f.read(16) == hashlib.sha256(b"seed").digest()[:16]
 
 
-def test_index_reused_and_rebuilt_when_it_does_not_match(images, relmounts):
-    mountutil.require_ours()
-    base, tar, low = images
-    blob = compress(tar, "gzip")
-    u, w, m = mkdirs(base, "u", "w", "m")
-    cache = os.path.join(base, "cache")
-    relmounts.ours([blob, low], u, w, m, (f"blob_cache={cache}",))
+def test_index_reused_and_rebuilt_when_it_does_not_match(gzip_mounted, relmounts):
+    base, blob, low, u, w, m, cache = gzip_mounted
     tree = _tree_of(cache)
     marker = os.path.join(os.path.dirname(tree), "marker")
     open(marker, "w").close()       # gone only if the cache entry is rebuilt

@@ -150,25 +150,17 @@ def prepare_blob_layers(config):
         if not lowers:
             raise OSError(errno.EINVAL, f"image={image}: the image has no layers")
     for i, path in enumerate(lowers):
-        if not isinstance(path, str):       # a zstd:chunked blob in a registry
-            from overlay.images.blob import BlobError  # noqa: PLC0415 - only for images
-            from overlay.images.chunked import ChunkedLayer  # noqa: PLC0415
-            try:
-                layer = ChunkedLayer(path, getattr(config, "blob_cache", None))
-                lowers[i] = layer.prepare()
-            except BlobError as exc:
-                raise OSError(errno.EINVAL, str(exc)) from None
-            providers[i] = layer
+        local = isinstance(path, str)       # (else a zstd:chunked blob in a registry)
+        if local and os.path.isdir(path):
             continue
-        if os.path.isdir(path):
-            continue
-        if os.geteuid() != 0:
+        if local and os.geteuid() != 0:
             raise OSError(errno.EPERM, f"lower layer '{path}' is a layer blob: blobs need root for now"
                           " (their whiteouts are the kernel's trusted.* ones)")
         from overlay.images.blob import BlobError  # noqa: PLC0415 - only for blobs
+        from overlay.images.chunked import ChunkedLayer  # noqa: PLC0415
         from overlay.images.layer import BlobLayer  # noqa: PLC0415
         try:
-            layer = BlobLayer(path, getattr(config, "blob_cache", None))
+            layer = (BlobLayer if local else ChunkedLayer)(path, getattr(config, "blob_cache", None))
             lowers[i] = layer.prepare()
         except BlobError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None

@@ -26,19 +26,20 @@ import json
 import logging
 import os
 import re
-import shutil
 import tarfile
 import threading
 import time
 
 from .blob import BlobError, need
-from .layer import INDEX_VERSION, O_PATH, BlobLayer, default_cache
+from .layer import INDEX_VERSION, BlobLayer, default_cache
 
 log = logging.getLogger("overlay.images")
 
 TOC_POSITION = "io.containers.zstd-chunked.manifest-position"
 TOC_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
 FORMAT = "zstd:chunked"
+GROUP_BYTES = 8 << 20           # a range request covers chunks up to this much
+FETCHES_IN_FLIGHT = 4           # range requests of one file at once
 
 _TYPES = {"dir": tarfile.DIRTYPE, "reg": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
           "hardlink": tarfile.LNKTYPE, "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE,
@@ -102,6 +103,18 @@ def toc_members(entries: list):
                 if c[3] == 0:
                     c[3] = ti.size - c[2]
     return [(ti, chunks, f) for ti, chunks, f in out]
+
+
+def _groups(chunks: list) -> list:
+    """The chunks of a file (in file order) cut into runs that lie one after
+    the other in the blob, each at most GROUP_BYTES: one range request each."""
+    out = []
+    for c in chunks:
+        if out and out[-1][-1][1] == c[0] and c[1] - out[-1][0][0] <= GROUP_BYTES:
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out
 
 
 class RemoteBlob:
@@ -183,10 +196,7 @@ class ChunkedLayer(BlobLayer):
         return doc.get("entries", [])
 
     def _build(self, d: str) -> None:
-        tmp = f"{d}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "tree"))
-        root = os.open(os.path.join(tmp, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        tmp, root = self._new_tree(d)
         try:
             files, dirs = self._make(toc_members(self._toc()), root)
             self._dir_times(root, dirs)
@@ -201,19 +211,29 @@ class ChunkedLayer(BlobLayer):
                 return
             rel, chunks, size, want = self.files[ino]
             chunks = sorted(chunks, key=lambda c: c[2])
-            # one request for a file's chunks (they lie one after the other)
-            start = min(c[0] for c in chunks)
-            end = max(c[1] for c in chunks)
-            data = self.remote.read(start, end)
             dctx = self.zstd.ZstdDecompressor()
+            groups = _groups(chunks)
 
             def pieces():
-                for off, endoff, _coff, csize in chunks:
-                    frame = data[off - start:endoff - start]
-                    try:
-                        yield dctx.decompress(frame, max_output_size=max(csize, 1))
-                    except self.zstd.ZstdError as e:
-                        raise OSError(5, f"{rel}: a chunk does not decompress: {e}") from None
+                # up to FETCHES_IN_FLIGHT range requests at once, in order
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(FETCHES_IN_FLIGHT) as pool:
+                    pending = [pool.submit(self.remote.read, g[0][0], g[-1][1])
+                               for g in groups[:FETCHES_IN_FLIGHT]]
+                    nxt = len(pending)
+                    for g in groups:
+                        data = pending.pop(0).result()
+                        if nxt < len(groups):
+                            h = groups[nxt]
+                            pending.append(pool.submit(self.remote.read, h[0][0], h[-1][1]))
+                            nxt += 1
+                        start = g[0][0]
+                        for off, endoff, _coff, csize in g:
+                            try:
+                                yield dctx.decompress(data[off - start:endoff - start],
+                                                      max_output_size=max(csize, 1))
+                            except self.zstd.ZstdError as e:
+                                raise OSError(5, f"{rel}: a chunk does not decompress: {e}") from None
             self._fill(ino, rel, size, want, pieces())
 
     def describe(self) -> str:

@@ -206,11 +206,16 @@ class BlobLayer:
 
     # ------------------------------------------------------------ building
 
-    def _build(self, d: str) -> None:
+    @staticmethod
+    def _new_tree(d: str) -> tuple[str, int]:
+        """A fresh dir beside d to build into, and an fd of its tree/."""
         tmp = f"{d}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "tree"))
-        root = os.open(os.path.join(tmp, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return tmp, os.open(os.path.join(tmp, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _build(self, d: str) -> None:
+        tmp, root = self._new_tree(d)
         try:
             stream = open_stream(self.fd, self.fmt)
             try:

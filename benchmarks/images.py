@@ -1,0 +1,197 @@
+"""Image layers without extraction, measured (issue 23): an image pulled
+and extracted then mounted, against the same image mounted from the
+registry with image= (zstd:chunked: only what is read is fetched).
+
+    python -m benchmarks.images [--mib 1024] [--layers 5] [--scratch DIR]
+
+Builds an image of several layers (a Python tree copied from this machine,
+many small files, one big data file), pushes it with skopeo to a
+docker-registry started on 127.0.0.1 (gzip, and zstd:chunked), then times
+side by side:
+
+* pull + extract + kernel overlay: ``skopeo copy`` to an OCI layout, each
+  layer extracted with ``tar``, then ``mount -t overlay``: until the first
+  ``stat`` of a file succeeds, and until one small file is read;
+* ours, ``image=`` (zstd:chunked from the registry): the same two, with the
+  bytes fetched;
+* reading every file afterwards (each side), and the big file alone.
+
+Prints a table; writes nothing else. Needs root, skopeo, docker-registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+from .systems import REPO
+
+
+def _run(*cmd, **kw):
+    return subprocess.run(list(cmd), check=True, capture_output=True, text=True, **kw)
+
+
+def build_layers(base: str, mib: int, nlayers: int) -> list[str]:
+    """nlayers uncompressed layer tars, bottom first: a Python tree, small
+    files, and a big file of about half of mib."""
+    import random
+    rnd = random.Random(3)
+    layers = []
+    py = os.path.dirname(os.__file__)
+    t = os.path.join(base, "layer0.tar")
+    with tarfile.open(t, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(py, arcname="usr/lib/python3", filter=lambda ti: None if "__pycache__" in ti.name else ti)
+    layers.append(t)
+    big = mib // 2
+    small_layers = max(1, nlayers - 2)
+    per = max(1, (mib - big) * 1024 // 8 // small_layers)      # files of 8 KiB
+    for k in range(small_layers):
+        t = os.path.join(base, f"layer{k + 1}.tar")
+        with tarfile.open(t, "w", format=tarfile.PAX_FORMAT) as tf:
+            import io
+            for i in range(per):
+                data = bytes(rnd.getrandbits(8) for _ in range(64)) * 128
+                ti = tarfile.TarInfo(f"srv/set{k}/d{i // 500:03d}/f{i:06d}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+        layers.append(t)
+    t = os.path.join(base, f"layer{len(layers)}.tar")
+    src = os.path.join(base, "big.bin")
+    with open(src, "wb") as f:
+        for _ in range(big):
+            f.write(os.urandom(1 << 19) * 2)
+    with tarfile.open(t, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(src, arcname="data/big.bin")
+    os.unlink(src)
+    layers.append(t)
+    return layers
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.images", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mib", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--scratch", default=None)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("needs root")
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_images import _start_registry, oci_layout  # noqa: PLC0415 - the tests' helpers
+    base = tempfile.mkdtemp(prefix="bench-images-", dir=args.scratch)
+    mounts, regs = [], []
+    try:
+        layers = build_layers(base, args.mib, args.layers)
+        layout = oci_layout(base, layers)
+        size = sum(os.path.getsize(x) for x in layers)
+        store = os.path.join(base, "registry")
+        os.makedirs(store)
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        conf = os.path.join(base, "registry.yml")
+        with open(conf, "w") as f:
+            f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {store}\n"
+                    f"http:\n  addr: 127.0.0.1:{port}\n")
+        regs.append(_start_registry(conf))
+        host = f"127.0.0.1:{port}"
+        for fmt in ("gzip", "zstd:chunked"):
+            _run("skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress", "--dest-compress-format", fmt,
+                 f"oci:{layout}:v1", f"docker://{host}/bench/img:{fmt.replace(':', '-')}")
+        small = "usr/lib/python3/os.py"
+        rows = []
+
+        # pull + extract + kernel overlay
+        _run("sync")
+        t0 = time.monotonic()
+        pulled = os.path.join(base, "pulled")
+        _run("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{host}/bench/img:gzip", f"oci:{pulled}:v1")
+        with open(os.path.join(pulled, "index.json")) as f:
+            mdig = json.load(f)["manifests"][0]["digest"][7:]
+        with open(os.path.join(pulled, "blobs", "sha256", mdig)) as f:
+            man = json.load(f)
+        dirs = []
+        for i, layer in enumerate(man["layers"]):
+            d = os.path.join(base, f"x{i}")
+            os.makedirs(d)
+            _run("tar", "-xzf", os.path.join(pulled, "blobs", "sha256", layer["digest"][7:]), "-C", d)
+            dirs.append(d)
+        ku, kw, km = (os.path.join(base, n) for n in ("ku", "kw", "km"))
+        for d in (ku, kw, km):
+            os.makedirs(d)
+        _run("mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={':'.join(dirs[::-1])},upperdir={ku},workdir={kw}", km)
+        mounts.append(km)
+        os.stat(os.path.join(km, small))
+        t_stat_k = time.monotonic() - t0
+        with open(os.path.join(km, small), "rb") as f:
+            f.read()
+        t_read_k = time.monotonic() - t0
+        pulled_bytes = sum(os.path.getsize(os.path.join(pulled, "blobs", "sha256", x))
+                           for x in os.listdir(os.path.join(pulled, "blobs", "sha256")))
+
+        # ours, lazily
+        ou, ow, om = (os.path.join(base, n) for n in ("ou", "ow", "om"))
+        for d in (ou, ow, om):
+            os.makedirs(d)
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        py = str(REPO / ".venv" / "bin" / "python")
+        t0 = time.monotonic()
+        subprocess.run([py, "-m", "overlay", "mount", "-o",
+                        f"image={host}/bench/img:zstd-chunked,tls_verify=false,upperdir={ou},workdir={ow},"
+                        f"blob_cache={os.path.join(base, 'cache')}", om], check=True, env=env)
+        mounts.append(om)
+        os.stat(os.path.join(om, small))
+        t_stat_o = time.monotonic() - t0
+        with open(os.path.join(om, small), "rb") as f:
+            f.read()
+        t_read_o = time.monotonic() - t0
+        st = json.loads(os.getxattr(om, "user.overlay-fuse.stats"))
+        fetched = sum(i.get("bytes_fetched", 0) for i in st["images"])
+
+        def read_all(root):
+            t = time.monotonic()
+            for dp, _dn, fn in os.walk(root):
+                for n in fn:
+                    pth = os.path.join(dp, n)
+                    if os.path.isfile(pth) and not os.path.islink(pth):
+                        with open(pth, "rb") as f:
+                            while f.read(1 << 20):
+                                pass
+            return time.monotonic() - t
+        _run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+        t_all_k = read_all(km)
+        t_all_o = read_all(om)
+        st = json.loads(os.getxattr(om, "user.overlay-fuse.stats"))
+        fetched_all = sum(i.get("bytes_fetched", 0) for i in st["images"])
+        rows = [
+            ("first stat (s)", f"{t_stat_k:.2f}", f"{t_stat_o:.2f}"),
+            ("first small file read (s)", f"{t_read_k:.2f}", f"{t_read_o:.2f}"),
+            ("bytes fetched to there", f"{pulled_bytes / 1e6:.0f} MB", f"{fetched / 1e6:.2f} MB"),
+            ("then every file read (s)", f"{t_all_k:.2f}", f"{t_all_o:.2f}"),
+            ("bytes fetched in all", f"{pulled_bytes / 1e6:.0f} MB", f"{fetched_all / 1e6:.0f} MB"),
+        ]
+        print(f"image: {len(layers)} layers, {size / 1e6:.0f} MB uncompressed")
+        print("| | pull + extract + kernel overlay | ours, image= (zstd:chunked) |")
+        print("|---|---:|---:|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    finally:
+        for m in mounts[::-1]:
+            subprocess.run(["umount", m], capture_output=True)
+        for r in regs:
+            r.terminate()
+            r.wait(timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
