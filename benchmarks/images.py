@@ -90,21 +90,24 @@ def main(argv=None) -> int:
         layers = build_layers(base, args.mib, args.layers)
         layout = oci_layout(base, layers)
         size = sum(os.path.getsize(x) for x in layers)
-        store = os.path.join(base, "registry")
-        os.makedirs(store)
+        # one registry per format: skopeo would otherwise reuse the blobs of
+        # the first push (same uncompressed digest) for the second
         import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        conf = os.path.join(base, "registry.yml")
-        with open(conf, "w") as f:
-            f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {store}\n"
-                    f"http:\n  addr: 127.0.0.1:{port}\n")
-        regs.append(_start_registry(conf))
-        host = f"127.0.0.1:{port}"
+        hosts = {}
         for fmt in ("gzip", "zstd:chunked"):
+            store = os.path.join(base, "registry-" + fmt.replace(":", "-"))
+            os.makedirs(store)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            conf = store + ".yml"
+            with open(conf, "w") as f:
+                f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+                        f"    rootdirectory: {store}\nhttp:\n  addr: 127.0.0.1:{port}\n")
+            regs.append(_start_registry(conf))
+            hosts[fmt] = f"127.0.0.1:{port}"
             _run("skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress", "--dest-compress-format", fmt,
-                 f"oci:{layout}:v1", f"docker://{host}/bench/img:{fmt.replace(':', '-')}")
+                 f"oci:{layout}:v1", f"docker://{hosts[fmt]}/bench/img:v1")
         small = "usr/lib/python3/os.py"
         rows = []
 
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
         _run("sync")
         t0 = time.monotonic()
         pulled = os.path.join(base, "pulled")
-        _run("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{host}/bench/img:gzip", f"oci:{pulled}:v1")
+        _run("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{hosts['gzip']}/bench/img:v1", f"oci:{pulled}:v1")
         with open(os.path.join(pulled, "index.json")) as f:
             mdig = json.load(f)["manifests"][0]["digest"][7:]
         with open(os.path.join(pulled, "blobs", "sha256", mdig)) as f:
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
         py = str(REPO / ".venv" / "bin" / "python")
         t0 = time.monotonic()
         subprocess.run([py, "-m", "overlay", "mount", "-o",
-                        f"image={host}/bench/img:zstd-chunked,tls_verify=false,upperdir={ou},workdir={ow},"
+                        f"image={hosts['zstd:chunked']}/bench/img:v1,tls_verify=false,upperdir={ou},workdir={ow},"
                         f"blob_cache={os.path.join(base, 'cache')}", om], check=True, env=env)
         mounts.append(om)
         os.stat(os.path.join(om, small))

@@ -31,7 +31,7 @@ import threading
 import time
 
 from .blob import BlobError, need
-from .layer import INDEX_VERSION, BlobLayer, default_cache
+from .layer import INDEX_VERSION, READAHEAD, BlobLayer, default_cache
 
 log = logging.getLogger("overlay.images")
 
@@ -75,7 +75,9 @@ def toc_members(entries: list):
         if kind == "chunk":
             if not out or out[-1][1] is None:
                 raise BlobError("a chunk with no file before it in the table of contents")
-            out[-1][1].append([e["offset"], e["endOffset"], e.get("chunkOffset", 0),
+            # (a chunk's compressed end: its own endOffset where written,
+            # else the next chunk's offset, the last one's the file's end)
+            out[-1][1].append([e["offset"], e.get("endOffset"), e.get("chunkOffset", 0),
                                e.get("chunkSize", 0)])
             continue
         if kind not in _TYPES:
@@ -99,9 +101,17 @@ def toc_members(entries: list):
         out.append([ti, chunks, (lambda d=digest: d.partition(":")[2])])
     for ti, chunks, _ in out:
         if chunks:
-            for c in chunks:
-                if c[3] == 0:
-                    c[3] = ti.size - c[2]
+            file_end = chunks[0][1]         # the file entry's endOffset: after all its chunks
+            if len(chunks) > 1:
+                chunks[0][1] = None
+            for k, c in enumerate(chunks):
+                if c[1] is None or (k + 1 < len(chunks) and c[1] > chunks[k + 1][0]):
+                    c[1] = chunks[k + 1][0] if k + 1 < len(chunks) else file_end
+                nxt = chunks[k + 1][2] if k + 1 < len(chunks) else ti.size
+                if c[3] == 0 or c[2] + c[3] > nxt:
+                    c[3] = nxt - c[2]
+            if any(c[1] is None or c[1] <= c[0] for c in chunks):
+                raise BlobError(f"table of contents: bad chunk ranges for {ti.name!r}")
     return [(ti, chunks, f) for ti, chunks, f in out]
 
 
@@ -167,6 +177,7 @@ class ChunkedLayer(BlobLayer):
         self.done = set()
         self.lock = threading.Lock()
         self.reader = None
+        self._order = None
         self.fetched = 0
         self.seconds = 0.0
         self.digest = remote.digest
@@ -205,11 +216,42 @@ class ChunkedLayer(BlobLayer):
             os.close(root)
         self._write_index(tmp, d, files, tst)
 
+    def _span(self, ino: int) -> int:
+        chunks = self.files[ino][1]
+        return max(c[1] for c in chunks) - min(c[0] for c in chunks)
+
+    def _frames(self, rel, chunks, data, start):
+        """The file's data from data (the blob's bytes from start on), its
+        chunks decompressed in the file's order."""
+        dctx = self.zstd.ZstdDecompressor()
+        for off, endoff, _coff, csize in sorted(chunks, key=lambda c: c[2]):
+            try:
+                yield dctx.decompress(data[off - start:endoff - start], max_output_size=max(csize, 1))
+            except self.zstd.ZstdError as e:
+                raise OSError(5, f"{rel}: a chunk does not decompress: {e}") from None
+
     def _ensure(self, ino: int) -> None:
         with self.lock:
-            if ino in self.done:
+            if ino in self.done or self._in_place(ino):
                 return
             rel, chunks, size, want = self.files[ino]
+            if self._span(ino) <= READAHEAD:
+                # a small file: one request for it and the small files
+                # after it in the blob (READAHEAD bytes at most)
+                batch = [ino] + self._following(ino, READAHEAD - self._span(ino), self._span)
+                start = min(c[0] for c in chunks)
+                end = max(c[1] for i in batch for c in self.files[i][1])
+                data = self.remote.read(start, end)
+                for i in batch:
+                    if i != ino and self._in_place(i):
+                        continue
+                    r, ch, sz, w = self.files[i]
+                    try:
+                        self._fill(i, r, sz, w, self._frames(r, ch, data, start))
+                    except OSError:
+                        if i == ino:
+                            raise
+                return
             chunks = sorted(chunks, key=lambda c: c[2])
             dctx = self.zstd.ZstdDecompressor()
             groups = _groups(chunks)

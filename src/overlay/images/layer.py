@@ -40,6 +40,7 @@ from .blob import GZIP, TAR, ZSTD, BlobError, open_stream, sniff
 log = logging.getLogger("overlay.images")
 
 INDEX_VERSION = 1
+READAHEAD = 1 << 20         # bytes of the following files filled with the one asked for
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -116,6 +117,7 @@ class BlobLayer:
         self.done: set[int] = set()
         self.lock = threading.Lock()
         self.reader = None
+        self._order = None          # inos of the files in the blob's order (see _following)
         self.fetched = 0            # bytes of data put in place by this process
         self.seconds = 0.0          # spent doing it
         self.digest = None
@@ -195,13 +197,7 @@ class BlobLayer:
         self.tree_fd = tree
         self.files = {int(ino): (p, off, size, h) for ino, p, off, size, h in doc["files"]}
         self.done = set()
-        try:
-            with open(os.path.join(d, "done"), "rb") as f:
-                raw = f.read()
-            for i in range(0, len(raw) - len(raw) % 8, 8):
-                self.done.add(int.from_bytes(raw[i:i + 8], "little"))
-        except FileNotFoundError:
-            pass
+        self._order = None
         return True
 
     # ------------------------------------------------------------ building
@@ -465,15 +461,26 @@ class BlobLayer:
                 from .blob import RandomReader
                 self.reader = RandomReader(self.fd, self.fmt,
                                            os.path.join(self.dir, "gzip.idx") if self.fmt == GZIP else None)
-            rel, off, size, want = self.files[ino]
+            if self._in_place(ino):
+                return
+            # the file, then small files after it in the stream while the
+            # decompressor is there (READAHEAD bytes at most)
+            for i in [ino] + self._following(ino, READAHEAD, lambda i: self.files[i][2]):
+                if i != ino and self._in_place(i):
+                    continue
+                rel, off, size, want = self.files[i]
 
-            def pieces():
-                pos = 0
-                while pos < size:
-                    n = min(size - pos, 1 << 20)
-                    yield self.reader.read(off + pos, n)
-                    pos += n
-            self._fill(ino, rel, size, want, pieces())
+                def pieces(off=off, size=size):
+                    pos = 0
+                    while pos < size:
+                        n = min(size - pos, 1 << 20)
+                        yield self.reader.read(off + pos, n)
+                        pos += n
+                try:
+                    self._fill(i, rel, size, want, pieces())
+                except OSError:
+                    if i == ino:
+                        raise
 
     def _fill(self, ino: int, rel: str, size: int, want: str, pieces) -> None:
         """Write the file's data into its skeleton file, checked against
@@ -507,20 +514,64 @@ class BlobLayer:
                     os.setxattr(fd, k, v)
             if os.fstat(fd).st_mode != st.st_mode:
                 os.chmod(fd, S.S_IMODE(st.st_mode))
-            os.fsync(fd)
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(fd)
         self.fetched += size
-        self._mark_done(ino)
+        self.done.add(ino)
 
-    def _mark_done(self, ino: int) -> None:
-        fd = os.open(os.path.join(self.dir, "done"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _in_place(self, ino: int) -> bool:
+        """Are the file's data in its skeleton file already (put there by an
+        earlier mount)? Trusted only once they hash to the index's digest:
+        nothing is written to disk to say a file is complete, so a crash
+        can never make half-written data count as done."""
+        rel, _where, size, want = self.files[ino]
         try:
-            os.write(fd, ino.to_bytes(8, "little"))
+            fd = sys_open_inside(self.tree_fd, rel.encode(), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != ino or st.st_blocks == 0:
+                return False
+            h = hashlib.sha256()
+            pos = 0
+            while pos < size:
+                b = os.pread(fd, min(size - pos, 1 << 20), pos)
+                if not b:
+                    return False
+                h.update(b)
+                pos += len(b)
+            if h.hexdigest() != want:
+                return False
         finally:
             os.close(fd)
         self.done.add(ino)
+        return True
+
+    def _following(self, ino: int, budget: int, span) -> list[int]:
+        """Files after ino in the blob whose data are not in place, as many
+        as fit in budget (span(ino) -> their cost): filled with it, one read
+        or request for several small files."""
+        if self._order is None:
+            self._order = sorted(self.files, key=lambda i: self._key(self.files[i][1]))
+            self._pos = {i: k for k, i in enumerate(self._order)}
+        out = []
+        k = self._pos.get(ino, len(self._order)) + 1
+        while k < len(self._order) and budget > 0:
+            nxt = self._order[k]
+            if nxt not in self.done:
+                cost = span(nxt)
+                if cost > budget:
+                    break
+                budget -= cost
+                out.append(nxt)
+            k += 1
+        return out
+
+    @staticmethod
+    def _key(where) -> int:
+        return where if isinstance(where, int) else min(c[0] for c in where)
 
     def _fill_all(self) -> None:
         """One pass over a stream without random access: every file whose
