@@ -272,6 +272,17 @@ class BlobLayer:
         {dir path: mtime})."""
         files: dict[int, tuple] = {}
         dirs: dict[str, int] = {}
+        # (the parent of the last member kept open: a tar lists a dir's
+        # entries together; modes as given, no umask: the build runs before
+        # the daemon's threads do)
+        cached, cached_fd = None, -1
+        umask = os.umask(0)
+        try:
+            return self._make_all(members, root, files, dirs, cached, cached_fd)
+        finally:
+            os.umask(umask)
+
+    def _make_all(self, members, root, files, dirs, cached, cached_fd):
         for ti, where, digest in members:
             rel = _rel(ti.name)
             if rel is None:
@@ -283,11 +294,17 @@ class BlobLayer:
                     self._meta_fd(root, ti)
                     dirs[""] = _mtime_ns(ti)
                 continue
-            try:
-                pfd = self._parent(root, parent, dirs)
-            except OSError as e:
-                log.warning("%s: member %r: parent %r: %s: skipped", self.path, ti.name, parent, e.strerror)
-                continue
+            if parent != cached or cached_fd < 0:
+                if cached_fd >= 0 and cached_fd != root:
+                    os.close(cached_fd)
+                cached, cached_fd = None, -1
+                try:
+                    cached_fd = self._parent(root, parent, dirs)
+                except OSError as e:
+                    log.warning("%s: member %r: parent %r: %s: skipped", self.path, ti.name, parent, e.strerror)
+                    continue
+                cached = parent
+            pfd = cached_fd
             try:
                 if base == OCI_OPQ:
                     os.setxattr(f"/proc/self/fd/{pfd}", OPAQUE_XATTR, b"y")
@@ -314,12 +331,21 @@ class BlobLayer:
                     continue
                 self._replace(pfd, base)
                 if ti.isreg():
+                    # (through the fd: no path resolved again for each step)
                     fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                 0o600, dir_fd=pfd)
+                                 ti.mode & 0o777, dir_fd=pfd)
                     try:
-                        os.ftruncate(fd, ti.size)
+                        if ti.size:
+                            os.ftruncate(fd, ti.size)
                         st = os.fstat(fd)
-                        self._meta_fd(fd, ti)
+                        if (st.st_uid, st.st_gid) != (ti.uid, ti.gid):
+                            os.fchown(fd, ti.uid, ti.gid)
+                        if ti.mode & 0o7000:
+                            os.fchmod(fd, ti.mode & 0o7777)     # (after chown, which clears them)
+                        for k, v in _xattrs(ti):
+                            os.setxattr(fd, k, v)
+                        ns = _mtime_ns(ti)
+                        os.utime(fd, ns=(ns, ns))
                     finally:
                         os.close(fd)
                     if ti.size:
@@ -354,9 +380,8 @@ class BlobLayer:
                     log.warning("%s: member %r of type %r: skipped", self.path, ti.name, ti.type)
             except OSError as e:
                 log.warning("%s: member %r: %s: skipped", self.path, ti.name, e.strerror)
-            finally:
-                if pfd != root:
-                    os.close(pfd)
+        if cached_fd >= 0 and cached_fd != root:
+            os.close(cached_fd)
         return files, dirs
 
     def _parent(self, root: int, parent: str, dirs: dict) -> int:
