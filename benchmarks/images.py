@@ -74,6 +74,23 @@ def build_layers(base: str, mib: int, nlayers: int) -> list[str]:
     return layers
 
 
+def _dirs(base: str, *names: str) -> list[str]:
+    out = [os.path.join(base, n) for n in names]
+    for d in out:
+        os.makedirs(d)
+    return out
+
+
+def _first_reads(mp: str, path: str, t0: float) -> tuple[float, float]:
+    """Seconds from t0 until a stat of path in mp succeeds, and until the
+    file is read."""
+    os.stat(os.path.join(mp, path))
+    t_stat = time.monotonic() - t0
+    with open(os.path.join(mp, path), "rb") as f:
+        f.read()
+    return t_stat, time.monotonic() - t0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.images", description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=1024)
@@ -126,24 +143,16 @@ def main(argv=None) -> int:
             os.makedirs(d)
             _run("tar", "-xzf", os.path.join(pulled, "blobs", "sha256", layer["digest"][7:]), "-C", d)
             dirs.append(d)
-        ku, kw, km = (os.path.join(base, n) for n in ("ku", "kw", "km"))
-        for d in (ku, kw, km):
-            os.makedirs(d)
+        ku, kw, km = _dirs(base, "ku", "kw", "km")
         _run("mount", "-t", "overlay", "overlay", "-o",
              f"lowerdir={':'.join(dirs[::-1])},upperdir={ku},workdir={kw}", km)
         mounts.append(km)
-        os.stat(os.path.join(km, small))
-        t_stat_k = time.monotonic() - t0
-        with open(os.path.join(km, small), "rb") as f:
-            f.read()
-        t_read_k = time.monotonic() - t0
+        t_stat_k, t_read_k = _first_reads(km, small, t0)
         pulled_bytes = sum(os.path.getsize(os.path.join(pulled, "blobs", "sha256", x))
                            for x in os.listdir(os.path.join(pulled, "blobs", "sha256")))
 
         # ours, lazily
-        ou, ow, om = (os.path.join(base, n) for n in ("ou", "ow", "om"))
-        for d in (ou, ow, om):
-            os.makedirs(d)
+        ou, ow, om = _dirs(base, "ou", "ow", "om")
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
         py = str(REPO / ".venv" / "bin" / "python")
         t0 = time.monotonic()
@@ -151,11 +160,7 @@ def main(argv=None) -> int:
                         f"image={hosts['zstd:chunked']}/bench/img:v1,tls_verify=false,upperdir={ou},workdir={ow},"
                         f"blob_cache={os.path.join(base, 'cache')}", om], check=True, env=env)
         mounts.append(om)
-        os.stat(os.path.join(om, small))
-        t_stat_o = time.monotonic() - t0
-        with open(os.path.join(om, small), "rb") as f:
-            f.read()
-        t_read_o = time.monotonic() - t0
+        t_stat_o, t_read_o = _first_reads(om, small, t0)
         st = json.loads(os.getxattr(om, "user.overlay-fuse.stats"))
         fetched = sum(i.get("bytes_fetched", 0) for i in st["images"])
 

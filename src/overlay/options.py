@@ -524,6 +524,8 @@ def _check_lower(path: str) -> None:
         return
     if stat.S_ISDIR(st.st_mode):
         return
+    from overlay.images.blob import sniff_head  # noqa: PLC0415 - only for a file as a layer
+
     head = b""
     if stat.S_ISREG(st.st_mode):
         try:
@@ -531,8 +533,7 @@ def _check_lower(path: str) -> None:
                 head = f.read(512)
         except OSError as exc:
             raise OptionError(f"cannot read lower layer '{path}': {exc.strerror}") from None
-    # (gzip, zstd, or a tar's ustar magic: overlay.images.blob.sniff)
-    if not (head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd" or head[257:262] == b"ustar"):
+    if sniff_head(head) is None:
         raise OptionError(f"lower layer '{path}' is neither a directory nor a layer blob"
                           " (tar, tar+gzip, tar+zstd)")
 

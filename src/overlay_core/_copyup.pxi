@@ -71,6 +71,10 @@ cdef class _Copier(_Lister):
             if self._cond is not None:
                 self._cond.notify_all()
 
+    def provider_of(self, int k):
+        """The data provider of lower layer k (an image layer), or None."""
+        return self.providers.get(k) if self.providers else None
+
     def provide_data(self, Node n, bint mine=False):
         """n's data lie in a lower layer with a provider (an image layer:
         overlay.images): have it put them in place first. The lock is let
@@ -80,7 +84,7 @@ cdef class _Copier(_Lister):
         if not lowers or n.is_dir:
             return
         idx, fd = lowers[-1] if n._bits & NB_METACOPY else lowers[0]
-        prov = self.providers.get(idx)
+        prov = self.provider_of(idx)
         if prov is None:
             return
         ino = os.fstat(fd).st_ino
@@ -89,11 +93,7 @@ cdef class _Copier(_Lister):
         if not mine:
             self._wait_idle(n)
             n.busy = True
-        unlock = self._cond is not None
-        if unlock:
-            if self._on_long is not None:
-                self._on_long()
-            self._cond.release()
+        let = self._let_go(True)
         try:
             prov.ensure(ino)
         except OSError:
@@ -102,8 +102,7 @@ cdef class _Copier(_Lister):
             log.error("data of %r from layer %d: %s", n.name, idx, e)
             raise _err(errno.EIO, n.name)
         finally:
-            if unlock:
-                self._cond.acquire()
+            self._take_back(let)
             if not mine:
                 n.busy = False
                 if self._cond is not None:
@@ -199,12 +198,7 @@ cdef class _Copier(_Lister):
                 try:
                     # a big file: other threads go on while its data are copied
                     # (n is busy: changes to it wait, see _wait_idle)
-                    unlock = (self._cond is not None and data and not mc
-                              and st.st_size > COPY_LOCKED_MAX)
-                    if unlock:
-                        if self._on_long is not None:
-                            self._on_long()
-                        self._cond.release()
+                    let = self._let_go(data and not mc and st.st_size > COPY_LOCKED_MAX)
                     try:
                         if mc:
                             os.ftruncate(wfd, st.st_size)
@@ -220,8 +214,7 @@ cdef class _Copier(_Lister):
                             # metadata-only copy-up relies on)
                             sys_fsync(wfd)
                     finally:
-                        if unlock:
-                            self._cond.acquire()
+                        self._take_back(let)
                 finally:
                     os.close(wfd)
                 tfd = self._opath(wd, t, False)

@@ -101,6 +101,17 @@ cdef inline bint node_is_merged(Node n) noexcept:
     return ((len(n._lowers) if n._lowers is not None else 0) + (n._upper >= 0 or n._upper == -3)) > 1
 
 
+cdef inline int node_top_fd(Node n) except -2:
+    """The highest-numbered fd n holds (-1: none). open() gives the lowest
+    free number, so one this high says that many fds are open."""
+    cdef int top = n._upper
+    if n._lowers:
+        for _, fd in n._lowers:
+            if fd > top:
+                top = fd
+    return top
+
+
 cdef inline unsigned long long _fingerprint(long long a, long long b, long long c) noexcept:
     """A 64-bit mix of three values (splitmix64 steps): equal inputs, equal
     prints; a chance change goes unnoticed with odds of 2**-64."""
@@ -195,6 +206,8 @@ cdef class _Stack:
     cdef _hold(self, Node n)
     cdef _lru_unlink(self, Node n)
     cdef _evict(self, Node n)
+    cdef bint _let_go(self, bint want)
+    cdef _take_back(self, bint let)
     cdef _sync_upper(self, Node d)
     cdef _add_alias(self, Node n, Node parent, bytes name)
     cdef _rename_alias(self, Node n, Node op, bytes oname, Node np, bytes nname)

@@ -3,16 +3,6 @@ listing of a directory (readdir), as the kernel lists it, kept until the
 directory changes through us; the names that make a dir non-empty; readlink."""
 
 
-cdef int _top_fd(Node n) except -2:
-    """The highest-numbered fd n holds (-1: none)."""
-    cdef int top = n._upper
-    if n._lowers:
-        for _, fd in n._lowers:
-            if fd > top:
-                top = fd
-    return top
-
-
 cdef class _Lister(_Resolver):
     """Directory listings."""
 
@@ -123,7 +113,7 @@ cdef class _Lister(_Resolver):
                 child = self.lookup(n, name)
                 child = known.setdefault(child.key, child)
                 if (child.is_dir and self.nodes.get(child.key) is not child
-                        and _top_fd(child) >= self.fd_cache_max):
+                        and node_top_fd(child) >= self.fd_cache_max):
                     # unknown to the kernel, and fds are many already (open()
                     # gives the lowest free number): see evict_dir
                     self.evict_dir(child)

@@ -107,18 +107,13 @@ cdef _data_into_upper(_Stack self, Node n, bint data, long long size, bytes upat
         try:
             wfd = os.open(upath, os.O_WRONLY | O_CLOEXEC)
             try:
-                unlock = self._cond is not None and size > COPY_LOCKED_MAX
-                if unlock:
-                    if self._on_long is not None:
-                        self._on_long()
-                    self._cond.release()
+                let = self._let_go(size > COPY_LOCKED_MAX)
                 try:
                     sys_copy_data(rfd, wfd, size, True)
                     if not self.no_sync:
                         sys_fsync(wfd)
                 finally:
-                    if unlock:
-                        self._cond.acquire()
+                    self._take_back(let)
             finally:
                 os.close(wfd)
         finally:

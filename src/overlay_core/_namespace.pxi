@@ -413,7 +413,7 @@ cdef class Overlay(_Quota):
                       key=lambda k: -self.layer_hits[1 + k])[:most]
         for k in used:
             name = "lower %d" % k if k < self.nlower else "data-only %d" % (k - self.nlower)
-            prov = self.providers.get(k) if self.providers else None
+            prov = self.provider_of(k)
             out.append({"layer": name, "path": os.fsdecode(self.lower_paths[k]) if prov is None else prov.path,
                         "lookups": self.layer_hits[1 + k]})
         return out
@@ -432,7 +432,7 @@ cdef class Overlay(_Quota):
         user.overlay-fuse.layer; never stored."""
         def lower(int k):
             kind = "lower" if k < self.nlower else "data-only layer"
-            prov = self.providers.get(k) if self.providers else None
+            prov = self.provider_of(k)
             where = os.fsdecode(self.lower_paths[k]) if prov is None else prov.describe()
             return "%s %d: %s" % (kind, k if k < self.nlower else k - self.nlower, where)
         up = "upper: %s" % os.fsdecode(self.upper_path or b"")
@@ -443,7 +443,7 @@ cdef class Overlay(_Quota):
             if n.metacopy and len(n.lowers) > 1:
                 return lower(n.lowers[0][0]) + " (metadata only; data in %s)" % lower(n.lowers[-1][0])
             k, fd = n.lowers[0]
-            prov = self.providers.get(k) if self.providers else None
+            prov = self.provider_of(k)
             if prov is not None:
                 return lower(k) + prov.describe_entry(os.fstat(fd).st_ino)
             return lower(k)

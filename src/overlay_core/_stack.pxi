@@ -520,6 +520,21 @@ cdef class _Stack:
         n.in_lru = False
         self.fd_cache_len -= 1
 
+    cdef bint _let_go(self, bint want):
+        """Before long work (want): tell the caller (on_long, see set_lock)
+        and let go of its lock, so other requests go on; whether it was let
+        go (then _take_back after the work)."""
+        if not want or self._cond is None:
+            return False
+        if self._on_long is not None:
+            self._on_long()
+        self._cond.release()
+        return True
+
+    cdef _take_back(self, bint let):
+        if let:
+            self._cond.acquire()
+
     cdef _evict(self, Node n):
         if n._upper >= 0:
             os.close(n._upper)
@@ -757,17 +772,7 @@ cdef class _Stack:
         if n._upper < 0 and not n._lowers:
             return
         n.dircache = None       # (it holds n's fds)
-        if n._upper >= 0:
-            os.close(n._upper)
-            n._upper = EVICTED
-        if n._lowers:
-            lowers = []
-            for idx, fd in n._lowers:
-                if fd >= 0:
-                    os.close(fd)
-                lowers.append((idx, EVICTED))
-            n._lowers = lowers
-        n.evicted = True
+        self._evict(n)
 
     cpdef release(self, Node n):
         """Close the fds of a non-dir n that nothing uses now (an O_PATH fd

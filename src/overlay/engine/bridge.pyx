@@ -39,7 +39,7 @@ cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
 from overlay.engine.abi cimport *
-from overlay_core._core cimport Node, Overlay, Stat, node_is_merged, node_note_reported
+from overlay_core._core cimport Node, Overlay, Stat, node_is_merged, node_note_reported, node_top_fd
 from overlay.engine.wire cimport Session, READ_BUFFER
 
 from bisect import bisect_right
@@ -280,19 +280,15 @@ cdef class OverlayFS(Session):
         (one a layer it is in) while the kernel knows it: when one of them
         is numbered past fd_high, the fds are running out (open() gives the
         lowest free number) and a relief starts (_relieve)."""
-        cdef int top
         self.inodes.put(nodeid, node)
         if not node.is_dir:
             return 0
         self.kdirs += 1
         self.dirs_added += 1
-        top = node._upper
-        if node._lowers:
-            top = max(top, <int>node._lowers[-1][1])
         # (again once the last is done, if 64 dirs were added since or a
         # second has passed: where open files hold the fds, dropping dirs
         # cannot help, and is not done at every request)
-        if (top >= self.fd_high and self.relief is None
+        if (node_top_fd(node) >= self.fd_high and self.relief is None
                 and (self.dirs_added >= 64 or time.monotonic() - self.relief_at > 1.0)):
             self.relief_at = time.monotonic()
             self.dirs_added = 0

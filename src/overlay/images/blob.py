@@ -27,16 +27,37 @@ class BlobError(Exception):
     """A blob that cannot be read as a layer (one line, for the log)."""
 
 
-def sniff(fd: int) -> str:
-    head = os.pread(fd, 4, 0)
+def sniff_head(head: bytes) -> str | None:
+    """The format the first 262 bytes of a file say it has, or None."""
     if head.startswith(GZIP_MAGIC):
         return GZIP
-    if head == ZSTD_MAGIC:
+    if head.startswith(ZSTD_MAGIC):
         return ZSTD
-    tail = os.pread(fd, 8, 257)
-    if tail[:5] == b"ustar" or os.fstat(fd).st_size == 0:
+    if head[257:262] == b"ustar":
         return TAR
-    raise BlobError("not a layer blob (neither tar, gzip nor zstd)")
+    return None
+
+
+def sniff(fd: int) -> str:
+    fmt = sniff_head(os.pread(fd, 262, 0))
+    if fmt is None and os.fstat(fd).st_size == 0:
+        fmt = TAR
+    if fmt is None:
+        raise BlobError("not a layer blob (neither tar, gzip nor zstd)")
+    return fmt
+
+
+def read_exactly(stream, n: int, what: str) -> bytes:
+    """n bytes from a stream (which may give fewer at a time), or
+    BlobError naming what ends early."""
+    out = []
+    while n > 0:
+        b = stream.read(min(n, 1 << 20))
+        if not b:
+            raise BlobError(f"{what} ends early")
+        out.append(b)
+        n -= len(b)
+    return b"".join(out)
 
 
 def need(module: str, what: str):
@@ -129,14 +150,7 @@ class RandomReader:
     def read(self, offset: int, size: int) -> bytes:
         with self.lock:
             self.stream.seek(offset)
-            out = []
-            while size > 0:
-                b = self.stream.read(min(size, 1 << 20))
-                if not b:
-                    raise BlobError(f"blob ends before offset {offset + size}")
-                out.append(b)
-                size -= len(b)
-            return b"".join(out)
+            return read_exactly(self.stream, size, f"the blob, read at {offset},")
 
     def close(self) -> None:
         self.stream.close()

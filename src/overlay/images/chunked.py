@@ -31,7 +31,7 @@ import threading
 import time
 
 from .blob import BlobError, need
-from .layer import INDEX_VERSION, READAHEAD, BlobLayer, default_cache
+from .layer import INDEX_VERSION, READAHEAD, BlobLayer
 
 log = logging.getLogger("overlay.images")
 
@@ -155,32 +155,13 @@ class RemoteBlob:
         return f"{self.reg.host}/{self.repo}@{self.digest}"
 
 
-class _St:
-    def __init__(self, size):
-        self.st_size = size
-
-
 class ChunkedLayer(BlobLayer):
     """A zstd:chunked blob in a registry, as a lower layer (see the module's
     docstring)."""
 
     def __init__(self, remote: RemoteBlob, cache: str | None = None):
         self.remote = remote
-        self.path = remote.name()
-        self.cache = cache or default_cache()
-        self.fd = -1
-        self.st = _St(remote.size)
-        self.fmt = FORMAT
-        self.dir = None
-        self.tree_fd = -1
-        self.files = {}
-        self.done = set()
-        self.lock = threading.Lock()
-        self.reader = None
-        self._order = None
-        self.fetched = 0
-        self.seconds = 0.0
-        self.digest = remote.digest
+        self._setup(remote.name(), cache, -1, remote.size, FORMAT, remote.digest)
         self.zstd = need("zstandard", "a zstd:chunked layer")
 
     def _digest(self) -> str:

@@ -35,7 +35,7 @@ import time
 
 from overlay_core import sys_open_inside
 
-from .blob import GZIP, TAR, ZSTD, BlobError, open_stream, sniff
+from .blob import GZIP, TAR, ZSTD, BlobError, open_stream, read_exactly, sniff
 
 log = logging.getLogger("overlay.images")
 
@@ -102,15 +102,27 @@ class BlobLayer:
     file with that inode number, in place before they are read)."""
 
     def __init__(self, path: str, cache: str | None = None):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if not S.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise BlobError(f"{path}: not a regular file")
+        try:
+            fmt = sniff(fd)
+        except BlobError:
+            os.close(fd)
+            raise
+        self._setup(path, cache, fd, st.st_size, fmt, None)
+        self.st = st
+
+    def _setup(self, path: str, cache: str | None, fd: int, size: int, fmt: str, digest) -> None:
+        """The state of a layer: where it comes from (path, fd or -1) and
+        what it is; nothing loaded yet (prepare)."""
         self.path = path
         self.cache = cache or default_cache()
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
-        if not S.S_ISREG(st.st_mode):
-            os.close(self.fd)
-            raise BlobError(f"{path}: not a regular file")
-        self.st = st
-        self.fmt = sniff(self.fd)
+        self.fd = fd
+        self.size = size
+        self.fmt = fmt
         self.dir = None
         self.tree_fd = -1
         self.files: dict[int, tuple[str, int, int, str]] = {}   # ino -> (path, offset, size, sha256)
@@ -120,7 +132,7 @@ class BlobLayer:
         self._order = None          # inos of the files in the blob's order (see _following)
         self.fetched = 0            # bytes of data put in place by this process
         self.seconds = 0.0          # spent doing it
-        self.digest = None
+        self.digest = digest
 
     # ------------------------------------------------------------ cache
 
@@ -162,7 +174,7 @@ class BlobLayer:
         d = os.path.join(self.cache, "sha256", hexd)
         os.makedirs(os.path.dirname(d), exist_ok=True)
         if not self._load(d):
-            log.info("%s: building its index (%s, %d bytes)", self.path, self.fmt, self.st.st_size)
+            log.info("%s: building its index (%s, %d bytes)", self.path, self.fmt, self.size)
             self._build(d)
             if not self._load(d):
                 raise BlobError(f"{self.path}: the index just built does not load")
@@ -185,7 +197,7 @@ class BlobLayer:
             return False
         tst = os.fstat(tree)
         ok = (doc.get("version") == INDEX_VERSION and doc.get("digest") == "sha256:" + os.path.basename(d)
-              and doc.get("format") == self.fmt and doc.get("blob_size") == self.st.st_size
+              and doc.get("format") == self.fmt and doc.get("blob_size") == self.size
               and doc.get("tree") == [tst.st_dev, tst.st_ino]
               and doc.get("files_sha256") == hashlib.sha256(body).hexdigest()
               and (self.fmt != GZIP or os.path.exists(os.path.join(d, "gzip.idx"))))
@@ -246,7 +258,7 @@ class BlobLayer:
         """index.json into tmp (flushed), then tmp in d's place."""
         body = [[ino, p, off, size, h] for ino, (p, off, size, h) in files.items()]
         doc = {"version": INDEX_VERSION, "digest": "sha256:" + os.path.basename(d), "format": self.fmt,
-               "blob_size": self.st.st_size, "tree": [tst.st_dev, tst.st_ino], "files": body,
+               "blob_size": self.size, "tree": [tst.st_dev, tst.st_ino], "files": body,
                "files_sha256": hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()}
         with open(os.path.join(tmp, "index.json"), "w") as f:
             json.dump(doc, f, separators=(",", ":"))
@@ -611,28 +623,18 @@ class BlobLayer:
                     continue
                 skip = off - pos
                 while skip > 0:
-                    skip -= len(self._exactly(stream, min(skip, 1 << 20)))
+                    skip -= len(read_exactly(stream, min(skip, 1 << 20), self.path))
                 pos = off + size
 
                 def pieces(size=size):
                     left = size
                     while left > 0:
-                        b = self._exactly(stream, min(left, 1 << 20))
+                        b = read_exactly(stream, min(left, 1 << 20), self.path)
                         left -= len(b)
                         yield b
                 self._fill(ino, rel, size, h, pieces())
         finally:
             stream.close()
-
-    def _exactly(self, stream, n: int) -> bytes:
-        out = []
-        while n > 0:
-            b = stream.read(n)
-            if not b:
-                raise BlobError(f"{self.path}: blob ends early")
-            out.append(b)
-            n -= len(b)
-        return b"".join(out)
 
     def close(self) -> None:
         if self.reader is not None:
