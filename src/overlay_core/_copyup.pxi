@@ -87,7 +87,8 @@ cdef class _Copier(_Lister):
         prov = self.provider_of(idx)
         if prov is None:
             return
-        ino = os.fstat(fd).st_ino
+        # (a lower file's own identity is n's; a metacopy's data are another's)
+        ino = n.real_ino if n._has_real and not n._bits & NB_METACOPY else os.fstat(fd).st_ino
         if not prov.needs(ino):
             return
         if not mine:

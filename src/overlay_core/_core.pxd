@@ -102,13 +102,13 @@ cdef inline bint node_is_merged(Node n) noexcept:
 
 
 cdef inline int node_top_fd(Node n) except -2:
-    """The highest-numbered fd n holds (-1: none). open() gives the lowest
-    free number, so one this high says that many fds are open."""
+    """The fd n opened last (-1: none): its upper one, then its lower ones
+    in order, so the last of those. open() gives the lowest free number, so
+    one this high says that many fds are open. (Not a walk of the lowers:
+    the engine asks for every dir it hands out, in stacks of thousands.)"""
     cdef int top = n._upper
-    if n._lowers:
-        for _, fd in n._lowers:
-            if fd > top:
-                top = fd
+    if n._lowers and n._lowers[-1][1] > top:
+        top = n._lowers[-1][1]
     return top
 
 
