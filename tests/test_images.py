@@ -489,3 +489,80 @@ def test_zstd_chunked_image_fetches_only_what_is_read(images, registry, relmount
     finally:
         back.terminate()
         back.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------
+# podman through our additional layer store (overlay layer-store)
+
+
+def test_podman_runs_an_image_through_the_layer_store(registry, reltmp):
+    """podman with ``additionallayerstores`` on ``overlay layer-store`` and
+    our mount program: pulling a zstd:chunked image from the loopback
+    registry takes its layer from the store (made from the table of
+    contents, not pulled), ``podman run`` reads a file fetched then, a big
+    file not read stays unfetched, and reads whole and right when read."""
+    import shutil
+    import sys
+    import time
+    import test_podman
+    if test_podman._skip_reason():
+        pytest.skip(test_podman._skip_reason())
+    host, _proc = registry
+    base = os.path.join(reltmp, "als")
+    root = os.path.join(base, "rootfs")
+    for d in ("bin", "etc", "data"):
+        os.makedirs(os.path.join(root, d))
+    shutil.copy2(test_podman.BUSYBOX, os.path.join(root, "bin", "busybox"))
+    for applet in ("sh", "cat", "sha256sum"):
+        os.symlink("busybox", os.path.join(root, "bin", applet))
+    with open(os.path.join(root, "etc", "hello"), "w") as f:
+        f.write("hello from the registry\n")
+    big = os.urandom(6 << 20)
+    with open(os.path.join(root, "data", "big"), "wb") as f:
+        f.write(big)
+    tar = os.path.join(base, "rootfs.tar")
+    subprocess.run(["tar", "-C", root, "-cf", tar, "."], check=True)
+    layout = oci_layout(base, [tar])
+    ref = f"{host}/test/als:v1"
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
+                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{ref}"],
+                   check=True, capture_output=True, timeout=120)
+    store, cache = os.path.join(base, "store"), os.path.join(base, "cache")
+    os.makedirs(store)
+    log = open(os.path.join(base, "store.log"), "w")
+    served = subprocess.Popen([sys.executable, "-m", "overlay", "layer-store", "-o",
+                               f"tls_verify=false,blob_cache={cache}", store],
+                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    pm = None
+    try:
+        for _ in range(100):
+            if mountutil.is_mounted(store) or served.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert mountutil.is_mounted(store), open(log.name).read()
+        pm = test_podman.Podman(os.path.join(base, "podman"), layer_store=store)
+        out = pm("pull", "--tls-verify=false", ref, check=False)
+        assert out.returncode == 0, out.stderr
+        assert "GC doesn't seem to be supported" not in out.stderr, out.stderr
+        layers = os.path.join(pm.root, "overlay")
+        marked = [d for d in os.listdir(layers) if os.path.exists(os.path.join(layers, d, "additionallayer"))]
+        assert len(marked) == 1, os.listdir(layers)
+        assert os.path.islink(os.path.join(layers, marked[0], "diff"))
+        (skeleton,) = [os.path.join(dp, "tree") for dp, dn, _ in os.walk(os.path.join(cache, "sha256"))
+                       if "tree" in dn]
+        assert os.stat(f"{skeleton}/data/big").st_blocks == 0          # not pulled
+        assert pm("run", "--rm", ref, "cat", "/etc/hello") == "hello from the registry\n"
+        assert os.stat(f"{skeleton}/data/big").st_blocks == 0          # not read: not fetched
+        out = pm("run", "--rm", ref, "sha256sum", "/data/big")
+        assert out.split()[0] == hashlib.sha256(big).hexdigest()
+        assert test_podman.OURS and "lowerdir=" in pm.argv_text()
+    finally:
+        if pm is not None:
+            pm("rmi", "--all", "--force", check=False)
+            pm.close()
+        served.terminate()
+        served.wait(timeout=30)
+        log.close()
+        if mountutil.is_mounted(store):
+            mountutil.umount(store)
+    assert not mountutil.is_mounted(store)

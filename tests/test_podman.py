@@ -93,7 +93,7 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_rea
 class Podman:
     """podman with private storage under ``base`` and our mount_program."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, layer_store: str | None = None):
         self.base = base
         self.root = os.path.join(base, "root")
         self.runroot = os.path.join(base, "runroot")
@@ -120,7 +120,9 @@ class Podman:
                 'driver = "overlay"\n'
                 f'graphroot = "{self.root}"\n'
                 f'runroot = "{self.runroot}"\n'
-                "[storage.options.overlay]\n"
+                + ("[storage.options]\n"
+                   f'additionallayerstores = ["{layer_store}:ref"]\n' if layer_store else "")
+                + "[storage.options.overlay]\n"
                 f'mount_program = "{self.wrapper}"\n'
             )
         self.containers_conf = os.path.join(base, "containers.conf")

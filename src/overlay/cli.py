@@ -614,6 +614,9 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
 
     stats.add_command(sub)
     stats.add_which_command(sub)
+    from overlay import layerstore  # noqa: PLC0415
+
+    layerstore.add_command(sub)
     return parser
 
 
@@ -627,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("overlay: error: a command is required (mount, umount, list, demo, diff, commit, stats or which)",
+        print("overlay: error: a command is required (mount, umount, list, demo, diff, commit, stats, which or layer-store)",
               file=sys.stderr)
         return EXIT_USAGE
 
@@ -667,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from overlay import stats  # noqa: PLC0415
 
         return stats.run_which(args, prog="overlay")
+    if args.command == "layer-store":
+        from overlay import layerstore  # noqa: PLC0415
+
+        return layerstore.run_command(args, prog="overlay")
     if args.command in ("diff", "commit"):
         from overlay import layertools  # noqa: PLC0415
 

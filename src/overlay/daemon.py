@@ -152,6 +152,8 @@ def prepare_blob_layers(config):
     for i, path in enumerate(lowers):
         local = isinstance(path, str)       # (else a zstd:chunked blob in a registry)
         if local and os.path.isdir(path):
+            if os.path.basename(path) == "tree" and os.geteuid() == 0:
+                _store_layer(config, lowers, providers, i)
             continue
         if local and os.geteuid() != 0:
             raise OSError(errno.EPERM, f"lower layer '{path}' is a layer blob: blobs need root for now"
@@ -166,6 +168,21 @@ def prepare_blob_layers(config):
             raise OSError(errno.EINVAL, str(exc)) from None
         providers[i] = layer
     return lowers, providers
+
+
+def _store_layer(config, lowers, providers, i) -> None:
+    """A lower dir that is a link to a layer skeleton made by our layer
+    store (podman passes links to it, resolved by then): its files are
+    filled when opened (overlay.images.store)."""
+    from overlay.images.store import provider_for  # noqa: PLC0415 - only for images
+
+    layer = provider_for(lowers[i], getattr(config, "blob_cache", None))
+    if layer is not None:
+        try:
+            lowers[i] = layer.prepare()
+        except Exception as exc:  # noqa: BLE001 - one line for any failure
+            raise OSError(errno.EIO, f"lower layer '{lowers[i]}' (a layer store's): {exc}") from None
+        providers[i] = layer
 
 
 def _new_core(Overlay, config, lowers, userxattr, redirect_dir, redirect_follow):

@@ -1059,3 +1059,26 @@ cdef class Session:
                 close(self.wfds[k])
                 self.wfds[k] = -1
         self.devfd = -1
+
+
+cdef class PlainSession(Session):
+    """A Session whose requests are answered in Python, for a small
+    filesystem where speed does not matter (overlay.engine.plain):
+    on_request(opcode, nodeid, uid, gid, pid, arg) gives the reply's
+    payload (bytes), an errno (int; 0: success without payload) or None
+    (no reply: FORGET and its kind)."""
+
+    cdef public object on_request
+
+    cdef int handle(self, int fd, fuse_in_header *h, char *arg,
+                    size_t arglen) except -1:
+        cdef bytes payload
+        r = self.on_request(h.opcode, h.nodeid, h.uid, h.gid, h.pid, arg[:arglen])
+        if _no_reply(h.opcode) or r is None:
+            return 0
+        if isinstance(r, int):
+            self.reply_err(fd, h.unique, r)
+            return 0
+        payload = r
+        self.reply(fd, h.unique, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        return 0

@@ -235,34 +235,42 @@ def _pick(index: dict) -> str:
     raise BlobError(f"no image for linux/{arch} in the index")
 
 
-def layers_of(ref: Ref, cache: str, tls_verify: bool = True, auth_file: str | None = None) -> list:
-    """The image's layers, top first: blob files (in an OCI layout where
-    they lie; from a registry fetched into cache/blobs, once, each checked
-    against its digest), except zstd:chunked blobs in a registry, which
-    stay there (chunked.RemoteBlob: read by range, only what is used)."""
-    if ref.layout is not None:
-        return _layout_layers(ref)
+def image_manifest(ref: Ref, tls_verify: bool = True, auth_file: str | None = None):
+    """(the Registry, the image's manifest for this platform) of a registry
+    reference."""
     reg = Registry(ref.host, tls_verify, auth_file)
     mt, doc, _ = reg.manifest(ref.repo, ref.digest or ref.tag)
     if mt in INDEX_TYPES or "manifests" in doc:
         mt, doc, _ = reg.manifest(ref.repo, _pick(doc))
+    return reg, doc
+
+
+def layer_blob(reg: Registry, repo: str, desc: dict, cache: str, label: str):
+    """One layer of a manifest: a zstd:chunked blob stays in the registry
+    (chunked.RemoteBlob: read by range, only what is used); any other is
+    fetched into cache/blobs, once, checked against its digest (its path)."""
+    digest = desc["digest"]
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise BlobError(f"{label}: unsupported layer digest {digest!r}")
+    from .chunked import RemoteBlob, is_chunked
+    if is_chunked(desc):
+        return RemoteBlob(reg, repo, desc)
     blobs = os.path.join(cache, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
-    out = []
-    for layer in doc.get("layers", []):
-        digest = layer["digest"]
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-            raise BlobError(f"{ref.text}: unsupported layer digest {digest!r}")
-        from .chunked import RemoteBlob, is_chunked
-        if is_chunked(layer):
-            out.append(RemoteBlob(reg, ref.repo, layer))
-            continue
-        path = os.path.join(blobs, digest[7:])
-        if not os.path.exists(path):
-            log.info("%s: fetching layer %s (%s bytes)", ref.text, digest, layer.get("size"))
-            reg.download(ref.repo, digest, path)
-        out.append(path)
-    return out[::-1]
+    path = os.path.join(blobs, digest[7:])
+    if not os.path.exists(path):
+        log.info("%s: fetching layer %s (%s bytes)", label, digest, desc.get("size"))
+        reg.download(repo, digest, path)
+    return path
+
+
+def layers_of(ref: Ref, cache: str, tls_verify: bool = True, auth_file: str | None = None) -> list:
+    """The image's layers, top first (see layer_blob); in an OCI layout,
+    the blob files where they lie."""
+    if ref.layout is not None:
+        return _layout_layers(ref)
+    reg, doc = image_manifest(ref, tls_verify, auth_file)
+    return [layer_blob(reg, ref.repo, desc, cache, ref.text) for desc in doc.get("layers", [])][::-1]
 
 
 def _layout_layers(ref: Ref) -> list[str]:
