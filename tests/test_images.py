@@ -566,3 +566,34 @@ def test_podman_runs_an_image_through_the_layer_store(registry, reltmp):
         if mountutil.is_mounted(store):
             mountutil.umount(store)
     assert not mountutil.is_mounted(store)
+
+
+def test_prefetch_all_fetches_every_file_and_serves_them_offline(images, registry, relmounts):
+    """prefetch=all: a zstd:chunked image's files are fetched in the
+    background after the mount; once done, the registry may go away and
+    every file still reads as the same layers from disk."""
+    import time
+    mountutil.require_ours()
+    base, tar, _low = images
+    bottom = os.path.join(base, "base.tar")
+    base_layer(bottom)
+    layout = oci_layout(base, [bottom, tar])
+    host, proc = registry
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
+                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{host}/test/pf:v1"],
+                   check=True, capture_output=True, timeout=120)
+    u, w, m, u2, w2, m2 = mkdirs(base, "u", "w", "m", "u2", "w2", "m2")
+    relmounts.ours([], u, w, m, (f"image={host}/test/pf:v1", "tls_verify=false", "prefetch=all",
+                                 f"blob_cache={os.path.join(base, 'cache')}"))
+    deadline = time.monotonic() + 60
+    while True:
+        st = json.loads(os.getxattr(m, "user.overlay-fuse.stats"))["images"]
+        if all(i["files_filled"] == i["files"] for i in st) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(i["files_filled"] == i["files"] > 0 for i in st), st
+    proc.terminate()
+    proc.wait(timeout=30)
+    relmounts.ours([compress(tar, "gzip"), compress(bottom, "gzip")], u2, w2, m2,
+                   (f"blob_cache={os.path.join(base, 'cache2')}",))
+    assert diff_snapshots(snapshot_mount(m2), snapshot_mount(m), "disk", "prefetched") == []

@@ -126,7 +126,18 @@ def build_core(config):
         raise
     if providers:
         core.providers = providers
+        if getattr(config, "prefetch", None) == "all":
+            start_prefetch(providers.values())
     return _with_quota(core, config)
+
+
+def start_prefetch(layers) -> None:
+    """prefetch=all: each blob layer's data filled by a thread of its own,
+    in the background (opens meanwhile are served as without it)."""
+    import threading  # noqa: PLC0415
+
+    for layer in layers:
+        threading.Thread(target=layer.prefetch, name="prefetch", daemon=True).start()
 
 
 def prepare_blob_layers(config):

@@ -107,22 +107,24 @@ def add_command(sub) -> None:
         epilog="example: overlay layer-store -o tls_verify=false /var/lib/overlay-layers",
     )
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
-                   help="blob_cache=DIR, tls_verify=true|false, authfile=FILE")
+                   help="blob_cache=DIR, tls_verify=true|false, authfile=FILE, prefetch=all|none")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
 def _options(words: list[str]) -> dict:
-    out = {"blob_cache": None, "tls_verify": True, "authfile": None}
+    out = {"blob_cache": None, "tls_verify": True, "authfile": None, "prefetch": "none"}
     for w in ",".join(words).split(","):
         if not w:
             continue
         k, eq, v = w.partition("=")
         if k not in out or not eq:
-            raise ValueError(f"unknown option {w!r} (blob_cache=, tls_verify=, authfile=)")
+            raise ValueError(f"unknown option {w!r} (blob_cache=, tls_verify=, authfile=, prefetch=)")
         if k == "tls_verify":
             if v not in ("true", "false"):
                 raise ValueError(f"tls_verify={v}: give true or false")
             out[k] = v == "true"
+        elif k == "prefetch" and v not in ("all", "none"):
+            raise ValueError(f"prefetch={v}: give all or none")
         else:
             out[k] = v
     return out
@@ -146,7 +148,8 @@ def run_command(args, prog: str = "overlay") -> int:
         log.error("%s layer-store: %s is not a directory", prog, args.mountpoint)
         return 1
     logging.getLogger("overlay").setLevel(logging.INFO)
-    store = LayerStore(opts["blob_cache"] or default_cache(), opts["tls_verify"], opts["authfile"])
+    store = LayerStore(opts["blob_cache"] or default_cache(), opts["tls_verify"], opts["authfile"],
+                       prefetch=opts["prefetch"] == "all")
     fs = LayerStoreFS(store)
     session = PlainSession()
     session.on_request = fs.request

@@ -117,6 +117,7 @@ class MountConfig:
         "image": None,  # image=REF: the lower layers are that image's (overlay.images.registry)
         "tls_verify": True,  # image= from a registry: verify its TLS certificate (false: also plain HTTP)
         "authfile": None,  # image=: credentials file (auth.json), else as containers find it
+        "prefetch": None,  # prefetch=all: blob layers' data filled in the background (overlay.images)
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -620,6 +621,11 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
             if not value:
                 raise OptionError("authfile= needs a file")
             extra["authfile"] = _resolve(value, cwd)
+            continue
+        if name == "prefetch":
+            if value not in ("all", "none"):
+                raise OptionError(f"bad value '{value}' for prefetch (expected all or none)")
+            extra["prefetch"] = value if value == "all" else None
             continue
         if name == "blob_cache":
             if not value:

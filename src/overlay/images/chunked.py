@@ -211,15 +211,15 @@ class ChunkedLayer(BlobLayer):
             except self.zstd.ZstdError as e:
                 raise OSError(5, f"{rel}: a chunk does not decompress: {e}") from None
 
-    def _ensure(self, ino: int) -> None:
+    def _ensure(self, ino: int, budget: int = READAHEAD) -> None:
         with self.lock:
             if ino in self.done or self._in_place(ino):
                 return
             rel, chunks, size, want = self.files[ino]
-            if self._span(ino) <= READAHEAD:
+            if self._span(ino) <= budget:
                 # a small file: one request for it and the small files
-                # after it in the blob (READAHEAD bytes at most)
-                batch = [ino] + self._following(ino, READAHEAD - self._span(ino), self._span)
+                # after it in the blob (budget bytes at most)
+                batch = [ino] + self._following(ino, budget - self._span(ino), self._span)
                 start = min(c[0] for c in chunks)
                 end = max(c[1] for i in batch for c in self.files[i][1])
                 data = self.remote.read(start, end)

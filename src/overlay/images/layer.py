@@ -41,6 +41,7 @@ log = logging.getLogger("overlay.images")
 
 INDEX_VERSION = 1
 READAHEAD = 1 << 20         # bytes of the following files filled with the one asked for
+PREFETCH_RUN = 8 << 20      # prefetch=all: bytes filled at a time (an open waits at most one run)
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -474,20 +475,40 @@ class BlobLayer:
     def needs(self, ino: int) -> bool:
         return ino in self.files and ino not in self.done
 
-    def ensure(self, ino: int) -> None:
+    def ensure(self, ino: int, budget: int = READAHEAD) -> None:
         """The data of the skeleton file with this inode number, in place
         (written from the blob into the skeleton file, its times kept),
-        before they are read. A zstd blob (no random access) fills all its
-        files at the first call."""
+        before they are read, with up to budget bytes of the small files
+        that follow it. A zstd blob (no random access) fills all its files
+        at the first call."""
         if ino not in self.files or ino in self.done:
             return
         t0 = time.monotonic()
         try:
-            self._ensure(ino)
+            self._ensure(ino, budget)
         finally:
             self.seconds += time.monotonic() - t0
 
-    def _ensure(self, ino: int) -> None:
+    def prefetch(self) -> None:
+        """prefetch=all: every file's data in place, in the blob's order, a
+        run of PREFETCH_RUN bytes at a time (an open meanwhile waits for
+        one run at most); run in a thread of its own. A file that fails
+        is left for its open (which then fails or retries)."""
+        t0, failed = time.monotonic(), 0
+        for ino in self._in_order():
+            if ino in self.done or self.tree_fd < 0:
+                continue
+            try:
+                self.ensure(ino, PREFETCH_RUN)
+            except OSError as exc:
+                failed += 1
+                log.warning("%s: prefetch of %s: %s", self.path, self.files[ino][0], exc)
+                if failed >= 10:
+                    log.warning("%s: prefetch stopped after 10 failures", self.path)
+                    return
+        log.info("%s: prefetched %d files in %.1f s", self.path, len(self.done), time.monotonic() - t0)
+
+    def _ensure(self, ino: int, budget: int = READAHEAD) -> None:
         with self.lock:
             if ino in self.done:
                 return
@@ -502,7 +523,7 @@ class BlobLayer:
                 return
             # the file, then small files after it in the stream while the
             # decompressor is there (READAHEAD bytes at most)
-            for i in [ino] + self._following(ino, READAHEAD, lambda i: self.files[i][2]):
+            for i in [ino] + self._following(ino, budget, lambda i: self.files[i][2]):
                 if i != ino and self._in_place(i):
                     continue
                 rel, off, size, want = self.files[i]
@@ -590,9 +611,7 @@ class BlobLayer:
         """Files after ino in the blob whose data are not in place, as many
         as fit in budget (span(ino) -> their cost): filled with it, one read
         or request for several small files."""
-        if self._order is None:
-            self._order = sorted(self.files, key=lambda i: self._key(self.files[i][1]))
-            self._pos = {i: k for k, i in enumerate(self._order)}
+        self._in_order()
         out = []
         k = self._pos.get(ino, len(self._order)) + 1
         while k < len(self._order) and budget > 0:
@@ -605,6 +624,13 @@ class BlobLayer:
                 out.append(nxt)
             k += 1
         return out
+
+    def _in_order(self) -> list[int]:
+        """The inode numbers of the files with data, in the blob's order."""
+        if self._order is None:
+            self._order = sorted(self.files, key=lambda i: self._key(self.files[i][1]))
+            self._pos = {i: k for k, i in enumerate(self._order)}
+        return self._order
 
     @staticmethod
     def _key(where) -> int:

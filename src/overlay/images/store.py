@@ -110,8 +110,10 @@ class StoreLayer:
 class LayerStore:
     """The images and layers asked for, prepared once each."""
 
-    def __init__(self, cache: str, tls_verify: bool = True, auth_file: str | None = None):
+    def __init__(self, cache: str, tls_verify: bool = True, auth_file: str | None = None,
+                 prefetch: bool = False):
         self.cache = cache
+        self.prefetch = prefetch    # each layer's data filled in the background once prepared
         self.tls_verify = tls_verify
         self.auth_file = auth_file
         self.lock = threading.Lock()
@@ -145,6 +147,9 @@ class LayerStore:
                 if k is None or k >= len(diff_ids):
                     raise OSError(errno.ENOENT, f"{ref_text}: no layer {digest}")
                 self.layers[key] = self._prepare(ref, reg, descs[k], diff_ids[k])
+                if self.prefetch:
+                    threading.Thread(target=self.layers[key].layer.prefetch, name="prefetch",
+                                     daemon=True).start()
             except BlobError as exc:
                 log.error("layer store: %s %s: %s", ref_text, digest, exc)
                 raise OSError(errno.EIO, str(exc)) from None
