@@ -8,7 +8,7 @@
   read; an opener killed while its copy-up runs;
 * a long copy-up does not stall other requests;
 * a directory listed while others rename in it lists each name once;
-* fds and RSS stay bounded over a million lookups (ENGINE_LOOKUPS);
+* fds and RSS stay bounded over 400,000 lookups (ENGINE_LOOKUPS);
 * set-id bits cleared on writes and truncates by other users (the
   handle_killpriv_v2 hints), as on the kernel overlay;
 * mounting through fusermount3 (what non-root users get), and the one-line
@@ -44,7 +44,7 @@ from relutil import (  # noqa: F401  (fixtures)
 )
 
 HAMMER_SECONDS = float(os.environ.get("ENGINE_HAMMER_SECONDS", "25"))
-LOOKUPS = int(os.environ.get("ENGINE_LOOKUPS", "1000000"))
+LOOKUPS = int(os.environ.get("ENGINE_LOOKUPS", "400000"))
 
 pytestmark = pytest.mark.skipif(mountutil.engine() != "native", reason="native engine tests")
 
@@ -358,9 +358,10 @@ def test_opener_killed_during_its_copy_up(reltmp, daemons):
 # bounds
 
 
-def test_million_lookups_bounded_fds_and_rss(reltmp, daemons):
-    """ENGINE_LOOKUPS (1,000,000) lookups over 20,000 files with timeout=0
-    (every one reaches the daemon): fds and RSS stay bounded."""
+def test_many_lookups_bounded_fds_and_rss(reltmp, daemons):
+    """ENGINE_LOOKUPS (400,000; ENGINE_LOOKUPS=1000000 for more) lookups
+    over 20,000 files with timeout=0 (every one reaches the daemon): fds
+    and RSS stay bounded (the last 80% add nothing to the first 20%'s)."""
     from test_stress import build_tree
 
     (l1, l2, u, w), paths = build_tree(reltmp, 20000)

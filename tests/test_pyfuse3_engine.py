@@ -1,8 +1,8 @@
 """The older engine (engine=pyfuse3) keeps working: a subset of the suite on it.
 
 The whole suite runs on the native engine (the default). This file runs the
-walkthrough, the fixed differential scenarios and a share of the random
-differential seeds again with every mount of ours made with
+walkthrough, the fixed differential scenarios and one random differential
+seed in each of its modes (PYFUSE3_DIFF_SEEDS=0-9 for more) again with every mount of ours made with
 ``engine=pyfuse3`` (``OVERLAY_TEST_ENGINE=pyfuse3``, see mountutil), in a
 pytest subprocess, and fails with its report when anything there fails.
 Skipped when pyfuse3 (the ``overlay-fuse[pyfuse3]`` extra) is not installed.
@@ -19,7 +19,7 @@ import pytest
 import mountutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEEDS = os.environ.get("PYFUSE3_DIFF_SEEDS", "0-1")
+SEEDS = os.environ.get("PYFUSE3_DIFF_SEEDS", "0")
 
 
 def test_subset_on_pyfuse3_engine():
@@ -28,7 +28,7 @@ def test_subset_on_pyfuse3_engine():
     mountutil.require_fuse()
     if importlib.util.find_spec("pyfuse3") is None:
         pytest.skip("pyfuse3 is not installed (pip install 'overlay-fuse[pyfuse3]')")
-    env = dict(os.environ, OVERLAY_TEST_ENGINE="pyfuse3", DIFF_SEEDS=SEEDS, DIFF_EXTRA_SEEDS="5")
+    env = dict(os.environ, OVERLAY_TEST_ENGINE="pyfuse3", DIFF_SEEDS=SEEDS, DIFF_EXTRA_SEEDS="1")
     env.pop("DIFF_TOLERATE", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
            os.path.join(HERE, "test_walkthrough.py"),
@@ -39,4 +39,4 @@ def test_subset_on_pyfuse3_engine():
     tail = "\n".join(proc.stdout.splitlines()[-40:])
     assert proc.returncode == 0, f"the subset failed on engine=pyfuse3:\n{tail}\n{proc.stderr[-2000:]}"
     passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) >= 100, tail
+    assert passed and int(passed.group(1)) >= 60, tail
