@@ -298,9 +298,10 @@ def mountutil_env():
 # docker-registry, started here with a temporary store; skopeo pushes)
 
 
-def oci_layout(base, layers, tag="v1"):
+def oci_layout(base, layers, tag="v1", annotations=None):
     """An OCI layout dir holding an image of these layer blobs (bottom
-    first), as skopeo copy ... oci:DIR:TAG writes one."""
+    first), as skopeo copy ... oci:DIR:TAG writes one (annotations: each
+    layer's descriptor's, or None)."""
     root = os.path.join(base, "layout")
     blobs = os.path.join(root, "blobs", "sha256")
     os.makedirs(blobs)
@@ -312,12 +313,14 @@ def oci_layout(base, layers, tag="v1"):
         return "sha256:" + d
 
     descs, diffs = [], []
-    for path in layers:
+    for k, path in enumerate(layers):
         data = open(path, "rb").read()
         raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
         diffs.append("sha256:" + hashlib.sha256(raw).hexdigest())
         mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if raw is not data else "")
         descs.append({"mediaType": mt, "digest": put(data), "size": len(data)})
+        if annotations and annotations[k]:
+            descs[-1]["annotations"] = annotations[k]
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diffs},
                          "config": {}}).encode()
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -597,3 +600,53 @@ def test_prefetch_all_fetches_every_file_and_serves_them_offline(images, registr
     relmounts.ours([compress(tar, "gzip"), compress(bottom, "gzip")], u2, w2, m2,
                    (f"blob_cache={os.path.join(base, 'cache2')}",))
     assert diff_snapshots(snapshot_mount(m2), snapshot_mount(m), "disk", "prefetched") == []
+
+
+def test_estargz_image_fetches_only_what_is_read(images, registry, relmounts):
+    """An eStargz image in a registry (written by tests/estargz.py: no tool
+    here writes the format; skopeo pushes it as it is): the mount fetches
+    the footer and the table of contents only, a file's gzip members when
+    it is opened (a big file's chunks, each a member, checked whole against
+    the table's digest); the tree equals the same layers from disk, and a
+    table that does not match the descriptor's digest is refused."""
+    import estargz
+    mountutil.require_ours()
+    base, tar, _low = images
+    bottom = os.path.join(base, "base.tar")
+    base_layer(bottom)
+    top = os.path.join(base, "layer.estargz")
+    toc_digest = estargz.write(tar, top)
+    layout = oci_layout(base, [compress(bottom, "gzip"), top],
+                        annotations=[None, {"containerd.io/snapshot/stargz/toc.digest": toc_digest}])
+    host, _proc = registry
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v1",
+                    f"docker://{host}/test/estargz:v1"], check=True, capture_output=True, timeout=120)
+    u, w, m, u2, w2, m2 = mkdirs(base, "u", "w", "m", "u2", "w2", "m2")
+    relmounts.ours([], u, w, m, (f"image={host}/test/estargz:v1", "tls_verify=false",
+                                 f"blob_cache={os.path.join(base, 'cache')}"))
+    st = json.loads(os.getxattr(m, "user.overlay-fuse.stats"))
+    layer = next(i for i in st["images"] if i["layer"] == "lower 0")
+    assert layer["format"] == "estargz" and layer["files_filled"] == 0, layer
+    toc_bytes = layer["bytes_fetched"]
+    assert toc_bytes < os.path.getsize(top) / 4, layer
+    with open(f"{m}/etc/passwd", "rb") as f:
+        assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+    with open(f"{m}/usr/lib/big.bin", "rb") as f:           # three chunks
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(
+            hashlib.sha256(b"seed").digest() * (3 << 15)).digest()
+    layer = next(i for i in json.loads(os.getxattr(m, "user.overlay-fuse.stats"))["images"]
+                 if i["layer"] == "lower 0")
+    assert 2 <= layer["files_filled"] < layer["files"], layer
+    relmounts.ours([compress(tar, "gzip"), compress(bottom, "gzip")], u2, w2, m2,
+                   (f"blob_cache={os.path.join(base, 'cache2')}",))
+    assert diff_snapshots(snapshot_mount(m2), snapshot_mount(m), "disk", "estargz") == []
+    # a table that is not the one the descriptor names: refused
+    bad = oci_layout(os.path.join(base, "bad"), [top],
+                     annotations=[{"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "0" * 64}])
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{bad}:v1",
+                    f"docker://{host}/test/estargz-bad:v1"], check=True, capture_output=True, timeout=120)
+    u3, w3, m3 = mkdirs(base, "u3", "w3", "m3")
+    r = subprocess.run(mountutil_cmd(f"image={host}/test/estargz-bad:v1,tls_verify=false,upperdir={u3},"
+                                     f"workdir={w3},blob_cache={os.path.join(base, 'cache3')}", m3),
+                       capture_output=True, text=True, env=mountutil_env(), timeout=120)
+    assert r.returncode != 0 and "does not match its digest" in r.stderr, r.stderr

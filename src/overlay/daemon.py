@@ -161,7 +161,7 @@ def prepare_blob_layers(config):
         if not lowers:
             raise OSError(errno.EINVAL, f"image={image}: the image has no layers")
     for i, path in enumerate(lowers):
-        local = isinstance(path, str)       # (else a zstd:chunked blob in a registry)
+        local = isinstance(path, str)       # (else a zstd:chunked or eStargz blob in a registry)
         if local and os.path.isdir(path):
             if os.path.basename(path) == "tree" and os.geteuid() == 0:
                 _store_layer(config, lowers, providers, i)

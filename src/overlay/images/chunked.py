@@ -1,5 +1,6 @@
-"""zstd:chunked layers read where they lie, in a registry: only the table of
-contents at the first mount, then each file's frames when it is opened.
+"""zstd:chunked and eStargz layers read where they lie, in a registry: only
+the table of contents at the first mount, then each file's chunks when it
+is opened.
 
 A zstd:chunked blob (``skopeo copy --dest-compress-format zstd:chunked``,
 containers/storage's format) is a tar+zstd stream whose files' data are
@@ -10,6 +11,16 @@ uncompressed length, kind) and its digest
 (``io.containers.zstd-chunked.manifest-checksum``). The TOC lists every
 entry with its metadata, the sha256 of a file's data and the byte range
 of each of its chunks in the blob.
+
+An eStargz blob (stargz-snapshotter's format) is a tar+gzip stream whose
+files' data are gzip members of their own, with a table of the same form
+(``stargz.index.json``, in a tar in a gzip member) whose offset a 51-byte
+gzip footer gives (``%016xSTARGZ`` in its extra field); its layer
+descriptor carries the table's digest
+(``containerd.io/snapshot/stargz/toc.digest``). Its entries have no end
+offsets: a chunk ends where the next one with data begins (the gzip
+members of tar headers between them are decompressed past and dropped),
+the last one where the table begins.
 
 ChunkedLayer (a BlobLayer) builds the skeleton from the TOC, fetched with
 one range request and checked against its digest, and fills a file by
@@ -38,6 +49,9 @@ log = logging.getLogger("overlay.images")
 TOC_POSITION = "io.containers.zstd-chunked.manifest-position"
 TOC_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
 FORMAT = "zstd:chunked"
+ESTARGZ = "estargz"
+ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+ESTARGZ_FOOTER = 51             # (the legacy stargz footer: 47)
 GROUP_BYTES = 8 << 20           # a range request covers chunks up to this much
 FETCHES_IN_FLIGHT = 4           # range requests of one file at once
 
@@ -48,7 +62,36 @@ _TIME = re.compile(r"(-?\d+)-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+
 
 
 def is_chunked(desc: dict) -> bool:
-    return TOC_POSITION in (desc.get("annotations") or {})
+    ann = desc.get("annotations") or {}
+    return TOC_POSITION in ann or ESTARGZ_TOC_DIGEST in ann
+
+
+def estargz_ends(entries: list, toc_offset: int) -> None:
+    """An eStargz table's entries with data get the end offset they lack:
+    the offset of the next entry with data (or the table's)."""
+    with_data = [e for e in entries if e.get("type") == "chunk" or (e.get("type") == "reg" and e.get("size"))]
+    for e, nxt in zip(with_data, with_data[1:] + [None]):
+        e.setdefault("endOffset", nxt["offset"] if nxt is not None else toc_offset)
+
+
+def gunzip_chunk(raw: bytes, size: int, inner: int = 0) -> bytes:
+    """size bytes from inner on of the data of the gzip member(s) at the
+    start of raw (what follows them is not read)."""
+    import zlib
+    out = bytearray()
+    want = inner + size
+    while len(out) < want and raw:
+        d = zlib.decompressobj(31)
+        try:
+            out += d.decompress(raw, want - len(out))
+        except zlib.error as e:
+            raise OSError(5, f"a chunk does not decompress: {e}") from None
+        if not d.eof:
+            break
+        raw = d.unused_data
+    if len(out) < want:
+        raise OSError(5, f"a chunk holds {len(out)} bytes, not {want}")
+    return bytes(out[inner:want])
 
 
 def _pax_time(text: str) -> str:
@@ -68,7 +111,8 @@ def _pax_time(text: str) -> str:
 def toc_members(entries: list):
     """(TarInfo, chunks, digest function) of each TOC entry, as
     BlobLayer._make takes them; a file's "chunk" entries are gathered into
-    its chunk list [[offset, end offset, offset in the file, size]]."""
+    its chunk list [[offset, end offset, offset in the file, size, offset
+    in the decompressed member (eStargz's innerOffset)]]."""
     out = []
     for e in entries:
         kind = e.get("type")
@@ -78,7 +122,7 @@ def toc_members(entries: list):
             # (a chunk's compressed end: its own endOffset where written,
             # else the next chunk's offset, the last one's the file's end)
             out[-1][1].append([e["offset"], e.get("endOffset"), e.get("chunkOffset", 0),
-                               e.get("chunkSize", 0)])
+                               e.get("chunkSize", 0), e.get("innerOffset", 0)])
             continue
         if kind not in _TYPES:
             raise BlobError(f"table of contents: entry of unknown type {kind!r}")
@@ -96,7 +140,8 @@ def toc_members(entries: list):
         if kind == "reg":
             ti.size = e.get("size", 0)
             if ti.size:
-                chunks = [[e["offset"], e["endOffset"], 0, e.get("chunkSize") or ti.size]]
+                chunks = [[e["offset"], e["endOffset"], 0, e.get("chunkSize") or ti.size,
+                           e.get("innerOffset", 0)]]
         digest = e.get("digest", "")
         out.append([ti, chunks, (lambda d=digest: d.partition(":")[2])])
     for ti, chunks, _ in out:
@@ -161,13 +206,26 @@ class ChunkedLayer(BlobLayer):
 
     def __init__(self, remote: RemoteBlob, cache: str | None = None):
         self.remote = remote
-        self._setup(remote.name(), cache, -1, remote.size, FORMAT, remote.digest)
-        self.zstd = need("zstandard", "a zstd:chunked layer")
+        ann = remote.desc.get("annotations") or {}
+        fmt = FORMAT if TOC_POSITION in ann else ESTARGZ
+        self._setup(remote.name(), cache, -1, remote.size, fmt, remote.digest)
+        self.zstd = need("zstandard", "a zstd:chunked layer") if fmt == FORMAT else None
+
+    def _chunk(self, raw: bytes, c: list) -> bytes:
+        """One chunk's data from its bytes in the blob."""
+        if self.zstd is None:
+            return gunzip_chunk(raw, c[3], c[4] if len(c) > 4 else 0)
+        try:
+            return self.zstd.ZstdDecompressor().decompress(raw, max_output_size=max(c[3], 1))
+        except self.zstd.ZstdError as e:
+            raise OSError(5, f"a chunk does not decompress: {e}") from None
 
     def _digest(self) -> str:
         return self.remote.digest.partition(":")[2]
 
     def _toc(self) -> list:
+        if self.fmt == ESTARGZ:
+            return self._estargz_toc()
         ann = self.remote.desc.get("annotations") or {}
         try:
             off, length, ulen, kind = (int(x) for x in ann[TOC_POSITION].split(":"))
@@ -187,6 +245,39 @@ class ChunkedLayer(BlobLayer):
             raise BlobError(f"{self.path}: table of contents version {doc.get('version')!r}")
         return doc.get("entries", [])
 
+    def _estargz_toc(self) -> list:
+        """The table of an eStargz blob: its offset from the footer, then
+        the table (a tar in a gzip member), checked against the layer's
+        annotation."""
+        import gzip
+        import io
+        if self.size < ESTARGZ_FOOTER:
+            raise BlobError(f"{self.path}: too small for an eStargz blob")
+        tail = self.remote.read(self.size - ESTARGZ_FOOTER, self.size)
+        m = re.search(rb"([0-9a-f]{16})STARGZ", tail)
+        if not m:
+            raise BlobError(f"{self.path}: no eStargz footer")
+        toc_off = int(m.group(1), 16)
+        if not 0 < toc_off < self.size:
+            raise BlobError(f"{self.path}: eStargz footer points outside the blob")
+        raw = self.remote.read(toc_off, self.size)     # (the footer: an empty member after it)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(gzip.GzipFile(fileobj=io.BytesIO(raw)).read()), mode="r:") as tf:
+                member = tf.extractfile("stargz.index.json")
+                body = member.read() if member else b""
+        except (OSError, EOFError, tarfile.TarError, KeyError) as e:
+            raise BlobError(f"{self.path}: unreadable eStargz table of contents: {e}") from None
+        want = (self.remote.desc.get("annotations") or {}).get(ESTARGZ_TOC_DIGEST)
+        if want and "sha256:" + hashlib.sha256(body).hexdigest() != want:
+            raise OSError(5, f"{self.path}: the table of contents does not match its digest")
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            raise BlobError(f"{self.path}: unreadable table of contents: {e}") from None
+        entries = doc.get("entries", [])
+        estargz_ends(entries, toc_off)
+        return entries
+
     def _build(self, d: str) -> None:
         tmp, root = self._new_tree(d)
         try:
@@ -204,12 +295,8 @@ class ChunkedLayer(BlobLayer):
     def _frames(self, rel, chunks, data, start):
         """The file's data from data (the blob's bytes from start on), its
         chunks decompressed in the file's order."""
-        dctx = self.zstd.ZstdDecompressor()
-        for off, endoff, _coff, csize in sorted(chunks, key=lambda c: c[2]):
-            try:
-                yield dctx.decompress(data[off - start:endoff - start], max_output_size=max(csize, 1))
-            except self.zstd.ZstdError as e:
-                raise OSError(5, f"{rel}: a chunk does not decompress: {e}") from None
+        for c in sorted(chunks, key=lambda c: c[2]):
+            yield self._chunk(data[c[0] - start:c[1] - start], c)
 
     def _ensure(self, ino: int, budget: int = READAHEAD) -> None:
         with self.lock:
@@ -234,7 +321,6 @@ class ChunkedLayer(BlobLayer):
                             raise
                 return
             chunks = sorted(chunks, key=lambda c: c[2])
-            dctx = self.zstd.ZstdDecompressor()
             groups = _groups(chunks)
 
             def pieces():
@@ -251,12 +337,8 @@ class ChunkedLayer(BlobLayer):
                             pending.append(pool.submit(self.remote.read, h[0][0], h[-1][1]))
                             nxt += 1
                         start = g[0][0]
-                        for off, endoff, _coff, csize in g:
-                            try:
-                                yield dctx.decompress(data[off - start:endoff - start],
-                                                      max_output_size=max(csize, 1))
-                            except self.zstd.ZstdError as e:
-                                raise OSError(5, f"{rel}: a chunk does not decompress: {e}") from None
+                        for c in g:
+                            yield self._chunk(data[c[0] - start:c[1] - start], c)
             self._fill(ino, rel, size, want, pieces())
 
     def describe(self) -> str:
@@ -268,4 +350,5 @@ class ChunkedLayer(BlobLayer):
         return st
 
 
-__all__ = ["ChunkedLayer", "RemoteBlob", "is_chunked", "toc_members", "INDEX_VERSION"]
+__all__ = ["ChunkedLayer", "RemoteBlob", "is_chunked", "toc_members", "estargz_ends", "gunzip_chunk",
+           "INDEX_VERSION"]

@@ -33,7 +33,7 @@ from .blob import GZIP, ZSTD, BlobError
 log = logging.getLogger("overlay.images")
 
 SOURCE = "source.json"
-_COMPRESSION = {GZIP: 2, ZSTD: 4, "zstd:chunked": 4}    # containers/storage's archive.Compression
+_COMPRESSION = {GZIP: 2, ZSTD: 4, "zstd:chunked": 4, "estargz": 2}    # containers/storage's archive.Compression
 
 
 def decode_ref(name: str) -> str | None:
