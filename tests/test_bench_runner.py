@@ -30,7 +30,9 @@ TINY = ["--quick", "--reps", "1", "--files", "60", "--dirs", "6", "--stat-paths"
         "--big-mib", "1", "--create", "20", "--untar", "30", "--stacks", "1,3",
         "--bottom", "5", "--mount-layers", "4", "--image-files", "20", "--image-mib", "1",
         # (the pyfuse3 engine left out: its own test covers it; suite time)
-        "--systems", "kernel,fuse-overlayfs,ours"]
+        "--systems", "kernel,fuse-overlayfs,ours",
+        # (the ops group has its own runner: test_ops_runner_tiny)
+        "--groups", "tree,big,small,layers,image"]
 ROW_IDS = ["find_fresh", "find_warm", "lsR_fresh", "lsR_warm", "stat_fresh", "stat_warm",
            "cpa", "rm_copy", "rm_lower", "git", "lat_stat", "mem_inode",
            "read_fresh", "read_warm", "write", "copyup", "create", "untar", "lat_create",
@@ -122,3 +124,21 @@ def test_runner_tiny(tmp_path):
     assert {"stack_stat_3:vs1", "mount_4:abs", "copyup:kernel", "find_warm:kernel"} <= ids
     if importlib.util.find_spec("matplotlib"):
         assert (out / "tiny.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the runner mounts: needs root")
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+def test_ops_runner_tiny(tmp_path):
+    """benchmarks.ops (compare's ops group), small: one load, few objects;
+    its table has every op for every system that ran."""
+    cmd = [sys.executable, "-m", "benchmarks.ops", "--systems", "kernel,fuse-overlayfs,ours-uring,ours-devfuse",
+           "--loads", "idle", "--reps", "1", "--count", "100", "--scratch", str(tmp_path / "s"),
+           "--out", str(tmp_path), "--name", "ops"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (tmp_path / "ops.md").read_text()
+    assert "| op | kernel overlay | fuse-overlayfs | ours, io_uring | ours, /dev/fuse |" in md, md
+    for op in ("create", "chown", "chmod", "utime", "open", "rename", "mkdir", "unlink", "stat", "untar"):
+        row = next((ln for ln in md.splitlines() if ln.startswith(f"| {op} |")), None)
+        assert row is not None and row.count("|") == 6, (op, md)
+        assert all(c.strip() for c in row.split("|")[2:5]), row     # kernel, fuse-overlayfs, ours: figures
