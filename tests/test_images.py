@@ -650,3 +650,49 @@ def test_estargz_image_fetches_only_what_is_read(images, registry, relmounts):
                                      f"workdir={w3},blob_cache={os.path.join(base, 'cache3')}", m3),
                        capture_output=True, text=True, env=mountutil_env(), timeout=120)
     assert r.returncode != 0 and "does not match its digest" in r.stderr, r.stderr
+
+
+def _wait_unheld(lock, timeout=20.0):
+    import fcntl
+    import time
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{lock} still held"
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def test_blob_cache_max_removes_unused_layers_only(images, relmounts):
+    """blob_cache_max=: past the limit, layers no mount uses are removed
+    (least recently used first); a layer in use never is, and a removed
+    one is rebuilt by its next mount, its files right."""
+    mountutil.require_ours()
+    base, tar, low = images
+    a = compress(tar, "gzip")
+    b = base_layer(os.path.join(base, "base.tar"))
+    cache = os.path.join(base, "cache")
+    hex_a = hashlib.sha256(open(a, "rb").read()).hexdigest()
+    hex_b = hashlib.sha256(open(b, "rb").read()).hexdigest()
+    u, w, m, u2, w2, m2, u3, w3, m3 = mkdirs(base, "u", "w", "m", "u2", "w2", "m2", "u3", "w3", "m3")
+    relmounts.ours([a, low], u, w, m, (f"blob_cache={cache}",))
+    with open(f"{m}/usr/lib/big.bin", "rb") as f:
+        big = f.read()
+    relmounts.umount(m)
+    assert os.path.isdir(f"{cache}/sha256/{hex_a}")
+    _wait_unheld(f"{cache}/locks/{hex_a}")         # (the daemon ends just after the unmount)
+    relmounts.ours([b, low], u2, w2, m2, (f"blob_cache={cache}", "blob_cache_max=1k"))
+    assert not os.path.exists(f"{cache}/sha256/{hex_a}")          # unused: removed
+    assert os.path.isdir(f"{cache}/sha256/{hex_b}")               # in use: kept
+    relmounts.ours([a, low], u3, w3, m3, (f"blob_cache={cache}", "blob_cache_max=1k"))
+    assert os.path.isdir(f"{cache}/sha256/{hex_b}")               # still in use by m2
+    with open(f"{m3}/usr/lib/big.bin", "rb") as f:
+        assert f.read() == big
+    with open(f"{m2}/etc/passwd", "rb") as f:
+        assert f.read() == b"old\n"

@@ -178,6 +178,12 @@ def prepare_blob_layers(config):
         except BlobError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None
         providers[i] = layer
+    limit = getattr(config, "blob_cache_max", None)
+    if providers and limit is not None:
+        from overlay.images.cache import trim  # noqa: PLC0415 - only for images
+        from overlay.images.layer import default_cache  # noqa: PLC0415
+
+        trim(getattr(config, "blob_cache", None) or default_cache(), limit)
     return lowers, providers
 
 

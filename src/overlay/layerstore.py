@@ -107,24 +107,32 @@ def add_command(sub) -> None:
         epilog="example: overlay layer-store -o tls_verify=false /var/lib/overlay-layers",
     )
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
-                   help="blob_cache=DIR, tls_verify=true|false, authfile=FILE, prefetch=all|none")
+                   help="blob_cache=DIR, blob_cache_max=SIZE, tls_verify=true|false, authfile=FILE,"
+                   " prefetch=all|none")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
 def _options(words: list[str]) -> dict:
-    out = {"blob_cache": None, "tls_verify": True, "authfile": None, "prefetch": "none"}
+    out = {"blob_cache": None, "tls_verify": True, "authfile": None, "prefetch": "none", "blob_cache_max": None}
     for w in ",".join(words).split(","):
         if not w:
             continue
         k, eq, v = w.partition("=")
         if k not in out or not eq:
-            raise ValueError(f"unknown option {w!r} (blob_cache=, tls_verify=, authfile=, prefetch=)")
+            raise ValueError(f"unknown option {w!r} (blob_cache=, blob_cache_max=, tls_verify=, authfile=,"
+                             " prefetch=)")
         if k == "tls_verify":
             if v not in ("true", "false"):
                 raise ValueError(f"tls_verify={v}: give true or false")
             out[k] = v == "true"
         elif k == "prefetch" and v not in ("all", "none"):
             raise ValueError(f"prefetch={v}: give all or none")
+        elif k == "blob_cache_max":
+            from overlay.options import OptionError, parse_size
+            try:
+                out[k] = parse_size(v, k)
+            except OptionError as exc:
+                raise ValueError(str(exc)) from None
         else:
             out[k] = v
     return out
@@ -149,7 +157,7 @@ def run_command(args, prog: str = "overlay") -> int:
         return 1
     logging.getLogger("overlay").setLevel(logging.INFO)
     store = LayerStore(opts["blob_cache"] or default_cache(), opts["tls_verify"], opts["authfile"],
-                       prefetch=opts["prefetch"] == "all")
+                       prefetch=opts["prefetch"] == "all", limit=opts["blob_cache_max"])
     fs = LayerStoreFS(store)
     session = PlainSession()
     session.on_request = fs.request

@@ -118,6 +118,7 @@ class MountConfig:
         "tls_verify": True,  # image= from a registry: verify its TLS certificate (false: also plain HTTP)
         "authfile": None,  # image=: credentials file (auth.json), else as containers find it
         "prefetch": None,  # prefetch=all: blob layers' data filled in the background (overlay.images)
+        "blob_cache_max": None,  # bytes the blob cache may hold (unused layers removed past it)
     }
 
     def __init__(self, lowers, upper, work, *, ignored=None, **options):
@@ -319,7 +320,7 @@ _VALUE_OPTIONS = frozenset(
      # fuse-overlayfs's
      "context", "squash_to_uid", "squash_to_gid", "xattr_permissions", "threaded", "fsync",
      "writeback", "noxattrs", "plugins", "lowerdir_file", "quota_bytes", "quota_inodes",
-     "uring", "uring_depth"}
+     "uring", "uring_depth", "blob_cache_max"}
 )
 # The kernel's on/off features and the values it takes; _NOT_YET are the
 # ones we do not have yet (refused with a line saying so, after the
@@ -702,7 +703,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 timeouts[name] = seconds
         elif name == "context":
             extra["context"] = value
-        elif name in ("quota_bytes", "quota_inodes"):
+        elif name in ("quota_bytes", "quota_inodes", "blob_cache_max"):
             extra[name] = parse_size(value, name)
         elif name in ("squash_to_uid", "squash_to_gid"):
             if not value.isdigit() or int(value) > 0xFFFFFFFE:

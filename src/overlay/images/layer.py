@@ -14,6 +14,9 @@ root, else ~/.cache/overlay-fuse):
     CACHE/by-file/KEY             HEX of the blob with that path, device,
                                   inode, size and mtime (no hashing at
                                   each mount)
+    CACHE/locks/HEX               held (shared flock) by every mount using
+                                  the layer; its mtime: the last use
+                                  (blob_cache_max=: see cache.py)
 
 Every path inside a skeleton is opened below its root with openat2 (no
 symlink followed, nothing above the root reached): a blob's names and
@@ -134,6 +137,7 @@ class BlobLayer:
         self.fetched = 0            # bytes of data put in place by this process
         self.seconds = 0.0          # spent doing it
         self.digest = digest
+        self.hold_fd = -1           # cache.hold: the layer is in use
 
     # ------------------------------------------------------------ cache
 
@@ -172,6 +176,9 @@ class BlobLayer:
         """The skeleton dir (built now unless a valid one is in the cache)."""
         hexd = self._digest()
         self.digest = "sha256:" + hexd
+        if self.hold_fd < 0:
+            from .cache import hold
+            self.hold_fd = hold(self.cache, hexd)     # (never removed while this lives)
         d = os.path.join(self.cache, "sha256", hexd)
         os.makedirs(os.path.dirname(d), exist_ok=True)
         if not self._load(d):
@@ -672,6 +679,9 @@ class BlobLayer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.hold_fd >= 0:
+            os.close(self.hold_fd)
+            self.hold_fd = -1
 
 
 __all__ = ["BlobLayer", "BlobError", "default_cache", "GZIP", "TAR", "ZSTD"]

@@ -111,8 +111,9 @@ class LayerStore:
     """The images and layers asked for, prepared once each."""
 
     def __init__(self, cache: str, tls_verify: bool = True, auth_file: str | None = None,
-                 prefetch: bool = False):
+                 prefetch: bool = False, limit: int | None = None):
         self.cache = cache
+        self.limit = limit          # blob_cache_max (cache.trim after each layer prepared)
         self.prefetch = prefetch    # each layer's data filled in the background once prepared
         self.tls_verify = tls_verify
         self.auth_file = auth_file
@@ -147,6 +148,9 @@ class LayerStore:
                 if k is None or k >= len(diff_ids):
                     raise OSError(errno.ENOENT, f"{ref_text}: no layer {digest}")
                 self.layers[key] = self._prepare(ref, reg, descs[k], diff_ids[k])
+                if self.limit is not None:
+                    from .cache import trim
+                    trim(self.cache, self.limit)
                 if self.prefetch:
                     threading.Thread(target=self.layers[key].layer.prefetch, name="prefetch",
                                      daemon=True).start()
