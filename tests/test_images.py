@@ -696,3 +696,95 @@ def test_blob_cache_max_removes_unused_layers_only(images, relmounts):
         assert f.read() == big
     with open(f"{m2}/etc/passwd", "rb") as f:
         assert f.read() == b"old\n"
+
+
+def test_lazy_tree_is_made_as_the_core_looks_into_it(reltmp):
+    """A layer made lazily (image= from a registry: a table of contents at
+    hand), with the core and no mount, its background builder held back:
+    a dir's entries are made when the core first looks into it (ensure_dir),
+    the dirs on a redirect's way when one is followed (ensure_path), a hard
+    link's target dir first; dirs never looked into are not made; data come
+    on open; once the builder runs, the index is written and reused."""
+    import threading
+    from overlay_core import Overlay
+    from overlay.images.layer import BlobLayer
+    base = os.path.join(reltmp, "lazy")
+    os.makedirs(base)
+    tar = os.path.join(base, "layer.tar")
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        _member(tf, "a/b/c/deep.txt", data=b"deep\n", mtime=MTIME + 1)
+        for i in range(20):
+            _member(tf, f"other/x{i}/y.txt", data=b"y%d\n" % i)
+        _member(tf, "links/hl", tarfile.LNKTYPE, linkname="a/b/c/deep.txt")
+        _member(tf, "opq", tarfile.DIRTYPE, mode=0o750, mtime=MTIME + 2)
+        _member(tf, "opq/.wh..wh..opq", data=b"")
+        _member(tf, "opq/mine", data=b"mine\n")
+    low = os.path.join(base, "low")
+    os.makedirs(f"{low}/opq")
+    with open(f"{low}/opq/hidden", "w") as f:
+        f.write("hidden\n")
+    gate = threading.Event()
+
+    class HeldBack(BlobLayer):
+        def _members(self):
+            out = []
+            t = tarfile.open(tar)
+            for ti in t:
+                if ti.isreg() and ti.size:
+                    h = hashlib.sha256(t.extractfile(ti).read()).hexdigest()
+                    out.append((ti, ti.offset_data, lambda h=h: h))
+                else:
+                    out.append((ti, None, None))
+            return out
+
+        def _build_rest(self, lock):
+            gate.wait(30)
+            super()._build_rest(lock)
+
+    cache = os.path.join(base, "cache")
+    layer = HeldBack(tar, cache)
+    layer.lazy = True
+    tree = layer.prepare()
+    u, w = mkdirs(base, "u", "w")
+    os.mkdir(f"{u}/moved")
+    os.setxattr(f"{u}/moved", "trusted.overlay.redirect", b"/other/x7")
+    umask = os.umask(0o022)
+    o = Overlay([tree, low], u, w)
+    try:
+        o.providers = {0: layer}
+        assert sorted(os.listdir(tree)) == ["a", "links", "opq", "other"]
+        assert os.listdir(f"{tree}/other") == []                      # not looked into yet
+        n = o.root
+        for c in (b"a", b"b", b"c", b"deep.txt"):
+            n = o.lookup(n, c)
+        fd, _ = o.open(n, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 100, 0) == b"deep\n"
+        finally:
+            os.close(fd)
+        hl = o.lookup(o.lookup(o.root, b"links"), b"hl")
+        assert o.getattr(hl).st_ino == o.getattr(n).st_ino
+        y = o.lookup(o.lookup(o.root, b"moved"), b"y.txt")           # through the redirect
+        fd, _ = o.open(y, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 100, 0) == b"y7\n"
+        finally:
+            os.close(fd)
+        assert sorted(os.listdir(f"{tree}/other")) == [f"x{i}" for i in sorted(range(20), key=str)]
+        assert os.listdir(f"{tree}/other/x3") == []                   # never looked into
+        opq = o.lookup(o.root, b"opq")
+        assert sorted(name for name, _ in o.readdir(opq)) == [b"mine"]  # opaque: hidden stays hidden
+        assert os.stat(f"{tree}/opq").st_mtime == MTIME + 2           # its time kept after its entries
+        assert not os.path.exists(f"{cache}/sha256/{layer.digest[7:]}/index.json")
+        gate.set()
+        assert layer._built.wait(30)
+        assert os.listdir(f"{tree}/other/x3") == ["y.txt"]
+        again = HeldBack(tar, cache)
+        again.lazy = True
+        assert again.prepare() == tree and again._plan is None and len(again.files) == 22
+        again.close()
+    finally:
+        gate.set()
+        o.close()
+        layer.close()
+        os.umask(umask)

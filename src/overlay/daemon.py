@@ -174,6 +174,9 @@ def prepare_blob_layers(config):
         from overlay.images.layer import BlobLayer  # noqa: PLC0415
         try:
             layer = (BlobLayer if local else ChunkedLayer)(path, getattr(config, "blob_cache", None))
+            # (a registry's table of contents: the tree is made as it is
+            # looked into, the first file readable before all of it is)
+            layer.lazy = not local
             lowers[i] = layer.prepare()
         except BlobError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None

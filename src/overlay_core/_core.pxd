@@ -189,7 +189,9 @@ cdef class _Stack:
     cdef object _on_long               # called before long work (set_lock), or None
     cdef public bint keep_listings     # readdir keeps listings (dircache)
     cdef public dict providers         # lower layer index -> its data provider (an image
-                                       # layer: ensure(st_ino) before data are read), or None
+                                       # layer: ensure(st_ino) before data are read,
+                                       # ensure_dir(fd) / ensure_path(fd, comps) before a
+                                       # dir of it is looked into), or None
     cdef readonly bint quota_on        # quota_bytes= or quota_inodes= (_quota.pxi)
     cdef readonly long long q_bytes_max, q_inodes_max   # the limits, -1: none
     cdef public long long q_bytes, q_inodes             # what the upper holds

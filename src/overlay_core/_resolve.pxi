@@ -151,6 +151,9 @@ cdef class _Resolver(_Stack):
             if any(c in (b"", b".", b"..") for c in comps):
                 log.warning("ignoring invalid redirect %r", path)
                 break
+            if len(comps) > 1 and self.providers and idx in self.providers:
+                # an image layer made lazily: the dirs on the way, made first
+                self.providers[idx].ensure_path(base, comps)
             kind, fd, st = self._walk_lower(base, comps)
             if self._walk_redirect is not None:
                 path = self._walk_redirect      # the layers below: the old place
@@ -195,6 +198,16 @@ cdef class _Resolver(_Stack):
             if top is not None:
                 os.close(fd)
                 break
+            if self.providers and idx in self.providers:
+                # an image layer made lazily (overlay.images): a dir's
+                # entries are made before anything looks into it
+                try:
+                    self.providers[idx].ensure_dir(fd)
+                except BaseException:
+                    os.close(fd)
+                    for _, dfd in dirs:
+                        os.close(dfd)
+                    raise
             if not dirs:
                 topst = st
             dirs.append((idx, fd))

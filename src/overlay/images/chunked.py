@@ -278,10 +278,13 @@ class ChunkedLayer(BlobLayer):
         estargz_ends(entries, toc_off)
         return entries
 
+    def _members(self):
+        return toc_members(self._toc())
+
     def _build(self, d: str) -> None:
         tmp, root = self._new_tree(d)
         try:
-            files, dirs = self._make(toc_members(self._toc()), root)
+            files, dirs = self._make(self._members(), root)
             self._dir_times(root, dirs)
             tst = os.fstat(root)
         finally:

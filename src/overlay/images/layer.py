@@ -26,6 +26,7 @@ link targets are data, never paths to follow.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -138,6 +139,17 @@ class BlobLayer:
         self.seconds = 0.0          # spent doing it
         self.digest = digest
         self.hold_fd = -1           # cache.hold: the layer is in use
+        # lazy (image= from a registry, a table of contents at hand): the
+        # skeleton is made a dir at a time, the dirs looked into first
+        # (ensure_dir, from the core), the rest by a thread (_build_rest)
+        self.lazy = False
+        self._plan = None           # dir path -> its members, while not all are made
+        self._made: set[str] = set()
+        self._pending: dict[int, str] = {}      # st_ino of a dir whose entries are not made -> path
+        self._dtimes: dict[str, int] = {}       # dir path -> its mtime (ns)
+        self._built = threading.Event()         # the whole skeleton is there (and its index)
+        self.tree_lock = threading.Lock()       # making entries (not self.lock: a long fill
+                                                # must not hold up a lookup)
 
     # ------------------------------------------------------------ cache
 
@@ -181,13 +193,165 @@ class BlobLayer:
             self.hold_fd = hold(self.cache, hexd)     # (never removed while this lives)
         d = os.path.join(self.cache, "sha256", hexd)
         os.makedirs(os.path.dirname(d), exist_ok=True)
-        if not self._load(d):
-            log.info("%s: building its index (%s, %d bytes)", self.path, self.fmt, self.size)
-            self._build(d)
+        # one builder of a layer at a time (a mount waits for another's build)
+        lock = os.open(os.path.join(self.cache, "locks", hexd + ".build"),
+                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if not self._load(d):
-                raise BlobError(f"{self.path}: the index just built does not load")
+                members = self._members() if self.lazy else None
+                if members is not None:
+                    log.info("%s: making its tree as it is looked into (%s, %d bytes)",
+                             self.path, self.fmt, self.size)
+                    self._start_lazy(d, members, lock)
+                    lock = -1       # (the builder thread lets it go)
+                    return os.path.join(d, "tree")
+                log.info("%s: building its index (%s, %d bytes)", self.path, self.fmt, self.size)
+                self._build(d)
+                if not self._load(d):
+                    raise BlobError(f"{self.path}: the index just built does not load")
+        finally:
+            if lock >= 0:
+                os.close(lock)
         self.dir = d
         return os.path.join(d, "tree")
+
+    def _members(self):
+        """The layer's members (as _make takes them) without reading the
+        blob through, or None where that cannot be (a tar stream)."""
+        return None
+
+    # ------------------------------------------------------------ lazily
+
+    def _start_lazy(self, d: str, members, lock: int) -> None:
+        """The skeleton in d/tree, its root's entries now, the rest as the
+        core looks into dirs (ensure_dir) and by a thread (_build_rest),
+        which writes the index and lets the build lock go at the end."""
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(os.path.join(d, "tree"))
+        self.tree_fd = os.open(os.path.join(d, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dir = d
+        self.files, self.done, self._order = {}, set(), None
+        plan: dict[str, list] = {"": []}
+        known = {""}
+        now = int(time.time())
+        for ti, where, digest in members:
+            rel = _rel(ti.name)
+            if rel is None:
+                log.warning("%s: member %r leaves the layer: skipped", self.path, ti.name)
+                continue
+            parent = rel.rpartition("/")[0] if rel else ""
+            missing = []
+            p = parent
+            while p not in known:
+                missing.append(p)
+                p = p.rpartition("/")[0]
+            for m in reversed(missing):     # dirs the blob does not list: made as _parent makes them
+                implicit = tarfile.TarInfo(m)
+                implicit.type, implicit.mode, implicit.mtime = tarfile.DIRTYPE, 0o755, now
+                plan.setdefault(m.rpartition("/")[0], []).append((implicit, None, None))
+                plan.setdefault(m, [])
+                known.add(m)
+            plan[parent].append((ti, where, digest))
+            if ti.isdir() and rel:
+                known.add(rel)
+                plan.setdefault(rel, [])
+        self._plan = plan
+        self._pending = {}
+        self._materialize("")
+        threading.Thread(target=self._build_rest, args=(lock,), name="skeleton", daemon=True).start()
+
+    def _materialize(self, rel: str) -> None:
+        """The entries of dir rel (its parents' made), its times kept.
+        Under self.tree_lock, or before the mount serves."""
+        if rel in self._made or self._plan is None:
+            return
+        self._made.add(rel)
+        members = self._plan.get(rel, [])
+        for ti, _w, _d in members:      # a hard link's target first
+            if ti.islnk():
+                trel = _rel(ti.linkname)
+                if trel:
+                    self._materialize_path(trel.rpartition("/")[0])
+        files, dirs = self._make_all(members, self.tree_fd, self.files, {}, None, -1)
+        for child, ns in dirs.items():
+            self._dtimes[child] = ns
+            if child:
+                try:
+                    fd = sys_open_inside(self.tree_fd, child.encode(), O_PATH | os.O_DIRECTORY)
+                except OSError:
+                    continue
+                try:
+                    self._pending[os.fstat(fd).st_ino] = child
+                finally:
+                    os.close(fd)
+        if rel in self._dtimes:
+            ns = self._dtimes[rel]
+            fd = sys_open_inside(self.tree_fd, rel.encode() or b".", O_PATH | os.O_DIRECTORY)
+            try:
+                os.utime(f"/proc/self/fd/{fd}", ns=(ns, ns))
+            finally:
+                os.close(fd)
+
+    def _materialize_path(self, rel: str) -> None:
+        """Dir rel's entries and those of every dir above it."""
+        parts = rel.split("/") if rel else []
+        for k in range(len(parts) + 1):
+            self._materialize("/".join(parts[:k]))
+
+    def ensure_dir(self, fd: int) -> None:
+        """The core is about to look into the skeleton dir at fd: its
+        entries, made first (a lazily made layer; nothing otherwise)."""
+        if self._plan is None:
+            return
+        rel = self._pending.get(os.fstat(fd).st_ino)
+        if rel is None or rel in self._made:
+            return
+        with self.tree_lock:
+            self._materialize_path(rel)
+
+    def ensure_path(self, fd: int, comps: list) -> None:
+        """The dirs on the way to comps[-1] below the skeleton dir at fd,
+        made first (a redirect followed into a lazily made layer)."""
+        if self._plan is None:
+            return
+        st = os.fstat(fd)
+        base = "" if st.st_ino == os.fstat(self.tree_fd).st_ino else self._pending.get(st.st_ino)
+        if base is None:
+            return
+        with self.tree_lock:
+            rel = base
+            self._materialize_path(rel)
+            for c in comps[:-1]:
+                rel = f"{rel}/{os.fsdecode(c)}" if rel else os.fsdecode(c)
+                if rel not in self._plan:
+                    break
+                self._materialize(rel)
+
+    def _build_rest(self, lock: int) -> None:
+        """The rest of the skeleton, breadth first, a dir at a time (an
+        ensure_dir waits for one dir at most), then its index; the build
+        lock is let go at the end (or at a failure: the next mount builds
+        it again)."""
+        t0 = time.monotonic()
+        try:
+            queue = sorted(self._plan, key=lambda r: (r.count("/") if r else -1, r))
+            for rel in queue:
+                with self.tree_lock:
+                    self._materialize(rel)
+            with self.tree_lock:
+                tst = os.fstat(self.tree_fd)
+                self._write_index_in_place(self.dir, self.files, tst)
+                self._plan = None
+                self._pending = {}
+                self._order = None
+            log.info("%s: tree made (%d files with data) in %.1f s", self.path, len(self.files),
+                     time.monotonic() - t0)
+        except Exception:  # noqa: BLE001 - the layer stays usable as far as it is made
+            log.exception("%s: making the rest of its tree failed", self.path)
+        finally:
+            os.close(lock)
+            self._built.set()
 
     def _load(self, d: str) -> bool:
         """Trust d's index only if it says what this blob and its skeleton
@@ -218,6 +382,7 @@ class BlobLayer:
         self.files = {int(ino): (p, off, size, h) for ino, p, off, size, h in doc["files"]}
         self.done = set()
         self._order = None
+        self._built.set()
         return True
 
     # ------------------------------------------------------------ building
@@ -262,18 +427,31 @@ class BlobLayer:
             finally:
                 os.close(fd)
 
-    def _write_index(self, tmp: str, d: str, files: dict, tst) -> None:
-        """index.json into tmp (flushed), then tmp in d's place."""
+    def _index_doc(self, d: str, files: dict, tst) -> dict:
         body = [[ino, p, off, size, h] for ino, (p, off, size, h) in files.items()]
-        doc = {"version": INDEX_VERSION, "digest": "sha256:" + os.path.basename(d), "format": self.fmt,
-               "blob_size": self.size, "tree": [tst.st_dev, tst.st_ino], "files": body,
-               "files_sha256": hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()}
-        with open(os.path.join(tmp, "index.json"), "w") as f:
+        return {"version": INDEX_VERSION, "digest": "sha256:" + os.path.basename(d), "format": self.fmt,
+                "blob_size": self.size, "tree": [tst.st_dev, tst.st_ino], "files": body,
+                "files_sha256": hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()}
+
+    @staticmethod
+    def _put_index(path: str, doc: dict) -> None:
+        with open(path, "w") as f:
             json.dump(doc, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
+
+    def _write_index(self, tmp: str, d: str, files: dict, tst) -> None:
+        """index.json into tmp (flushed), then tmp in d's place."""
+        self._put_index(os.path.join(tmp, "index.json"), self._index_doc(d, files, tst))
         shutil.rmtree(d, ignore_errors=True)
         os.rename(tmp, d)
+
+    def _write_index_in_place(self, d: str, files: dict, tst) -> None:
+        """index.json beside a tree made in place (lazily): written whole,
+        then renamed there (a tree without it is made again)."""
+        tmp = os.path.join(d, f"index.json.{os.getpid()}")
+        self._put_index(tmp, self._index_doc(d, files, tst))
+        os.rename(tmp, os.path.join(d, "index.json"))
 
     def _skeleton(self, tf: tarfile.TarFile, root: int):
         """The skeleton of a tar stream (see _make)."""
@@ -360,8 +538,10 @@ class BlobLayer:
                         st = os.fstat(fd)
                         if (st.st_uid, st.st_gid) != (ti.uid, ti.gid):
                             os.fchown(fd, ti.uid, ti.gid)
-                        if ti.mode & 0o7000:
-                            os.fchmod(fd, ti.mode & 0o7777)     # (after chown, which clears them)
+                        if ti.mode & 0o7000 or S.S_IMODE(st.st_mode) != ti.mode & 0o7777:
+                            # (after chown, which clears set-id bits; and
+                            # whatever the umask took)
+                            os.fchmod(fd, ti.mode & 0o7777)
                         for k, v in _xattrs(ti):
                             os.setxattr(fd, k, v)
                         ns = _mtime_ns(ti)
@@ -501,6 +681,7 @@ class BlobLayer:
         run of PREFETCH_RUN bytes at a time (an open meanwhile waits for
         one run at most); run in a thread of its own. A file that fails
         is left for its open (which then fails or retries)."""
+        self._built.wait()
         t0, failed = time.monotonic(), 0
         for ino in self._in_order():
             if ino in self.done or self.tree_fd < 0:
@@ -634,7 +815,7 @@ class BlobLayer:
 
     def _in_order(self) -> list[int]:
         """The inode numbers of the files with data, in the blob's order."""
-        if self._order is None:
+        if self._order is None or len(self._order) != len(self.files):     # (a tree made lazily grows)
             self._order = sorted(self.files, key=lambda i: self._key(self.files[i][1]))
             self._pos = {i: k for k, i in enumerate(self._order)}
         return self._order
