@@ -144,7 +144,8 @@ class BlobLayer:
         # (ensure_dir, from the core), the rest by a thread (_build_rest)
         self.lazy = False
         self._plan = None           # dir path -> its members, while not all are made
-        self._made: set[str] = set()
+        self._made: set[str] = set()           # dirs whose entries are being made or are
+        self._complete: set[str] = set()       # ... and those whose entries are all there
         self._pending: dict[int, str] = {}      # st_ino of a dir whose entries are not made -> path
         self._dtimes: dict[str, int] = {}       # dir path -> its mtime (ns)
         self._built = threading.Event()         # the whole skeleton is there (and its index)
@@ -266,7 +267,7 @@ class BlobLayer:
         Under self.tree_lock, or before the mount serves."""
         if rel in self._made or self._plan is None:
             return
-        self._made.add(rel)
+        self._made.add(rel)     # (first: a hard link's target dir may lead back here)
         members = self._plan.get(rel, [])
         for ti, _w, _d in members:      # a hard link's target first
             if ti.islnk():
@@ -292,6 +293,7 @@ class BlobLayer:
                 os.utime(f"/proc/self/fd/{fd}", ns=(ns, ns))
             finally:
                 os.close(fd)
+        self._complete.add(rel)     # (last: ensure_dir looks at it without the lock)
 
     def _materialize_path(self, rel: str) -> None:
         """Dir rel's entries and those of every dir above it."""
@@ -305,7 +307,7 @@ class BlobLayer:
         if self._plan is None:
             return
         rel = self._pending.get(os.fstat(fd).st_ino)
-        if rel is None or rel in self._made:
+        if rel is None or rel in self._complete:
             return
         with self.tree_lock:
             self._materialize_path(rel)
