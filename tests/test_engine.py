@@ -512,3 +512,35 @@ def test_bad_engine_options(reltmp, opt, msg):
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
     assert not mountutil.is_mounted(mp)
+
+
+def test_watchdog_forked_while_another_thread_holds_the_gil(tmp_path):
+    """The watchdog is forked while another thread of the daemon runs
+    Python (as one making an image layer's tree does): the child must not
+    need the GIL (it would wait forever for a thread that does not exist in
+    it, and the daemon, at its clean exit, for the child)."""
+    import threading
+    from overlay.engine import wire
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        pid, wfd = wire.start_watchdog(str(tmp_path).encode(), b"0:0")
+    finally:
+        stop.set()
+        t.join()
+    os.write(wfd, b"x")
+    os.close(wfd)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the watchdog child did not end when told to (stuck on the GIL)")

@@ -489,6 +489,7 @@ def test_zstd_chunked_image_fetches_only_what_is_read(images, registry, relmount
         relmounts.ours([compress(tar, "gzip"), compress(bottom, "gzip")], u2, w2, m2,
                        (f"blob_cache={os.path.join(base, 'cache2')}",))
         assert diff_snapshots(snapshot_mount(m2), snapshot_mount(m), "disk", "zstd:chunked") == []
+        _umount_and_see_the_daemon_end(relmounts, m)
     finally:
         back.terminate()
         back.wait(timeout=30)
@@ -600,6 +601,20 @@ def test_prefetch_all_fetches_every_file_and_serves_them_offline(images, registr
     relmounts.ours([compress(tar, "gzip"), compress(bottom, "gzip")], u2, w2, m2,
                    (f"blob_cache={os.path.join(base, 'cache2')}",))
     assert diff_snapshots(snapshot_mount(m2), snapshot_mount(m), "disk", "prefetched") == []
+    _umount_and_see_the_daemon_end(relmounts, m)
+
+
+def _umount_and_see_the_daemon_end(relmounts, m):
+    """The daemon of m (with its threads: a tree made lazily, a prefetch)
+    ends once m is unmounted, and its watchdog with it."""
+    import time
+    from relutil import find_daemon_pid
+    pid = find_daemon_pid(m)        # (one: the watchdog has renamed itself)
+    relmounts.umount(m)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}"), f"the daemon {pid} of {m} still runs after the unmount"
 
 
 def test_estargz_image_fetches_only_what_is_read(images, registry, relmounts):

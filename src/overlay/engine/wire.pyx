@@ -368,10 +368,13 @@ def start_watchdog(bytes target, bytes devid):
     cdef int afd
     rfd, wfd = os.pipe()
     os.set_inheritable(rfd, False)
+    # (fork and the whole child in one nogil block: the child never takes
+    # the GIL back, which another thread of ours may hold at the fork, as a
+    # thread making an image layer's tree does: the child would wait for it
+    # forever, and the daemon for the child)
     with nogil:
         pid = fork()
-    if pid == 0:
-        with nogil:
+        if pid == 0:
             _retitle(ti)
             dup2(rfd, 0)
             syscall(SYS_close_range, 1, <unsigned int>0xffffffff, 0)

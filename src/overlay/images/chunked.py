@@ -309,8 +309,15 @@ class ChunkedLayer(BlobLayer):
             if self._span(ino) <= budget:
                 # a small file: one request for it and the small files
                 # after it in the blob (budget bytes at most)
-                batch = [ino] + self._following(ino, budget - self._span(ino), self._span)
                 start = min(c[0] for c in chunks)
+                batch = [ino]
+                for i in self._following(ino, budget - self._span(ino), self._span):
+                    # (the range read covers what lies between too: files
+                    # of dirs not made yet, of a tree made lazily, are not
+                    # in the order; stop where the range would pass budget)
+                    if max(c[1] for c in self.files[i][1]) - start > budget:
+                        break
+                    batch.append(i)
                 end = max(c[1] for i in batch for c in self.files[i][1])
                 data = self.remote.read(start, end)
                 for i in batch:
@@ -326,22 +333,26 @@ class ChunkedLayer(BlobLayer):
             chunks = sorted(chunks, key=lambda c: c[2])
             groups = _groups(chunks)
 
+            def group(g):
+                # (in a worker: the range fetched and its chunks
+                # decompressed, the GIL let go meanwhile; one piece of
+                # them: a write and a hash a group, not a chunk, or the
+                # threads queue for the GIL at every chunk)
+                data = memoryview(self.remote.read(g[0][0], g[-1][1]))
+                return [b"".join([self._chunk(data[c[0] - g[0][0]:c[1] - g[0][0]], c) for c in g])]
+
             def pieces():
-                # up to FETCHES_IN_FLIGHT range requests at once, in order
+                # up to FETCHES_IN_FLIGHT groups at once, in order
                 from concurrent.futures import ThreadPoolExecutor
                 with ThreadPoolExecutor(FETCHES_IN_FLIGHT) as pool:
-                    pending = [pool.submit(self.remote.read, g[0][0], g[-1][1])
-                               for g in groups[:FETCHES_IN_FLIGHT]]
+                    pending = [pool.submit(group, g) for g in groups[:FETCHES_IN_FLIGHT]]
                     nxt = len(pending)
-                    for g in groups:
-                        data = pending.pop(0).result()
+                    while pending:
+                        out = pending.pop(0).result()
                         if nxt < len(groups):
-                            h = groups[nxt]
-                            pending.append(pool.submit(self.remote.read, h[0][0], h[-1][1]))
+                            pending.append(pool.submit(group, groups[nxt]))
                             nxt += 1
-                        start = g[0][0]
-                        for c in g:
-                            yield self._chunk(data[c[0] - start:c[1] - start], c)
+                        yield from out
             self._fill(ino, rel, size, want, pieces())
 
     def describe(self) -> str:

@@ -46,6 +46,7 @@ log = logging.getLogger("overlay.images")
 INDEX_VERSION = 1
 READAHEAD = 1 << 20         # bytes of the following files filled with the one asked for
 PREFETCH_RUN = 8 << 20      # prefetch=all: bytes filled at a time (an open waits at most one run)
+HASH_THREAD_BYTES = 16 << 20  # a file this big is hashed by a thread beside its writes
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -743,13 +744,8 @@ class BlobLayer:
             # (a write drops security.capability, as the kernel's
             # file_remove_privs does: put back what the skeleton had)
             kept = {k: os.getxattr(fd, k) for k in os.listxattr(fd)}
-            h = hashlib.sha256()
-            pos = 0
-            for b in pieces:
-                h.update(b)
-                os.pwrite(fd, b, pos)
-                pos += len(b)
-            if pos != size or h.hexdigest() != want:
+            pos, digest = self._write_hashed(fd, pieces, size)
+            if pos != size or digest != want:
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -767,6 +763,37 @@ class BlobLayer:
             os.close(fd)
         self.fetched += size
         self.done.add(ino)
+
+    @staticmethod
+    def _write_hashed(fd: int, pieces, size: int) -> tuple[int, str]:
+        """pieces written into fd from offset 0 and hashed: (bytes, their
+        sha256). A big file is hashed by a thread beside the writes (both
+        let go of the GIL: two CPUs at work, not one)."""
+        h = hashlib.sha256()
+        pos = 0
+        if size < HASH_THREAD_BYTES:
+            for b in pieces:
+                h.update(b)
+                os.pwrite(fd, b, pos)
+                pos += len(b)
+            return pos, h.hexdigest()
+        import queue
+        q: queue.SimpleQueue = queue.SimpleQueue()
+
+        def hasher():
+            while (b := q.get()) is not None:
+                h.update(b)
+        t = threading.Thread(target=hasher, name="hash", daemon=True)
+        t.start()
+        try:
+            for b in pieces:
+                q.put(b)
+                os.pwrite(fd, b, pos)
+                pos += len(b)
+        finally:
+            q.put(None)
+            t.join()
+        return pos, h.hexdigest()
 
     def _in_place(self, ino: int) -> bool:
         """Are the file's data in its skeleton file already (put there by an
