@@ -803,3 +803,52 @@ def test_lazy_tree_is_made_as_the_core_looks_into_it(reltmp):
         o.close()
         layer.close()
         os.umask(umask)
+
+
+def test_read_ahead_of_a_lazily_made_tree_reads_no_gap(registry, reltmp):
+    """Read-ahead fetches the small files after the one opened in one
+    range: where files between them belong to dirs not made yet (a tree
+    made lazily), the range must not run over them (it stops at its
+    budget, 1 MiB, not at the sum of the sizes of the files it fills)."""
+    import threading
+    from overlay.images.chunked import ChunkedLayer, RemoteBlob
+    from overlay.images.registry import Ref, image_manifest
+    base = os.path.join(reltmp, "gap")
+    os.makedirs(base)
+    tar = os.path.join(base, "layer.tar")
+    rnd = __import__("random").Random(9)
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        _member(tf, "a/f1", data=b"one\n")
+        _member(tf, "b/big", data=rnd.randbytes(4 << 20))        # (incompressible)
+        _member(tf, "c/f2", data=b"two\n")
+    layout = oci_layout(base, [tar])
+    host, _proc = registry
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
+                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{host}/test/gap:v1"],
+                   check=True, capture_output=True, timeout=120)
+    gate = threading.Event()
+
+    class HeldBack(ChunkedLayer):
+        def _build_rest(self, lock):
+            gate.wait(30)
+            super()._build_rest(lock)
+
+    reg, doc = image_manifest(Ref(f"{host}/test/gap:v1"), tls_verify=False)
+    remote = RemoteBlob(reg, "test/gap", doc["layers"][0])
+    layer = HeldBack(remote, os.path.join(base, "cache"))
+    layer.lazy = True
+    try:
+        tree = layer.prepare()
+        with layer.tree_lock:
+            layer._materialize("a")
+            layer._materialize("c")
+        ino = {layer.files[i][0]: i for i in layer.files}
+        before = remote.fetched
+        layer.ensure(ino["a/f1"])
+        assert remote.fetched - before < (1 << 20), remote.fetched - before
+        with open(f"{tree}/a/f1", "rb") as f:
+            assert f.read() == b"one\n"
+    finally:
+        gate.set()
+        layer._built.wait(30)
+        layer.close()
