@@ -46,8 +46,18 @@ def build_layers(base: str, mib: int, nlayers: int) -> list[str]:
     layers = []
     py = os.path.dirname(os.__file__)
     t = os.path.join(base, "layer0.tar")
+    # (each layer gets a file of its own for this run: skopeo reuses a blob
+    # of the same content pushed before, and drops the zstd:chunked table
+    # annotations when it does: such a layer would be fetched whole)
+    token = os.urandom(8).hex().encode()
+
+    def mark(tf, k):
+        ti = tarfile.TarInfo(f"etc/bench-run-{k}")
+        ti.size = len(token)
+        tf.addfile(ti, __import__("io").BytesIO(token))
     with tarfile.open(t, "w", format=tarfile.PAX_FORMAT) as tf:
         tf.add(py, arcname="usr/lib/python3", filter=lambda ti: None if "__pycache__" in ti.name else ti)
+        mark(tf, 0)
     layers.append(t)
     big = mib // 2
     small_layers = max(1, nlayers - 2)
@@ -61,6 +71,7 @@ def build_layers(base: str, mib: int, nlayers: int) -> list[str]:
                 ti = tarfile.TarInfo(f"srv/set{k}/d{i // 500:03d}/f{i:06d}")
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
+            mark(tf, k + 1)
         layers.append(t)
     t = os.path.join(base, f"layer{len(layers)}.tar")
     src = os.path.join(base, "big.bin")
@@ -69,6 +80,7 @@ def build_layers(base: str, mib: int, nlayers: int) -> list[str]:
             f.write(os.urandom(1 << 19) * 2)
     with tarfile.open(t, "w", format=tarfile.PAX_FORMAT) as tf:
         tf.add(src, arcname="data/big.bin")
+        mark(tf, len(layers))
     os.unlink(src)
     layers.append(t)
     return layers

@@ -281,6 +281,26 @@ class ChunkedLayer(BlobLayer):
     def _members(self):
         return toc_members(self._toc())
 
+    def _lazy_members(self):
+        # (each file with its chunk entries, turned into a member only
+        # when its dir is made)
+        out = []
+        for e in self._toc():
+            if e.get("type") == "chunk":
+                if not out:
+                    raise BlobError("a chunk with no file before it in the table of contents")
+                out[-1][2].append(e)
+                continue
+            out.append((e.get("name", ""), e.get("type") == "dir", [e]))
+        return out
+
+    def _member_of(self, raw):
+        return toc_members(raw)[0]
+
+    def _implicit(self, rel: str, now: int):
+        return [{"name": rel, "type": "dir", "mode": 0o755,
+                 "modtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}]
+
     def _build(self, d: str) -> None:
         tmp, root = self._new_tree(d)
         try:
