@@ -1,6 +1,6 @@
 """The native FUSE engine's own tests (src/overlay/engine/), on real mounts.
 
-* 8 processes hammer one mount for a minute (ENGINE_HAMMER_SECONDS), each
+* 8 processes hammer one mount for 20 s (ENGINE_HAMMER_SECONDS), each
   op checked against a model (the fsx workers of test_stress);
 * SIGKILL of the daemon: the mount is gone within a second (the watchdog
   child, or fusermount3's auto_unmount), nothing half-written in the upper;
@@ -43,7 +43,7 @@ from relutil import (  # noqa: F401  (fixtures)
     write_pattern_file,
 )
 
-HAMMER_SECONDS = float(os.environ.get("ENGINE_HAMMER_SECONDS", "25"))
+HAMMER_SECONDS = float(os.environ.get("ENGINE_HAMMER_SECONDS", "20"))
 LOOKUPS = int(os.environ.get("ENGINE_LOOKUPS", "400000"))
 
 pytestmark = pytest.mark.skipif(mountutil.engine() != "native", reason="native engine tests")

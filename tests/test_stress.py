@@ -57,7 +57,7 @@ from relutil import (  # noqa: F401  (fixtures)
     vm_status,
 )
 
-STRESS_SECONDS = float(os.environ.get("REL_STRESS_SECONDS", "12"))
+STRESS_SECONDS = float(os.environ.get("REL_STRESS_SECONDS", "10"))
 MEM_OPS = int(os.environ.get("REL_MEM_OPS", "50000"))
 NWORKERS = int(os.environ.get("REL_STRESS_WORKERS", "4"))
 MAXLEN = 256 * 1024
