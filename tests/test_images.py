@@ -886,3 +886,17 @@ def test_damaged_chunks_in_the_registry_give_eio(images, registry, relmounts, re
     assert e.value.errno == 5
     with open(f"{m}/etc/passwd", "rb") as f:
         assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+
+
+def test_layer_store_refuses_bad_input_in_one_line(reltmp):
+    from relutil import run_overlay
+    r = run_overlay("layer-store", "-o", "bogus=1", reltmp)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "overlay layer-store: error: unknown option 'bogus=1' (blob_cache=, blob_cache_max=, tls_verify=,"
+        " authfile=, prefetch=)"], r.stderr
+    r = run_overlay("layer-store", "-o", "blob_cache_max=12Q", reltmp)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "blob_cache_max" in r.stderr
+    r = run_overlay("layer-store", os.path.join(reltmp, "missing"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"overlay layer-store: error: {os.path.join(reltmp, 'missing')} is not a directory"], r.stderr
+    assert not mountutil.is_mounted(reltmp)

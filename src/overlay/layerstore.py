@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import stat as S
+import sys
 import threading
 
 from overlay.engine.plain import PlainFS, PNode
@@ -102,7 +103,7 @@ def add_command(sub) -> None:
         help="serve an additional layer store for podman (lazy image layers)",
         description="Serve an additional layer store on MOUNTPOINT (containers-storage.conf:"
         ' additionallayerstores = ["MOUNTPOINT:ref"]) until unmounted or signalled. Layers of'
-        " images pulled are made from the registry's table of contents (zstd:chunked), their"
+        " images pulled are made from the registry's table of contents (zstd:chunked, eStargz), their"
         " files fetched when read through overlay-containers-mount.",
         epilog="example: overlay layer-store -o tls_verify=false /var/lib/overlay-layers",
     )
@@ -144,17 +145,17 @@ def run_command(args, prog: str = "overlay") -> int:
     from overlay.images.layer import default_cache
     from overlay.images.store import LayerStore
 
+    def fail(message: str, status: int = 1) -> int:
+        print(f"{prog} layer-store: error: {message}", file=sys.stderr)
+        return status
     try:
         opts = _options(args.options)
     except ValueError as exc:
-        log.error("%s layer-store: %s", prog, exc)
-        return 2
+        return fail(str(exc), 2)
     if os.geteuid() != 0:
-        log.error("%s layer-store: needs root (the layers' skeletons hold trusted.* whiteouts)", prog)
-        return 1
+        return fail("needs root (the layers' skeletons hold trusted.* whiteouts)")
     if not os.path.isdir(args.mountpoint):
-        log.error("%s layer-store: %s is not a directory", prog, args.mountpoint)
-        return 1
+        return fail(f"{args.mountpoint} is not a directory")
     logging.getLogger("overlay").setLevel(logging.INFO)
     store = LayerStore(opts["blob_cache"] or default_cache(), opts["tls_verify"], opts["authfile"],
                        prefetch=opts["prefetch"] == "all", limit=opts["blob_cache_max"])
@@ -165,8 +166,7 @@ def run_command(args, prog: str = "overlay") -> int:
         m = mnt.mount(args.mountpoint, fsname="overlay-layer-store", subtype="overlay-layer-store",
                       flags=0, allow_other=True, root_mode=S.S_IFDIR)
     except OSError as exc:
-        log.error("%s layer-store: %s", prog, exc.strerror or exc)
-        return 1
+        return fail(f"cannot mount on {args.mountpoint}: {exc.strerror or exc}")
     stop = threading.Event()
 
     def on_signal(sig, frame):
