@@ -48,6 +48,8 @@ READAHEAD = 1 << 20         # bytes of the following files filled with the one a
 PREFETCH_RUN = 8 << 20      # prefetch=all: bytes filled at a time (an open waits at most one run)
 HASH_THREAD_BYTES = 16 << 20  # a file this big is hashed by a thread beside its writes
 _FILLING = [0]              # fills going on in this process (a tree's builder makes way for them)
+BUILD_DELAY = 1.0           # a lazily made tree's builder starts this long after the mount began
+                            # (the mount and its first lookups go first)
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -358,6 +360,7 @@ class BlobLayer:
         ensure_dir waits for one dir at most), then its index; the build
         lock is let go at the end (or at a failure: the next mount builds
         it again)."""
+        time.sleep(BUILD_DELAY)
         t0 = time.monotonic()
         try:
             queue = sorted(self._plan, key=lambda r: (r.count("/") if r else -1, r))
