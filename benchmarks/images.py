@@ -215,7 +215,7 @@ def main(argv=None) -> int:
         mounts.append(pm)
         while True:
             st = json.loads(os.getxattr(pm, "user.overlay-fuse.stats"))["images"]
-            if all(i["files_filled"] == i["files"] for i in st):
+            if all(i["tree_made"] and i["files_filled"] == i["files"] for i in st):
                 break
             time.sleep(0.05)
         t_local_p = time.monotonic() - t0

@@ -592,7 +592,7 @@ def test_prefetch_all_fetches_every_file_and_serves_them_offline(images, registr
     deadline = time.monotonic() + 60
     while True:
         st = json.loads(os.getxattr(m, "user.overlay-fuse.stats"))["images"]
-        if all(i["files_filled"] == i["files"] for i in st) or time.monotonic() > deadline:
+        if all(i["tree_made"] and i["files_filled"] == i["files"] for i in st) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert all(i["files_filled"] == i["files"] > 0 for i in st), st
@@ -717,6 +717,7 @@ def test_lazy_tree_is_made_as_the_core_looks_into_it(reltmp):
     """A layer made lazily (image= from a registry: a table of contents at
     hand), with the core and no mount, its background builder held back:
     a dir's entries are made when the core first looks into it (ensure_dir),
+    its subdirs' own subdirs with them (nlink right before they are),
     the dirs on a redirect's way when one is followed (ensure_path), a hard
     link's target dir first; dirs never looked into are not made; data come
     on open; once the builder runs, the index is written and reused."""
@@ -768,7 +769,10 @@ def test_lazy_tree_is_made_as_the_core_looks_into_it(reltmp):
     try:
         o.providers = {0: layer}
         assert sorted(os.listdir(tree)) == ["a", "links", "opq", "other"]
-        assert os.listdir(f"{tree}/other") == []                      # not looked into yet
+        # other, not looked into yet: its subdirs only (its nlink right
+        # for a listing of the root), none of their files
+        assert len(os.listdir(f"{tree}/other")) == 20 and os.stat(f"{tree}/other").st_nlink == 22
+        assert os.listdir(f"{tree}/other/x3") == []
         n = o.root
         for c in (b"a", b"b", b"c", b"deep.txt"):
             n = o.lookup(n, c)

@@ -261,6 +261,10 @@ class BlobLayer:
         self.dir = d
         self.files, self.done, self._order = {}, set(), None
         plan: dict[str, list] = {"": []}
+        # (a dir's subdirs and opaque mark, made with the dir: its nlink
+        # and opacity right even before it is looked into, as a listing
+        # of its parent shows it)
+        shells: dict[str, list] = {}
         known = {""}
         now = int(time.time())
         for name, is_dir, member in members:
@@ -275,14 +279,19 @@ class BlobLayer:
                 missing.append(p)
                 p = p.rpartition("/")[0]
             for m in reversed(missing):     # dirs the blob does not list
-                plan.setdefault(m.rpartition("/")[0], []).append(self._implicit(m, now))
+                implicit = self._implicit(m, now)
+                plan.setdefault(m.rpartition("/")[0], []).append(implicit)
+                shells.setdefault(m.rpartition("/")[0], []).append(implicit)
                 plan.setdefault(m, [])
                 known.add(m)
             plan[parent].append(member)
+            if (is_dir and rel) or rel.rpartition("/")[2] == OCI_OPQ:
+                shells.setdefault(parent, []).append(member)
             if is_dir and rel:
                 known.add(rel)
                 plan.setdefault(rel, [])
         self._plan = plan
+        self._shells = shells
         self._pending = {}
         self._materialize("")
         threading.Thread(target=self._build_rest, args=(lock,), name="skeleton", daemon=True).start()
@@ -299,7 +308,20 @@ class BlobLayer:
                 trel = _rel(ti.linkname)
                 if trel:
                     self._materialize_path(trel.rpartition("/")[0])
-        files, dirs = self._make_all(members, self.tree_fd, self.files, {}, None, -1)
+        _files, dirs = self._make_all(members, self.tree_fd, self.files, {}, None, -1)
+        self._register(dirs)
+        for child in dirs:          # the shells of its subdirs (see _start_lazy)
+            if child and child not in self._made:
+                shell = [self._member_of(m) for m in self._shells.get(child, [])]
+                if shell:
+                    self._register(self._make_all(shell, self.tree_fd, self.files, {}, None, -1)[1])
+                    self._put_time(child)
+        self._put_time(rel)
+        self._complete.add(rel)     # (last: ensure_dir looks at it without the lock)
+
+    def _register(self, dirs: dict) -> None:
+        """Dirs just made: their times, and their inode numbers for
+        ensure_dir."""
         for child, ns in dirs.items():
             self._dtimes[child] = ns
             if child:
@@ -311,6 +333,9 @@ class BlobLayer:
                     self._pending[os.fstat(fd).st_ino] = child
                 finally:
                     os.close(fd)
+
+    def _put_time(self, rel: str) -> None:
+        """Dir rel's time back to the layer's (making entries in it changed it)."""
         if rel in self._dtimes:
             ns = self._dtimes[rel]
             fd = sys_open_inside(self.tree_fd, rel.encode() or b".", O_PATH | os.O_DIRECTORY)
@@ -318,7 +343,6 @@ class BlobLayer:
                 os.utime(f"/proc/self/fd/{fd}", ns=(ns, ns))
             finally:
                 os.close(fd)
-        self._complete.add(rel)     # (last: ensure_dir looks at it without the lock)
 
     def _materialize_path(self, rel: str) -> None:
         """Dir rel's entries and those of every dir above it."""
@@ -690,6 +714,8 @@ class BlobLayer:
 
     def stats(self) -> dict:
         return {"blob": self.path, "digest": self.digest, "format": self.fmt,
+                # (files: those made so far, while a lazily made tree is not whole)
+                "tree_made": self._built.is_set(),
                 "files": len(self.files), "files_filled": len(self.done & self.files.keys()),
                 "bytes_filled": self.fetched, "seconds_filling": round(self.seconds, 3)}
 
