@@ -129,10 +129,10 @@ def test_runner_tiny(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="the runner mounts: needs root")
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 def test_ops_runner_tiny(tmp_path):
-    """benchmarks.ops (compare's ops group), small: one load, few objects;
+    """benchmarks.ops (compare's ops group), small: one load, 50 objects;
     its table has every op for every system that ran."""
     cmd = [sys.executable, "-m", "benchmarks.ops", "--systems", "kernel,fuse-overlayfs,ours-uring,ours-devfuse",
-           "--loads", "idle", "--reps", "1", "--count", "100", "--scratch", str(tmp_path / "s"),
+           "--loads", "idle", "--reps", "1", "--count", "50", "--scratch", str(tmp_path / "s"),
            "--out", str(tmp_path), "--name", "ops"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,11 +1,12 @@
 """The older engine (engine=pyfuse3) keeps working: a subset of the suite on it.
 
 The whole suite runs on the native engine (the default). This file runs the
-walkthrough, the fixed differential scenarios and one random differential
-seed in each of its modes (PYFUSE3_DIFF_SEEDS=0-9 for more) again with every mount of ours made with
-``engine=pyfuse3`` (``OVERLAY_TEST_ENGINE=pyfuse3``, see mountutil), in a
-pytest subprocess, and fails with its report when anything there fails.
-Skipped when pyfuse3 (the ``overlay-fuse[pyfuse3]`` extra) is not installed.
+walkthrough and the fixed differential scenarios again with every mount of
+ours made with ``engine=pyfuse3`` (``OVERLAY_TEST_ENGINE=pyfuse3``, see
+mountutil), in a pytest subprocess, and fails with its report when anything
+there fails; ``PYFUSE3_DIFF_SEEDS=0-9`` adds those random differential
+seeds in each of their modes. Skipped when pyfuse3 (the
+``overlay-fuse[pyfuse3]`` extra) is not installed.
 """
 
 import importlib.util
@@ -19,7 +20,7 @@ import pytest
 import mountutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEEDS = os.environ.get("PYFUSE3_DIFF_SEEDS", "0")
+SEEDS = os.environ.get("PYFUSE3_DIFF_SEEDS", "")
 
 
 def test_subset_on_pyfuse3_engine():
@@ -32,11 +33,12 @@ def test_subset_on_pyfuse3_engine():
     env.pop("DIFF_TOLERATE", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
            os.path.join(HERE, "test_walkthrough.py"),
-           os.path.join(HERE, "test_diff_fixed.py"),
-           os.path.join(HERE, "test_diff_random.py")]
+           os.path.join(HERE, "test_diff_fixed.py")]
+    if SEEDS:
+        cmd.append(os.path.join(HERE, "test_diff_random.py"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE),
                           timeout=1200)
     tail = "\n".join(proc.stdout.splitlines()[-40:])
     assert proc.returncode == 0, f"the subset failed on engine=pyfuse3:\n{tail}\n{proc.stderr[-2000:]}"
     passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) >= 60, tail
+    assert passed and int(passed.group(1)) >= 50, tail
