@@ -9,14 +9,19 @@ root, else ~/.cache/overlay-fuse):
     CACHE/sha256/HEX/index.json   what the skeleton's files hold and where
                                   their data lie in the uncompressed stream
     CACHE/sha256/HEX/gzip.idx     decompression checkpoints (gzip blobs)
-    CACHE/sha256/HEX/done         inode numbers of the skeleton files whose
-                                  data are in place (8 bytes each)
+    CACHE/sha256/HEX/source.json  where a layer store's skeleton's data come
+                                  from (overlay.images.store)
     CACHE/by-file/KEY             HEX of the blob with that path, device,
                                   inode, size and mtime (no hashing at
                                   each mount)
     CACHE/locks/HEX               held (shared flock) by every mount using
                                   the layer; its mtime: the last use
                                   (blob_cache_max=: see cache.py)
+    CACHE/locks/HEX.build         held (flock) by the one process building
+                                  the layer's skeleton and index
+
+Nothing says on disk that a file's data are in place: they count as such
+once they hash to the index's digest (_in_place).
 
 Every path inside a skeleton is opened below its root with openat2 (no
 symlink followed, nothing above the root reached): a blob's names and
@@ -46,7 +51,6 @@ log = logging.getLogger("overlay.images")
 INDEX_VERSION = 1
 READAHEAD = 1 << 20         # bytes of the following files filled with the one asked for
 PREFETCH_RUN = 8 << 20      # prefetch=all: bytes filled at a time (an open waits at most one run)
-HASH_THREAD_BYTES = 16 << 20  # a file this big is hashed by a thread beside its writes
 _FILLING = [0]              # fills going on in this process (a tree's builder makes way for them)
 BUILD_DELAY = 1.0           # a lazily made tree's builder starts this long after the mount began
                             # (the mount and its first lookups go first)
@@ -807,7 +811,7 @@ class BlobLayer:
             if writer is not None:
                 ok = writer(fd)
             else:
-                pos, digest = self._write_hashed(fd, pieces, size)
+                pos, digest = self._write_hashed(fd, pieces)
                 ok = pos == size and digest == want
             if not ok:
                 os.ftruncate(fd, 0)
@@ -829,34 +833,15 @@ class BlobLayer:
         self.done.add(ino)
 
     @staticmethod
-    def _write_hashed(fd: int, pieces, size: int) -> tuple[int, str]:
+    def _write_hashed(fd: int, pieces) -> tuple[int, str]:
         """pieces written into fd from offset 0 and hashed: (bytes, their
-        sha256). A big file is hashed by a thread beside the writes (both
-        let go of the GIL: two CPUs at work, not one)."""
+        sha256)."""
         h = hashlib.sha256()
         pos = 0
-        if size < HASH_THREAD_BYTES:
-            for b in pieces:
-                h.update(b)
-                os.pwrite(fd, b, pos)
-                pos += len(b)
-            return pos, h.hexdigest()
-        import queue
-        q: queue.SimpleQueue = queue.SimpleQueue()
-
-        def hasher():
-            while (b := q.get()) is not None:
-                h.update(b)
-        t = threading.Thread(target=hasher, name="hash", daemon=True)
-        t.start()
-        try:
-            for b in pieces:
-                q.put(b)
-                os.pwrite(fd, b, pos)
-                pos += len(b)
-        finally:
-            q.put(None)
-            t.join()
+        for b in pieces:
+            h.update(b)
+            os.pwrite(fd, b, pos)
+            pos += len(b)
         return pos, h.hexdigest()
 
     def _in_place(self, ino: int) -> bool:
