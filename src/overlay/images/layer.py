@@ -51,7 +51,23 @@ log = logging.getLogger("overlay.images")
 INDEX_VERSION = 1
 READAHEAD = 1 << 20         # bytes of the following files filled with the one asked for
 PREFETCH_RUN = 8 << 20      # prefetch=all: bytes filled at a time (an open waits at most one run)
-_FILLING = [0]              # fills going on in this process (a tree's builder makes way for them)
+
+
+class _Count:
+    """A count several threads change (x += 1 on a shared int is not one
+    step: two threads may lose an update, and a count left above 0 would
+    keep a tree's builder waiting at every dir)."""
+
+    def __init__(self):
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def add(self, k: int) -> None:
+        with self._lock:
+            self.n += k
+
+
+_FILLING = _Count()         # fills going on in this process (a tree's builder makes way for them)
 BUILD_DELAY = 1.0           # a lazily made tree's builder starts this long after the mount began
                             # (the mount and its first lookups go first)
 OCI_WH = ".wh."
@@ -396,7 +412,7 @@ class BlobLayer:
                 # (a file being filled meanwhile goes first: its threads
                 # would queue for the GIL behind this one's Python)
                 waited = 0
-                while _FILLING[0] and waited < 100:
+                while _FILLING.n and waited < 100:
                     time.sleep(0.005)
                     waited += 1
                 with self.tree_lock:
@@ -735,11 +751,11 @@ class BlobLayer:
         if ino not in self.files or ino in self.done:
             return
         t0 = time.monotonic()
-        _FILLING[0] += 1
+        _FILLING.add(1)
         try:
             self._ensure(ino, budget)
         finally:
-            _FILLING[0] -= 1
+            _FILLING.add(-1)
             self.seconds += time.monotonic() - t0
 
     def prefetch(self) -> None:
