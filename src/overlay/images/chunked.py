@@ -224,7 +224,7 @@ class ChunkedLayer(BlobLayer):
     def _chunk(self, raw: bytes, c: list) -> bytes:
         """One chunk's data from its bytes in the blob."""
         if self.zstd is None:
-            return gunzip_chunk(raw, c[3], c[4] if len(c) > 4 else 0)
+            return gunzip_chunk(raw, c[3], c[4])
         try:
             return self.zstd.ZstdDecompressor().decompress(raw, max_output_size=max(c[3], 1))
         except self.zstd.ZstdError as e:
@@ -325,11 +325,16 @@ class ChunkedLayer(BlobLayer):
         chunks = self.files[ino][1]
         return max(c[1] for c in chunks) - min(c[0] for c in chunks)
 
-    def _frames(self, rel, chunks, data, start):
-        """The file's data from data (the blob's bytes from start on), its
-        chunks decompressed in the file's order."""
-        for c in sorted(chunks, key=lambda c: c[2]):
-            yield self._chunk(data[c[0] - start:c[1] - start], c)
+    def _pieces(self, chunks, data, start):
+        """(chunk, its data) of each of chunks, in the order given, from
+        data (the blob's bytes from start on)."""
+        for c in chunks:
+            yield c, self._chunk(data[c[0] - start:c[1] - start], c)
+
+    def _group(self, g):
+        """(chunk, its data) of a group (see _groups), fetched with one
+        range request."""
+        return self._pieces(g, memoryview(self.remote.read(g[0][0], g[-1][1])), g[0][0])
 
     def _ensure(self, ino: int, budget: int = READAHEAD) -> None:
         with self.lock:
@@ -355,7 +360,8 @@ class ChunkedLayer(BlobLayer):
                         continue
                     r, ch, sz, w = self.files[i]
                     try:
-                        self._fill(i, r, sz, w, self._frames(r, ch, data, start))
+                        pieces = (p for _c, p in self._pieces(sorted(ch, key=lambda c: c[2]), data, start))
+                        self._fill(i, r, sz, w, pieces)
                     except OSError:
                         if i == ino:
                             raise
@@ -363,7 +369,7 @@ class ChunkedLayer(BlobLayer):
             chunks = sorted(chunks, key=lambda c: c[2])
             groups = _groups(chunks)
             if all(c[5] for c in chunks) and _covers(chunks, size):
-                self._fill(ino, rel, size, want, None, lambda fd: self._write_chunks(fd, rel, groups))
+                self._fill(ino, rel, size, want, None, lambda fd: self._write_chunks(fd, groups))
                 return
 
             def group(g):
@@ -371,8 +377,7 @@ class ChunkedLayer(BlobLayer):
                 # decompressed, the GIL let go meanwhile; one piece of
                 # them: a write and a hash a group, not a chunk, or the
                 # threads queue for the GIL at every chunk)
-                data = memoryview(self.remote.read(g[0][0], g[-1][1]))
-                return [b"".join([self._chunk(data[c[0] - g[0][0]:c[1] - g[0][0]], c) for c in g])]
+                return [b"".join([p for _c, p in self._group(g)])]
 
             def pieces():
                 # up to FETCHES_IN_FLIGHT groups at once, in order
@@ -388,7 +393,7 @@ class ChunkedLayer(BlobLayer):
                         yield from out
             self._fill(ino, rel, size, want, pieces())
 
-    def _write_chunks(self, fd: int, rel: str, groups: list) -> bool:
+    def _write_chunks(self, fd: int, groups: list) -> bool:
         """A big file whose chunks all have digests (the table's, itself
         checked against the descriptor's): its groups fetched, decompressed,
         checked and written each by a worker, side by side (a whole-file
@@ -396,9 +401,7 @@ class ChunkedLayer(BlobLayer):
         from concurrent.futures import ThreadPoolExecutor
 
         def work(g):
-            data = memoryview(self.remote.read(g[0][0], g[-1][1]))
-            for c in g:
-                piece = self._chunk(data[c[0] - g[0][0]:c[1] - g[0][0]], c)
+            for c, piece in self._group(g):
                 if len(piece) != c[3] or "sha256:" + hashlib.sha256(piece).hexdigest() != c[5]:
                     return False
                 os.pwrite(fd, piece, c[2])
