@@ -114,28 +114,18 @@ def add_command(sub) -> None:
 
 
 def _options(words: list[str]) -> dict:
-    out = {"blob_cache": None, "tls_verify": True, "authfile": None, "prefetch": "none", "blob_cache_max": None}
+    """The -o options: those of image layers that mount options have too,
+    with their meaning and checks (options.image_option)."""
+    from overlay.options import IMAGE_OPTIONS, image_option
+    out = {"blob_cache": None, "tls_verify": True, "authfile": None, "prefetch": None, "blob_cache_max": None}
     for w in ",".join(words).split(","):
         if not w:
             continue
         k, eq, v = w.partition("=")
-        if k not in out or not eq:
+        if k not in IMAGE_OPTIONS or not eq:
             raise ValueError(f"unknown option {w!r} (blob_cache=, blob_cache_max=, tls_verify=, authfile=,"
                              " prefetch=)")
-        if k == "tls_verify":
-            if v not in ("true", "false"):
-                raise ValueError(f"tls_verify={v}: give true or false")
-            out[k] = v == "true"
-        elif k == "prefetch" and v not in ("all", "none"):
-            raise ValueError(f"prefetch={v}: give all or none")
-        elif k == "blob_cache_max":
-            from overlay.options import OptionError, parse_size
-            try:
-                out[k] = parse_size(v, k)
-            except OptionError as exc:
-                raise ValueError(str(exc)) from None
-        else:
-            out[k] = v
+        out[k] = image_option(k, v, os.getcwd())
     return out
 
 

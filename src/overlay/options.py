@@ -320,7 +320,7 @@ _VALUE_OPTIONS = frozenset(
      # fuse-overlayfs's
      "context", "squash_to_uid", "squash_to_gid", "xattr_permissions", "threaded", "fsync",
      "writeback", "noxattrs", "plugins", "lowerdir_file", "quota_bytes", "quota_inodes",
-     "uring", "uring_depth", "blob_cache_max"}
+     "uring", "uring_depth"}
 )
 # The kernel's on/off features and the values it takes; _NOT_YET are the
 # ones we do not have yet (refused with a line saying so, after the
@@ -446,6 +446,29 @@ def parse_size(value: str, name: str) -> int:
         return int(digits) * _SIZE_SUFFIX[suffix]
     # 1.5G: exact in integers (no float rounding), down to whole bytes
     return (int(whole + frac) * _SIZE_SUFFIX[suffix]) // 10 ** len(frac)
+
+
+# options of image layers (overlay.images), for mounts and for the layer
+# store (overlay layer-store -o ...)
+IMAGE_OPTIONS = ("blob_cache", "blob_cache_max", "tls_verify", "authfile", "prefetch")
+
+
+def image_option(name: str, value: str, cwd: str):
+    """The value of one of IMAGE_OPTIONS (paths resolved against cwd;
+    prefetch=none is None)."""
+    if name == "tls_verify":
+        if value not in ("true", "false"):
+            raise OptionError(f"bad value '{value}' for tls_verify (expected true or false)")
+        return value == "true"
+    if name == "prefetch":
+        if value not in ("all", "none"):
+            raise OptionError(f"bad value '{value}' for prefetch (expected all or none)")
+        return value if value == "all" else None
+    if name == "blob_cache_max":
+        return parse_size(value, name)
+    if not value:
+        raise OptionError(f"{name}= needs a {'file' if name == 'authfile' else 'directory'}")
+    return _resolve(value, cwd)
 
 
 def read_layer_file(path: str, cwd: str) -> tuple[list[str], list[str]]:
@@ -613,25 +636,8 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 value = "oci:" + _resolve(path, cwd) + colon + tag
             extra["image"] = value
             continue
-        if name == "tls_verify":
-            if value not in ("true", "false"):
-                raise OptionError(f"bad value '{value}' for tls_verify (expected true or false)")
-            extra["tls_verify"] = value == "true"
-            continue
-        if name == "authfile":
-            if not value:
-                raise OptionError("authfile= needs a file")
-            extra["authfile"] = _resolve(value, cwd)
-            continue
-        if name == "prefetch":
-            if value not in ("all", "none"):
-                raise OptionError(f"bad value '{value}' for prefetch (expected all or none)")
-            extra["prefetch"] = value if value == "all" else None
-            continue
-        if name == "blob_cache":
-            if not value:
-                raise OptionError("blob_cache= needs a directory")
-            extra["blob_cache"] = _resolve(value, cwd)
+        if name in IMAGE_OPTIONS:
+            extra[name] = image_option(name, value, cwd)
             continue
         if name == "writeback" and has_value:
             if value not in ("0", "1"):
@@ -703,7 +709,7 @@ def parse_options(optstring: str, cwd: str) -> MountConfig:
                 timeouts[name] = seconds
         elif name == "context":
             extra["context"] = value
-        elif name in ("quota_bytes", "quota_inodes", "blob_cache_max"):
+        elif name in ("quota_bytes", "quota_inodes"):
             extra[name] = parse_size(value, name)
         elif name in ("squash_to_uid", "squash_to_gid"):
             if not value.isdigit() or int(value) > 0xFFFFFFFE:
