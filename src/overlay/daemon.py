@@ -196,7 +196,7 @@ def _store_layer(config, lowers, providers, i) -> None:
     filled when opened (overlay.images.store)."""
     from overlay.images.store import provider_for  # noqa: PLC0415 - only for images
 
-    layer = provider_for(lowers[i], getattr(config, "blob_cache", None))
+    layer = provider_for(lowers[i])
     if layer is not None:
         try:
             lowers[i] = layer.prepare()

@@ -29,11 +29,13 @@ import re
 import threading
 
 from .blob import GZIP, ZSTD, BlobError
+from .chunked import ESTARGZ, FORMAT, ChunkedLayer, RemoteBlob
+from .layer import BlobLayer
 
 log = logging.getLogger("overlay.images")
 
 SOURCE = "source.json"
-_COMPRESSION = {GZIP: 2, ZSTD: 4, "zstd:chunked": 4, "estargz": 2}    # containers/storage's archive.Compression
+_COMPRESSION = {GZIP: 2, ZSTD: 4, FORMAT: 4, ESTARGZ: 2}   # containers/storage's archive.Compression
 
 
 def decode_ref(name: str) -> str | None:
@@ -54,7 +56,7 @@ def write_source(layer_dir: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def provider_for(lower: str, cache: str | None):
+def provider_for(lower: str):
     """The BlobLayer of a lower dir that is a skeleton made by a layer store
     (lowerdir= as podman passes it: links to the store's diff), or None
     for any other dir."""
@@ -67,12 +69,10 @@ def provider_for(lower: str, cache: str | None):
             doc = json.load(f)
     except (OSError, ValueError):
         return None
-    cache = os.path.dirname(os.path.dirname(layer_dir))     # CACHE/sha256/HEX
+    cache = os.path.dirname(os.path.dirname(layer_dir))     # (the cache the store made it in: CACHE/sha256/HEX)
     if doc.get("kind") == "file":
-        from .layer import BlobLayer
         return BlobLayer(doc["path"], cache)
     if doc.get("kind") == "registry":
-        from .chunked import ChunkedLayer, RemoteBlob
         from .registry import Registry
         reg = Registry(doc["host"], doc.get("tls_verify", True), doc.get("auth_file"))
         return ChunkedLayer(RemoteBlob(reg, doc["repo"], doc["descriptor"]), cache)
@@ -164,8 +164,6 @@ class LayerStore:
             return self.layers[key]
 
     def _prepare(self, ref, reg, desc: dict, diff_id: str) -> StoreLayer:
-        from .chunked import ChunkedLayer
-        from .layer import BlobLayer
         from .registry import layer_blob
         blob = layer_blob(reg, ref.repo, desc, self.cache, ref.text)
         if isinstance(blob, str):
