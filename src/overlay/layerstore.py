@@ -14,7 +14,6 @@ protocol wants of a store that counts them).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -157,10 +156,7 @@ def run_command(args, prog: str = "overlay") -> int:
                       flags=0, allow_other=True, root_mode=S.S_IFDIR)
     except OSError as exc:
         return fail(f"cannot mount on {args.mountpoint}: {exc.strerror or exc}")
-    stop = threading.Event()
-
     def on_signal(sig, frame):
-        stop.set()
         m.unmount(lazy=True)
         session.stop()
 
@@ -182,8 +178,3 @@ def run_command(args, prog: str = "overlay") -> int:
 
 __all__ = ["LayerStoreFS", "add_command", "run_command"]
 
-
-if __name__ == "__main__":      # pragma: no cover - python -m overlay.layerstore
-    parser = argparse.ArgumentParser(prog="overlay")
-    add_command(parser.add_subparsers(dest="command"))
-    raise SystemExit(run_command(parser.parse_args()))

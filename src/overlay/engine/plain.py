@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
 import stat as S
 import struct
 import threading
 import time
 
-log = logging.getLogger("overlay.plain")
-
 # opcodes (include/uapi/linux/fuse.h)
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK = 1, 2, 3, 4, 5
-MKNOD, MKDIR, UNLINK, RMDIR = 8, 9, 10, 11
+UNLINK, RMDIR = 10, 11
 OPEN, READ, STATFS, RELEASE, FLUSH = 14, 15, 17, 18, 25
 OPENDIR, READDIR, RELEASEDIR, CREATE, INTERRUPT = 27, 28, 29, 35, 36
 BATCH_FORGET, READDIRPLUS = 42, 44
