@@ -337,6 +337,14 @@ def oci_layout(base, layers, tag="v1", annotations=None):
     return root
 
 
+def push(layout, dest, fmt=None):
+    """The image tagged v1 of an OCI layout pushed with skopeo to dest (a
+    registry on loopback: plain HTTP), as it is or compressed as fmt."""
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
+                    *(["--dest-compress", "--dest-compress-format", fmt] if fmt else []),
+                    f"oci:{layout}:v1", f"docker://{dest}"], check=True, capture_output=True, timeout=120)
+
+
 def base_layer(path):
     """The layer below: what the top layer's whiteouts hide, and more."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
@@ -401,8 +409,7 @@ def test_image_from_a_registry_on_loopback(image_layout, registry, relmounts):
     mountutil.require_ours()
     base, layout, bottom, top = image_layout
     host, proc = registry
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v1",
-                    f"docker://{host}/test/app:v1"], check=True, capture_output=True, timeout=120)
+    push(layout, f"{host}/test/app:v1")
     cache = os.path.join(base, "cache")
     u1, w1, m1, u2, w2, m2, u3, w3, m3 = mkdirs(base, "u1", "w1", "m1", "u2", "w2", "m2", "u3", "w3", "m3")
     relmounts.ours([top, bottom], u1, w1, m1, (f"blob_cache={cache}",))
@@ -454,9 +461,7 @@ def test_zstd_chunked_image_fetches_only_what_is_read(images, registry, relmount
     base_layer(bottom)
     layout = oci_layout(base, [bottom, tar])       # uncompressed: skopeo compresses
     host, proc = registry
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
-                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{host}/test/chunked:v1"],
-                   check=True, capture_output=True, timeout=120)
+    push(layout, f"{host}/test/chunked:v1", "zstd:chunked")
     u, w, m, u2, w2, m2 = mkdirs(base, "u", "w", "m", "u2", "w2", "m2")
     relmounts.ours([], u, w, m, (f"image={host}/test/chunked:v1", "tls_verify=false",
                                  f"blob_cache={os.path.join(base, 'cache')}"))
@@ -528,9 +533,7 @@ def test_podman_runs_an_image_through_the_layer_store(registry, reltmp):
     subprocess.run(["tar", "-C", root, "-cf", tar, "."], check=True)
     layout = oci_layout(base, [tar])
     ref = f"{host}/test/als:v1"
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
-                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{ref}"],
-                   check=True, capture_output=True, timeout=120)
+    push(layout, ref, "zstd:chunked")
     store, cache = os.path.join(base, "store"), os.path.join(base, "cache")
     os.makedirs(store)
     log = open(os.path.join(base, "store.log"), "w")
@@ -583,9 +586,7 @@ def test_prefetch_all_fetches_every_file_and_serves_them_offline(images, registr
     base_layer(bottom)
     layout = oci_layout(base, [bottom, tar])
     host, proc = registry
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
-                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{host}/test/pf:v1"],
-                   check=True, capture_output=True, timeout=120)
+    push(layout, f"{host}/test/pf:v1", "zstd:chunked")
     u, w, m, u2, w2, m2 = mkdirs(base, "u", "w", "m", "u2", "w2", "m2")
     relmounts.ours([], u, w, m, (f"image={host}/test/pf:v1", "tls_verify=false", "prefetch=all",
                                  f"blob_cache={os.path.join(base, 'cache')}"))
@@ -634,8 +635,7 @@ def test_estargz_image_fetches_only_what_is_read(images, registry, relmounts):
     layout = oci_layout(base, [compress(bottom, "gzip"), top],
                         annotations=[None, {"containerd.io/snapshot/stargz/toc.digest": toc_digest}])
     host, _proc = registry
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v1",
-                    f"docker://{host}/test/estargz:v1"], check=True, capture_output=True, timeout=120)
+    push(layout, f"{host}/test/estargz:v1")
     u, w, m, u2, w2, m2 = mkdirs(base, "u", "w", "m", "u2", "w2", "m2")
     relmounts.ours([], u, w, m, (f"image={host}/test/estargz:v1", "tls_verify=false",
                                  f"blob_cache={os.path.join(base, 'cache')}"))
@@ -658,8 +658,7 @@ def test_estargz_image_fetches_only_what_is_read(images, registry, relmounts):
     # a table that is not the one the descriptor names: refused
     bad = oci_layout(os.path.join(base, "bad"), [top],
                      annotations=[{"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "0" * 64}])
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{bad}:v1",
-                    f"docker://{host}/test/estargz-bad:v1"], check=True, capture_output=True, timeout=120)
+    push(bad, f"{host}/test/estargz-bad:v1")
     u3, w3, m3 = mkdirs(base, "u3", "w3", "m3")
     r = subprocess.run(mountutil_cmd(f"image={host}/test/estargz-bad:v1,tls_verify=false,upperdir={u3},"
                                      f"workdir={w3},blob_cache={os.path.join(base, 'cache3')}", m3),
@@ -827,9 +826,7 @@ def test_read_ahead_of_a_lazily_made_tree_reads_no_gap(registry, reltmp):
         _member(tf, "c/f2", data=b"two\n")
     layout = oci_layout(base, [tar])
     host, _proc = registry
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
-                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{host}/test/gap:v1"],
-                   check=True, capture_output=True, timeout=120)
+    push(layout, f"{host}/test/gap:v1", "zstd:chunked")
     gate = threading.Event()
 
     class HeldBack(ChunkedLayer):
@@ -867,9 +864,7 @@ def test_damaged_chunks_in_the_registry_give_eio(images, registry, relmounts, re
     base, tar, _low = images
     layout = oci_layout(base, [tar])
     host, _proc = registry
-    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress",
-                    "--dest-compress-format", "zstd:chunked", f"oci:{layout}:v1", f"docker://{host}/test/bad:v1"],
-                   check=True, capture_output=True, timeout=120)
+    push(layout, f"{host}/test/bad:v1", "zstd:chunked")
     raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{host}/test/bad:v1"],
                          check=True, capture_output=True, text=True).stdout
     digest = json.loads(raw)["layers"][0]["digest"][7:]
