@@ -160,6 +160,7 @@ def prepare_blob_layers(config):
             raise OSError(errno.EINVAL, str(exc)) from None
         if not lowers:
             raise OSError(errno.EINVAL, f"image={image}: the image has no layers")
+    remote = _remote_layers(config, lowers)
     for i, path in enumerate(lowers):
         local = isinstance(path, str)       # (else a zstd:chunked or eStargz blob in a registry)
         if local and os.path.isdir(path):
@@ -170,10 +171,9 @@ def prepare_blob_layers(config):
             raise OSError(errno.EPERM, f"lower layer '{path}' is a layer blob: blobs need root for now"
                           " (their whiteouts are the kernel's trusted.* ones)")
         from overlay.images.blob import BlobError  # noqa: PLC0415 - only for blobs
-        from overlay.images.chunked import ChunkedLayer  # noqa: PLC0415
         from overlay.images.layer import BlobLayer  # noqa: PLC0415
         try:
-            layer = (BlobLayer if local else ChunkedLayer)(path, getattr(config, "blob_cache", None))
+            layer = remote[i] if not local else BlobLayer(path, getattr(config, "blob_cache", None))
             # (a registry's table of contents: the tree is made as it is
             # looked into, the first file readable before all of it is)
             layer.lazy = not local
@@ -188,6 +188,28 @@ def prepare_blob_layers(config):
 
         trim(getattr(config, "blob_cache", None) or default_cache(), limit)
     return lowers, providers
+
+
+def _remote_layers(config, lowers) -> dict:
+    """{index: ChunkedLayer} of the lowers that are blobs in a registry,
+    their tables of contents fetched side by side (fetch_ahead) while the
+    first is read."""
+    if all(isinstance(p, str) for p in lowers):
+        return {}
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only for images
+
+    from overlay.images.blob import BlobError  # noqa: PLC0415
+    from overlay.images.chunked import ChunkedLayer  # noqa: PLC0415
+    try:
+        remote = {i: ChunkedLayer(p, getattr(config, "blob_cache", None))
+                  for i, p in enumerate(lowers) if not isinstance(p, str)}
+    except BlobError as exc:
+        raise OSError(errno.EINVAL, str(exc)) from None
+    pool = ThreadPoolExecutor(4, thread_name_prefix="toc")
+    for layer in remote.values():
+        layer.fetch_ahead(pool)
+    pool.shutdown(wait=False)       # (its threads end with the last table)
+    return remote
 
 
 def _store_layer(config, lowers, providers, i) -> None:

@@ -280,36 +280,42 @@ class BlobLayer:
         self.tree_fd = os.open(os.path.join(d, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dir = d
         self.files, self.done, self._order = {}, set(), None
+        # (each dir's members, by its path: a dir is known once it has a
+        # list here)
         plan: dict[str, list] = {"": []}
         # (a dir's subdirs and opaque mark, made with the dir: its nlink
         # and opacity right even before it is looked into, as a listing
         # of its parent shows it)
         shells: dict[str, list] = {}
-        known = {""}
         now = int(time.time())
-        for name, is_dir, member in members:
+        listed = plan.get
+        for name, is_dir, member in members:        # (100,000s: kept tight)
             rel = _rel(name)
             if rel is None:
                 log.warning("%s: member %r leaves the layer: skipped", self.path, name)
                 continue
-            parent = rel.rpartition("/")[0] if rel else ""
-            missing = []
-            p = parent
-            while p not in known:
-                missing.append(p)
-                p = p.rpartition("/")[0]
-            for m in reversed(missing):     # dirs the blob does not list
-                implicit = self._implicit(m, now)
-                plan.setdefault(m.rpartition("/")[0], []).append(implicit)
-                shells.setdefault(m.rpartition("/")[0], []).append(implicit)
-                plan.setdefault(m, [])
-                known.add(m)
-            plan[parent].append(member)
-            if (is_dir and rel) or rel.rpartition("/")[2] == OCI_OPQ:
+            parent, _, base = rel.rpartition("/")
+            siblings = listed(parent)
+            if siblings is None:                    # dirs the blob does not list
+                missing = []
+                p = parent
+                while p not in plan:
+                    missing.append(p)
+                    p = p.rpartition("/")[0]
+                for m in reversed(missing):
+                    implicit = self._implicit(m, now)
+                    plan[m.rpartition("/")[0]].append(implicit)
+                    shells.setdefault(m.rpartition("/")[0], []).append(implicit)
+                    plan[m] = []
+                siblings = plan[parent]
+            siblings.append(member)
+            if is_dir:
+                if rel:
+                    shells.setdefault(parent, []).append(member)
+                    if rel not in plan:
+                        plan[rel] = []
+            elif base == OCI_OPQ:
                 shells.setdefault(parent, []).append(member)
-            if is_dir and rel:
-                known.add(rel)
-                plan.setdefault(rel, [])
         self._plan = plan
         self._shells = shells
         self._pending = {}
