@@ -861,9 +861,15 @@ cdef class Session:
         if i.minor >= 36 and arglen >= sizeof(fuse_init_in) and i.flags & FUSE_INIT_EXT:
             flags2 = i.flags2
         want = (FUSE_ASYNC_READ | FUSE_PARALLEL_DIROPS | FUSE_DO_READDIRPLUS
-                | FUSE_READDIRPLUS_AUTO | FUSE_MAX_PAGES | FUSE_BIG_WRITES
+                | FUSE_MAX_PAGES | FUSE_BIG_WRITES
                 | FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_HANDLE_KILLPRIV_V2
                 | FUSE_SETXATTR_EXT | FUSE_POSIX_ACL | FUSE_DONT_MASK | FUSE_ABORT_ERROR)
+        # (every READDIR a READDIRPLUS, not READDIRPLUS_AUTO's first buffer
+        # of a dir only: a listing and then a stat or open of each entry,
+        # as ls -l, du, find's tests, os.walk and tar do, costs no LOOKUP
+        # after the first 32 KiB of a dir; measured on 20 dirs of 500
+        # files, caches dropped: reading every file 299 -> 216 us a file,
+        # du 300 -> 200 ms, find -name (names only) 175 -> 190 ms)
         # (DONT_MASK: the mode of a new object comes unmasked, with the
         # umask beside it: the core applies a default ACL or the umask)
         want2 = 0
