@@ -146,6 +146,32 @@ def test_listing_while_others_rename(reltmp, relmounts):
             t.join()
 
 
+def test_listing_then_stat_of_each_entry_needs_no_lookup(reltmp, relmounts):
+    """Every READDIR is a READDIRPLUS: a dir listed whole, then each entry
+    stat'ed (ls -l, du, os.walk and open) costs no LOOKUP, also past the
+    first buffer of a big dir (READDIRPLUS_AUTO would give the kernel names
+    only there: one LOOKUP for each later entry)."""
+    import json
+
+    lower, upper, work, mp = mkdirs(reltmp, "l", "u", "w", "m")
+    os.makedirs(f"{lower}/d")
+    names = [f"file-with-a-longish-name-{i:05d}" for i in range(1500)]
+    for n in names:
+        open(f"{lower}/d/{n}", "w").close()
+    relmounts.ours([lower], upper, work, mp)
+
+    def lookups():
+        return json.loads(os.getxattr(mp, "user.overlay-fuse.stats"))["requests"].get("lookup", 0)
+
+    os.stat(f"{mp}/d")
+    before = lookups()
+    listed = os.listdir(f"{mp}/d")
+    for n in listed:
+        os.stat(f"{mp}/d/{n}")
+    assert sorted(listed) == names
+    assert lookups() - before == 0
+
+
 def test_write_right_after_read_of_lower_files(reltmp, relmounts):
     """Read a lower file, close it, write it at once: the RELEASE of the read
     may still be on its way, so the write open meets the lower file's
