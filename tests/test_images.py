@@ -432,6 +432,62 @@ def test_image_from_a_registry_on_loopback(image_layout, registry, relmounts):
     assert len(lines) == 1 and host in lines[0] and "Connection refused" in lines[0], r.stderr
 
 
+def test_image_from_a_registry_over_tls(image_layout, reltmp, relmounts):
+    """A registry serving HTTPS only, with a self-signed certificate:
+    tls_verify=false mounts its image (HTTPS, the certificate not
+    checked); without it (TLS verified, the default) the mount fails in one
+    line that says why."""
+    import shutil
+    import socket
+    import ssl
+    import time
+    import urllib.request
+    mountutil.require_ours()
+    if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
+        pytest.skip("docker-registry and skopeo are needed (apt-get install docker-registry skopeo)")
+    base, layout, bottom, top = image_layout
+    key, cert = os.path.join(reltmp, "tls.key"), os.path.join(reltmp, "tls.crt")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store, conf = os.path.join(reltmp, "registry-tls"), os.path.join(reltmp, "registry-tls.yml")
+    os.makedirs(store)
+    with open(conf, "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {store}\n"
+                f"http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {cert}\n    key: {key}\n")
+    proc = subprocess.Popen([shutil.which("docker-registry"), "serve", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        unchecked = ssl.create_default_context()
+        unchecked.check_hostname, unchecked.verify_mode = False, ssl.CERT_NONE
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/", timeout=1, context=unchecked).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        host = f"127.0.0.1:{port}"
+        push(layout, f"{host}/test/tls:v1")
+        cache = os.path.join(base, "cache")
+        u1, w1, m1, u2, w2, m2 = mkdirs(base, "u1", "w1", "m1", "u2", "w2", "m2")
+        relmounts.ours([top, bottom], u1, w1, m1, (f"blob_cache={cache}",))
+        relmounts.ours([], u2, w2, m2, (f"image={host}/test/tls:v1", "tls_verify=false", f"blob_cache={cache}"))
+        assert diff_snapshots(snapshot_mount(m1), snapshot_mount(m2), "disk", "registry") == []
+        u3, w3, m3 = mkdirs(base, "u3", "w3", "m3")
+        r = subprocess.run(mountutil_cmd(f"image={host}/test/tls:v1,upperdir={u3},workdir={w3},"
+                                         f"blob_cache={os.path.join(base, 'cache2')}", m3),
+                           capture_output=True, text=True, env=mountutil_env(), timeout=120)
+        assert r.returncode != 0 and not mountutil.is_mounted(m3)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and host in lines[0] and "CERTIFICATE_VERIFY_FAILED" in lines[0], r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def _start_registry(conf):
     import shutil
     import time
