@@ -356,3 +356,103 @@ def _text(path: str) -> str:
             return fh.read()
     except OSError:
         return ""
+
+
+# ------------------------------------------------------------ blob layers
+
+_WALK = r"""
+import hashlib, json, os, stat, sys
+root, out = sys.argv[1], {}
+for dp, dn, fn in os.walk(root):
+    for n in dn + fn:
+        p = os.path.join(dp, n)
+        st = os.lstat(p)
+        e = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "mtime": st.st_mtime_ns, "size": st.st_size}
+        if stat.S_ISLNK(st.st_mode):
+            e["link"] = os.readlink(p)
+        elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            e["user_xattrs"] = sorted((k, os.getxattr(p, k).hex()) for k in os.listxattr(p) if k.startswith("user."))
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o004:
+            with open(p, "rb") as f:
+                e["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        out[os.path.relpath(p, root)] = e
+print(json.dumps(out))
+"""
+
+
+def test_blob_layers_rootless(user):
+    """Layer blobs mounted by the unprivileged user (fusermount3): the
+    skeleton keeps owners and modes in user.containers.override_stat and
+    its opaque marks in user.overlay.opaque (no chown, no trusted.*
+    xattr), and the merged tree is the one root's mount of the same blobs
+    shows, but for what a rootless extraction cannot make either: devices
+    (not made), owners of symlinks and fifos (the user's), xattrs other
+    than user.* (not set)."""
+    import tarfile
+
+    from relutil import overlay_env
+    from test_images import _member, layer_tar
+    base = _layers(user)
+    try:
+        top, bottom = os.path.join(base, "top.tar"), os.path.join(base, "bottom.tar")
+        layer_tar(top)
+        with tarfile.open(bottom, "w", format=tarfile.PAX_FORMAT) as tf:
+            for name, data in [("old/gone", b"gone\n"), ("old/kept", b"kept\n"), ("olddir/x", b"x\n"),
+                               ("opq/hidden", b"hidden\n"), ("etc/hostname", b"below\n"), ("etc/passwd", b"old\n")]:
+                _member(tf, name, data=data)
+        for t in (top, bottom):
+            os.chmod(t, 0o644)
+        walker = os.path.join(base, "walk.py")
+        with open(walker, "w") as f:
+            f.write(_WALK)
+        r = run_as(user, "overlay mount --log log -o lowerdir=top.tar:bottom.tar,upperdir=u,workdir=w,"
+                         f"blob_cache=cache m && {SYSTEM_PYTHON} walk.py m && echo new > m/run/new"
+                         " && fusermount3 -u m", cwd=base)
+        assert r.returncode == 0, r.stderr + r.stdout + open(os.path.join(base, "log")).read()
+        theirs = json.loads(r.stdout)
+        _wait_no_daemon(base)
+        rm = os.path.join(base, "rm")
+        for d in ("ru", "rw", "rm"):
+            os.makedirs(os.path.join(base, d))
+        subprocess.run([sys.executable, "-m", "overlay", "mount", "-o",
+                        f"lowerdir={top}:{bottom},upperdir={base}/ru,workdir={base}/rw,"
+                        f"blob_cache={base}/rcache", rm], check=True, env=overlay_env(), capture_output=True,
+                       timeout=60)
+        try:
+            ours = json.loads(subprocess.run([sys.executable, walker, rm], check=True, capture_output=True,
+                                             text=True).stdout)
+        finally:
+            mountutil.umount(rm)
+        assert stat.S_ISCHR(ours.pop("dev/null")["mode"])
+        listed = set()      # (a dir no tar lists is made at the build: its own time)
+        for t in (top, bottom):
+            with tarfile.open(t) as tf:
+                listed |= {m.name.rstrip("/") for m in tf.getmembers() if m.isdir()}
+        for rel, e in ours.items():
+            if stat.S_ISLNK(e["mode"]) or stat.S_ISFIFO(e["mode"]):
+                e["uid"], e["gid"] = user["uid"], user["gid"]
+            if stat.S_ISDIR(e["mode"]) and rel not in listed:
+                del e["mtime"], theirs[rel]["mtime"]
+        assert theirs == ours
+        assert "old/gone" not in ours and "opq/hidden" not in ours and ours["usr/bin/tool"]["mode"] == 0o104755
+        # the skeleton: the user's, owners in xattrs, no trusted.* xattr
+        tree = [os.path.join(base, "cache", "sha256", d, "tree") for d in os.listdir(os.path.join(base, "cache",
+                                                                                                   "sha256"))]
+        assert len(tree) == 2
+        for t in tree:
+            for dp, dn, fn in os.walk(t):
+                for n in dn + fn + ["."]:
+                    p = os.path.join(dp, n)
+                    assert os.lstat(p).st_uid == user["uid"], p
+                    if not os.path.islink(p):
+                        assert not [x for x in os.listxattr(p, follow_symlinks=False) if x.startswith("trusted.")], p
+        tool = [os.path.join(t, "usr/bin/tool") for t in tree if os.path.exists(os.path.join(t, "usr/bin/tool"))][0]
+        assert os.getxattr(tool, "user.containers.override_stat") == b"0:0:104755"
+        opq = [os.path.join(t, "opq") for t in tree if os.path.exists(os.path.join(t, "opq/new"))][0]
+        assert os.getxattr(opq, "user.overlay.opaque") == b"y"
+        with open(os.path.join(base, "u", "run", "new")) as f:
+            assert f.read() == "new\n"
+    finally:
+        mountutil.umount(os.path.join(base, "m"))
+        mountutil.umount(os.path.join(base, "rm"))
+        shutil.rmtree(base, ignore_errors=True)

@@ -117,7 +117,9 @@ def build_core(config):
                     " userxattr; renaming a lower dir gives EXDEV")
         userxattr, redirect_dir, redirect_follow = True, False, False
     check_dirs_free(config)
-    lowers, providers = prepare_blob_layers(config)
+    lowers, providers = prepare_blob_layers(config, userxattr)
+    if any(getattr(p, "unprivileged", False) for p in providers.values()):
+        userxattr = True        # (a read-only mount too: the skeleton's opaque marks are user.*)
     try:
         core = _new_core(Overlay, config, lowers, userxattr, redirect_dir, redirect_follow)
     except OSError as exc:
@@ -140,16 +142,18 @@ def start_prefetch(layers) -> None:
         threading.Thread(target=layer.prefetch, name="prefetch", daemon=True).start()
 
 
-def prepare_blob_layers(config):
+def prepare_blob_layers(config, userxattr: bool = False):
     """Lower layers given as layer blobs (regular files: overlay.images):
     (the lower dirs, with each blob's skeleton dir in its place, {layer
-    index: its BlobLayer}). The first mount of a blob builds its index."""
+    index: its BlobLayer}). The first mount of a blob builds its index.
+    userxattr: the core's own xattrs are user.overlay.* (a skeleton's
+    opaque marks too); without privilege, a skeleton keeps owners and
+    modes in xattrs (overlay.images.layer.OWNER_XATTR)."""
     lowers = list(config.lowers)
     providers = {}
+    unprivileged = None
     image = getattr(config, "image", None)
     if image is not None:
-        if os.geteuid() != 0:
-            raise OSError(errno.EPERM, f"image={image}: image layers need root for now")
         from overlay.images.blob import BlobError  # noqa: PLC0415 - only for images
         from overlay.images.layer import default_cache  # noqa: PLC0415
         from overlay.images.registry import Ref, layers_of  # noqa: PLC0415
@@ -167,9 +171,6 @@ def prepare_blob_layers(config):
             if os.path.basename(path) == "tree" and os.geteuid() == 0:
                 _store_layer(config, lowers, providers, i)
             continue
-        if local and os.geteuid() != 0:
-            raise OSError(errno.EPERM, f"lower layer '{path}' is a layer blob: blobs need root for now"
-                          " (their whiteouts are the kernel's trusted.* ones)")
         from overlay.images.blob import BlobError  # noqa: PLC0415 - only for blobs
         from overlay.images.layer import BlobLayer  # noqa: PLC0415
         try:
@@ -177,6 +178,11 @@ def prepare_blob_layers(config):
             # (a registry's table of contents: the tree is made as it is
             # looked into, the first file readable before all of it is)
             layer.lazy = not local
+            if unprivileged is None:
+                os.makedirs(layer.cache, exist_ok=True)
+                unprivileged = not trusted_xattrs_work(layer.cache)
+            layer.userxattr = userxattr or unprivileged
+            layer.unprivileged = unprivileged
             lowers[i] = layer.prepare()
         except BlobError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None

@@ -73,6 +73,12 @@ BUILD_DELAY = 1.0           # a lazily made tree's builder starts this long afte
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+USER_OPAQUE_XATTR = "user.overlay.opaque"          # (the core's with userxattr)
+# owners and modes of a skeleton made without privilege (no chown, no
+# trusted.* xattrs: a rootless container's user namespace, a plain user):
+# "UID:GID:MODE" as fuse-overlayfs and containers/storage keep them; the
+# core reads a layer whose root dir carries one this way
+OWNER_XATTR = "user.containers.override_stat"
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
@@ -127,6 +133,11 @@ def _xattrs(ti: tarfile.TarInfo) -> list[tuple[str, bytes]]:
     return out
 
 
+def _owner(ti: tarfile.TarInfo, kind: int) -> bytes:
+    """OWNER_XATTR's value for a member."""
+    return b"%d:%d:%o" % (ti.uid, ti.gid, kind | (ti.mode & 0o7777))
+
+
 class BlobLayer:
     """One layer blob. prepare() gives the skeleton dir to use as the lower
     dir; ensure(ino) is the core's provider call (the data of the skeleton
@@ -169,6 +180,12 @@ class BlobLayer:
         # skeleton is made a dir at a time, the dirs looked into first
         # (ensure_dir, from the core), the rest by a thread (_build_rest)
         self.lazy = False
+        # how the skeleton is made: the core's xattr names (userxattr), and
+        # whether owners and modes go in OWNER_XATTR (unprivileged: then
+        # devices are not made and only user.* xattrs are kept, as a
+        # rootless extraction does)
+        self.userxattr = False
+        self.unprivileged = False
         self._plan = None           # dir path -> its members, while not all are made
         self._made: set[str] = set()           # dirs whose entries are being made or are
         self._complete: set[str] = set()       # ... and those whose entries are all there
@@ -278,6 +295,7 @@ class BlobLayer:
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(os.path.join(d, "tree"))
         self.tree_fd = os.open(os.path.join(d, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._mark_root(self.tree_fd)
         self.dir = d
         self.files, self.done, self._order = {}, set(), None
         # (each dir's members, by its path: a dir is known once it has a
@@ -454,7 +472,7 @@ class BlobLayer:
         tst = os.fstat(tree)
         ok = (doc.get("version") == INDEX_VERSION and doc.get("digest") == "sha256:" + os.path.basename(d)
               and doc.get("format") == self.fmt and doc.get("blob_size") == self.size
-              and doc.get("tree") == [tst.st_dev, tst.st_ino]
+              and doc.get("tree") == [tst.st_dev, tst.st_ino] and doc.get("owners", "chown") == self._how()
               and doc.get("files_sha256") == hashlib.sha256(body).hexdigest()
               and (self.fmt != GZIP or os.path.exists(os.path.join(d, "gzip.idx"))))
         if not ok:
@@ -471,13 +489,32 @@ class BlobLayer:
 
     # ------------------------------------------------------------ building
 
-    @staticmethod
-    def _new_tree(d: str) -> tuple[str, int]:
+    def _new_tree(self, d: str) -> tuple[str, int]:
         """A fresh dir beside d to build into, and an fd of its tree/."""
         tmp = f"{d}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "tree"))
-        return tmp, os.open(os.path.join(tmp, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(os.path.join(tmp, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._mark_root(fd)
+        return tmp, fd
+
+    def _xattrs(self, ti: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+        """The member's xattrs to set: unprivileged, its user.* ones only
+        (the others, security.capability among them, need privilege)."""
+        out = _xattrs(ti)
+        return [(k, v) for k, v in out if k.startswith("user.")] if self.unprivileged else out
+
+    def _how(self) -> str:
+        """How the skeleton's owners and opaque marks are kept (an index
+        made otherwise is not used)."""
+        return ("xattr" if self.unprivileged else "chown") + (",user" if self.userxattr else "")
+
+    def _mark_root(self, fd: int) -> None:
+        """An unprivileged skeleton's root carries OWNER_XATTR (root's,
+        0755 until the layer says otherwise): the core reads owners and
+        modes of the whole layer from it."""
+        if self.unprivileged:
+            os.setxattr(f"/proc/self/fd/{fd}", OWNER_XATTR, b"0:0:%o" % (S.S_IFDIR | 0o755))
 
     def _build(self, d: str) -> None:
         tmp, root = self._new_tree(d)
@@ -514,7 +551,7 @@ class BlobLayer:
     def _index_doc(self, d: str, files: dict, tst) -> dict:
         body = [[ino, p, off, size, h] for ino, (p, off, size, h) in files.items()]
         return {"version": INDEX_VERSION, "digest": "sha256:" + os.path.basename(d), "format": self.fmt,
-                "blob_size": self.size, "tree": [tst.st_dev, tst.st_ino], "files": body,
+                "blob_size": self.size, "tree": [tst.st_dev, tst.st_ino], "files": body, "owners": self._how(),
                 "files_sha256": hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()}
 
     @staticmethod
@@ -589,7 +626,8 @@ class BlobLayer:
             pfd = cached_fd
             try:
                 if base == OCI_OPQ:
-                    os.setxattr(f"/proc/self/fd/{pfd}", OPAQUE_XATTR, b"y")
+                    os.setxattr(f"/proc/self/fd/{pfd}", USER_OPAQUE_XATTR if self.userxattr else OPAQUE_XATTR,
+                                b"y")
                     continue
                 if base.startswith(OCI_WH):
                     self._replace(pfd, base[len(OCI_WH):])
@@ -615,18 +653,21 @@ class BlobLayer:
                 if ti.isreg():
                     # (through the fd: no path resolved again for each step)
                     fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                 ti.mode & 0o777, dir_fd=pfd)
+                                 0o600 if self.unprivileged else ti.mode & 0o777, dir_fd=pfd)
                     try:
                         if ti.size:
                             os.ftruncate(fd, ti.size)
                         st = os.fstat(fd)
-                        if (st.st_uid, st.st_gid) != (ti.uid, ti.gid):
-                            os.fchown(fd, ti.uid, ti.gid)
-                        if ti.mode & 0o7000 or S.S_IMODE(st.st_mode) != ti.mode & 0o7777:
-                            # (after chown, which clears set-id bits; and
-                            # whatever the umask took)
-                            os.fchmod(fd, ti.mode & 0o7777)
-                        for k, v in _xattrs(ti):
+                        if self.unprivileged:
+                            os.setxattr(fd, OWNER_XATTR, _owner(ti, S.S_IFREG))
+                        else:
+                            if (st.st_uid, st.st_gid) != (ti.uid, ti.gid):
+                                os.fchown(fd, ti.uid, ti.gid)
+                            if ti.mode & 0o7000 or S.S_IMODE(st.st_mode) != ti.mode & 0o7777:
+                                # (after chown, which clears set-id bits; and
+                                # whatever the umask took)
+                                os.fchmod(fd, ti.mode & 0o7777)
+                        for k, v in self._xattrs(ti):
                             os.setxattr(fd, k, v)
                         ns = _mtime_ns(ti)
                         os.utime(fd, ns=(ns, ns))
@@ -646,11 +687,15 @@ class BlobLayer:
                         os.close(tfd)
                 elif ti.issym():
                     os.symlink(ti.linkname, base, dir_fd=pfd)
-                    os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
-                    for k, v in _xattrs(ti):
+                    if not self.unprivileged:   # (no user.* xattr on a symlink: the daemon's)
+                        os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
+                    for k, v in self._xattrs(ti):
                         os.setxattr(f"/proc/self/fd/{pfd}/{base}", k, v, follow_symlinks=False)
                     ns = _mtime_ns(ti)
                     os.utime(base, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
+                elif (ti.ischr() or ti.isblk()) and self.unprivileged:
+                    # (as a rootless extraction: no device without privilege)
+                    log.info("%s: device %r not made (no privilege)", self.path, ti.name)
                 elif ti.ischr() or ti.isblk() or ti.isfifo():
                     kind = S.S_IFCHR if ti.ischr() else S.S_IFBLK if ti.isblk() else S.S_IFIFO
                     dev = os.makedev(ti.devmajor, ti.devminor) if kind != S.S_IFIFO else 0
@@ -685,6 +730,8 @@ class BlobLayer:
             except FileNotFoundError:
                 os.mkdir(c, 0o755, dir_fd=fd)
                 nfd = sys_open_inside(fd, c.encode(), O_PATH | os.O_DIRECTORY)
+                if self.unprivileged:
+                    os.setxattr(f"/proc/self/fd/{nfd}", OWNER_XATTR, b"0:0:%o" % (S.S_IFDIR | 0o755))
             if fd != root:
                 os.close(fd)
             fd = nfd
@@ -708,14 +755,18 @@ class BlobLayer:
         else:
             os.unlink(name, dir_fd=pfd)
 
-    @staticmethod
-    def _meta_fd(fd: int, ti: tarfile.TarInfo) -> None:
+    def _meta_fd(self, fd: int, ti: tarfile.TarInfo) -> None:
         """Owner, mode, xattrs and times of the object at fd (an O_PATH fd
-        or an open one), as extraction sets them."""
+        or an open one), as extraction sets them (unprivileged: owner and
+        mode in OWNER_XATTR, a dir's own mode 0700, a fifo the daemon's)."""
         p = f"/proc/self/fd/{fd}"
-        os.chown(p, ti.uid, ti.gid)
-        os.chmod(p, ti.mode & 0o7777)      # (after chown, which clears set-id bits)
-        for k, v in _xattrs(ti):
+        if not self.unprivileged:
+            os.chown(p, ti.uid, ti.gid)
+            os.chmod(p, ti.mode & 0o7777)      # (after chown, which clears set-id bits)
+        elif ti.isdir():
+            os.chmod(p, 0o700)
+            os.setxattr(p, OWNER_XATTR, _owner(ti, S.S_IFDIR))
+        for k, v in self._xattrs(ti):
             os.setxattr(p, k, v)
         ns = _mtime_ns(ti)
         os.utime(p, ns=(ns, ns))
