@@ -864,6 +864,65 @@ def test_lazy_tree_is_made_as_the_core_looks_into_it(reltmp):
         os.umask(umask)
 
 
+def test_lazy_tree_made_without_privilege(reltmp):
+    """A lazily made tree built as an unprivileged mount builds it (the
+    layer told so; the test itself is root): owners and modes in
+    user.containers.override_stat (the root dir too, and a dir no member
+    lists), the opaque mark in user.overlay.opaque, no device, only user.*
+    xattrs; the core with userxattr shows the layer's owners and modes
+    and hides what the opaque dir hides (test_rootless makes a tree so as
+    a real unprivileged user, from disk)."""
+    from overlay_core import Overlay
+    from overlay.images.layer import BlobLayer
+    base = os.path.join(reltmp, "lazy-unpriv")
+    os.makedirs(base)
+    tar = os.path.join(base, "layer.tar")
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        _member(tf, "bin", tarfile.DIRTYPE, mode=0o711, uid=7, gid=8)
+        _member(tf, "bin/tool", data=b"tool\n", mode=0o4755, uid=1234, gid=5678,
+                xattrs={"user.note": b"hi", "security.capability": b"\x01\x00\x00\x02" + bytes(16)})
+        _member(tf, "dev/null", tarfile.CHRTYPE, mode=0o666, major=1, minor=3)
+        _member(tf, "opq", tarfile.DIRTYPE, mode=0o750)
+        _member(tf, "opq/.wh..wh..opq", data=b"")
+        _member(tf, "opq/mine", data=b"mine\n")
+    low = os.path.join(base, "low")
+    os.makedirs(f"{low}/opq")
+    with open(f"{low}/opq/hidden", "w") as f:
+        f.write("hidden\n")
+
+    class FromTable(BlobLayer):
+        def _members(self):
+            t = tarfile.open(tar)
+            return [(ti, ti.offset_data if ti.isreg() and ti.size else None,
+                     (lambda h=hashlib.sha256(t.extractfile(ti).read()).hexdigest(): h)
+                     if ti.isreg() and ti.size else None) for ti in t]
+
+    layer = FromTable(tar, os.path.join(base, "cache"))
+    layer.lazy, layer.unprivileged, layer.userxattr = True, True, True
+    tree = layer.prepare()
+    u, w = mkdirs(base, "u", "w")
+    o = Overlay([tree, low], u, w, userxattr=True)
+    try:
+        o.providers = {0: layer}
+        assert os.getxattr(tree, "user.containers.override_stat") == b"0:0:40755"
+        tool = o.lookup(o.lookup(o.root, b"bin"), b"tool")
+        st = o.getattr(tool)
+        assert (st.st_uid, st.st_gid, st.st_mode) == (1234, 5678, 0o104755)
+        st = o.getattr(o.lookup(o.root, b"bin"))
+        assert (st.st_uid, st.st_gid, st.st_mode) == (7, 8, 0o40711)
+        st = o.getattr(o.lookup(o.root, b"dev"))                      # listed by no member
+        assert (st.st_uid, st.st_gid, st.st_mode) == (0, 0, 0o40755)
+        with pytest.raises(FileNotFoundError):
+            o.lookup(o.lookup(o.root, b"dev"), b"null")
+        assert sorted(name for name, _ in o.readdir(o.lookup(o.root, b"opq"))) == [b"mine"]
+        assert os.getxattr(f"{tree}/opq", "user.overlay.opaque") == b"y"
+        assert sorted(os.listxattr(f"{tree}/bin/tool")) == ["user.containers.override_stat", "user.note"]
+        assert stat.S_IMODE(os.stat(f"{tree}/bin/tool").st_mode) == 0o600
+    finally:
+        o.close()
+        layer.close()
+
+
 def test_read_ahead_of_a_lazily_made_tree_reads_no_gap(registry, reltmp):
     """Read-ahead fetches the small files after the one opened in one
     range: where files between them belong to dirs not made yet (a tree
