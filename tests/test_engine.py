@@ -111,15 +111,22 @@ def test_hammer_eight_processes(reltmp, relmounts):
     assert figures["ops"] > 1000 and figures["mismatches"] == 0
 
 
+def _mounted_dir_of(reltmp, relmounts, names) -> str:
+    """Our mount over a lower layer whose dir d holds these empty files:
+    its mount point."""
+    lower, upper, work, mp = mkdirs(reltmp, "l", "u", "w", "m")
+    os.makedirs(f"{lower}/d")
+    for n in names:
+        open(f"{lower}/d/{n}", "w").close()
+    relmounts.ours([lower], upper, work, mp)
+    return mp
+
+
 def test_listing_while_others_rename(reltmp, relmounts):
     """readdir of a dir that others change: every name that stays is listed
     exactly once (listings have generations, see _ops_dirs.pxi)."""
-    lower, upper, work, mp = mkdirs(reltmp, "l", "u", "w", "m")
-    os.makedirs(f"{lower}/d")
     stable = [f"s{i:03d}" for i in range(300)]
-    for n in stable:
-        open(f"{lower}/d/{n}", "w").close()
-    relmounts.ours([lower], upper, work, mp)
+    mp = _mounted_dir_of(reltmp, relmounts, stable)
     stop = threading.Event()
 
     def churn(k):
@@ -153,12 +160,8 @@ def test_listing_then_stat_of_each_entry_needs_no_lookup(reltmp, relmounts):
     only there: one LOOKUP for each later entry)."""
     import json
 
-    lower, upper, work, mp = mkdirs(reltmp, "l", "u", "w", "m")
-    os.makedirs(f"{lower}/d")
     names = [f"file-with-a-longish-name-{i:05d}" for i in range(1500)]
-    for n in names:
-        open(f"{lower}/d/{n}", "w").close()
-    relmounts.ours([lower], upper, work, mp)
+    mp = _mounted_dir_of(reltmp, relmounts, names)
 
     def lookups():
         return json.loads(os.getxattr(mp, "user.overlay-fuse.stats"))["requests"].get("lookup", 0)

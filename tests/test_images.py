@@ -768,6 +768,33 @@ def test_blob_cache_max_removes_unused_layers_only(images, relmounts):
         assert f.read() == b"old\n"
 
 
+def _table_of(tar):
+    """An uncompressed tar's members as a table of contents gives them
+    (BlobLayer._members): (TarInfo, where its data lie, their sha256)."""
+    out = []
+    t = tarfile.open(tar)
+    for ti in t:
+        if ti.isreg() and ti.size:
+            h = hashlib.sha256(t.extractfile(ti).read()).hexdigest()
+            out.append((ti, ti.offset_data, lambda h=h: h))
+        else:
+            out.append((ti, None, None))
+    return out
+
+
+def _opaque_over(tf, base, mtime=MTIME):
+    """opq/ made opaque (holding mine) in the layer tf writes, over a lower
+    dir (base/low, returned) whose opq/hidden it hides."""
+    _member(tf, "opq", tarfile.DIRTYPE, mode=0o750, mtime=mtime)
+    _member(tf, "opq/.wh..wh..opq", data=b"")
+    _member(tf, "opq/mine", data=b"mine\n")
+    low = os.path.join(base, "low")
+    os.makedirs(f"{low}/opq")
+    with open(f"{low}/opq/hidden", "w") as f:
+        f.write("hidden\n")
+    return low
+
+
 def test_lazy_tree_is_made_as_the_core_looks_into_it(reltmp):
     """A layer made lazily (image= from a registry: a table of contents at
     hand), with the core and no mount, its background builder held back:
@@ -787,26 +814,12 @@ def test_lazy_tree_is_made_as_the_core_looks_into_it(reltmp):
         for i in range(20):
             _member(tf, f"other/x{i}/y.txt", data=b"y%d\n" % i)
         _member(tf, "links/hl", tarfile.LNKTYPE, linkname="a/b/c/deep.txt")
-        _member(tf, "opq", tarfile.DIRTYPE, mode=0o750, mtime=MTIME + 2)
-        _member(tf, "opq/.wh..wh..opq", data=b"")
-        _member(tf, "opq/mine", data=b"mine\n")
-    low = os.path.join(base, "low")
-    os.makedirs(f"{low}/opq")
-    with open(f"{low}/opq/hidden", "w") as f:
-        f.write("hidden\n")
+        low = _opaque_over(tf, base, mtime=MTIME + 2)
     gate = threading.Event()
 
     class HeldBack(BlobLayer):
         def _members(self):
-            out = []
-            t = tarfile.open(tar)
-            for ti in t:
-                if ti.isreg() and ti.size:
-                    h = hashlib.sha256(t.extractfile(ti).read()).hexdigest()
-                    out.append((ti, ti.offset_data, lambda h=h: h))
-                else:
-                    out.append((ti, None, None))
-            return out
+            return _table_of(tar)
 
         def _build_rest(self, lock):
             gate.wait(30)
@@ -882,20 +895,11 @@ def test_lazy_tree_made_without_privilege(reltmp):
         _member(tf, "bin/tool", data=b"tool\n", mode=0o4755, uid=1234, gid=5678,
                 xattrs={"user.note": b"hi", "security.capability": b"\x01\x00\x00\x02" + bytes(16)})
         _member(tf, "dev/null", tarfile.CHRTYPE, mode=0o666, major=1, minor=3)
-        _member(tf, "opq", tarfile.DIRTYPE, mode=0o750)
-        _member(tf, "opq/.wh..wh..opq", data=b"")
-        _member(tf, "opq/mine", data=b"mine\n")
-    low = os.path.join(base, "low")
-    os.makedirs(f"{low}/opq")
-    with open(f"{low}/opq/hidden", "w") as f:
-        f.write("hidden\n")
+        low = _opaque_over(tf, base)
 
     class FromTable(BlobLayer):
         def _members(self):
-            t = tarfile.open(tar)
-            return [(ti, ti.offset_data if ti.isreg() and ti.size else None,
-                     (lambda h=hashlib.sha256(t.extractfile(ti).read()).hexdigest(): h)
-                     if ti.isreg() and ti.size else None) for ti in t]
+            return _table_of(tar)
 
     layer = FromTable(tar, os.path.join(base, "cache"))
     layer.lazy, layer.unprivileged, layer.userxattr = True, True, True
