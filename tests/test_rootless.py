@@ -40,6 +40,8 @@ import time
 import pytest
 
 import mountutil
+from relutil import reltmp  # noqa: F401  (a fixture: the registry's)
+from test_images import registry  # noqa: F401  (a fixture)
 
 USER = "ovl-rootless"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -380,18 +382,40 @@ print(json.dumps(out))
 """
 
 
-def test_blob_layers_rootless(user):
-    """Layer blobs mounted by the unprivileged user (fusermount3): the
-    skeleton keeps owners and modes in user.containers.override_stat and
-    its opaque marks in user.overlay.opaque (no chown, no trusted.*
-    xattr), and the merged tree is the one root's mount of the same blobs
-    shows, but for what a rootless extraction cannot make either: devices
-    (not made), owners of symlinks and fifos (the user's), xattrs other
-    than user.* (not set)."""
+def _purelib_for_others() -> str | None:
+    """This interpreter's site-packages (the images extra's libraries) if
+    every user may read it, else None."""
+    import sysconfig
+    path = sysconfig.get_paths()["purelib"]
+    p = path
+    while p != "/":
+        if os.stat(p).st_mode & 0o005 != 0o005:
+            return None
+        p = os.path.dirname(p)
+    return path
+
+
+@pytest.mark.parametrize("source", ["disk", "registry"])
+def test_blob_layers_rootless(user, source, request):
+    """Layer blobs mounted by the unprivileged user (fusermount3), from
+    disk (lowerdir=) or from a registry (image=, zstd:chunked, the tree
+    made as it is looked into): the skeleton keeps owners and modes in
+    user.containers.override_stat and its opaque marks in
+    user.overlay.opaque (no chown, no trusted.* xattr), and the merged tree
+    is the one root's mount of the same layers shows, but for what a
+    rootless extraction cannot make either: devices (not made), owners of
+    symlinks and fifos (the user's), xattrs other than user.* (not set)."""
     import tarfile
 
     from relutil import overlay_env
-    from test_images import _member, layer_tar
+    from test_images import _member, layer_tar, oci_layout, push
+    env = None
+    if source == "registry":
+        purelib = _purelib_for_others()
+        if purelib is None:
+            pytest.skip("the images extra's libraries are not readable by other users here")
+        env = {"PYTHONPATH": f"{user['pkg']}:{purelib}"}
+        host, _proc = request.getfixturevalue("registry")
     base = _layers(user)
     try:
         top, bottom = os.path.join(base, "top.tar"), os.path.join(base, "bottom.tar")
@@ -405,17 +429,22 @@ def test_blob_layers_rootless(user):
         walker = os.path.join(base, "walk.py")
         with open(walker, "w") as f:
             f.write(_WALK)
-        r = run_as(user, "overlay mount --log log -o lowerdir=top.tar:bottom.tar,upperdir=u,workdir=w,"
+        layers = "lowerdir=top.tar:bottom.tar"
+        if source == "registry":
+            push(oci_layout(base, [bottom, top]), f"{host}/test/rootless:v1", "zstd:chunked")
+            layers = f"image={host}/test/rootless:v1,tls_verify=false"
+        r = run_as(user, f"overlay mount --log log -o {layers},upperdir=u,workdir=w,"
                          f"blob_cache=cache m && {SYSTEM_PYTHON} walk.py m && echo new > m/run/new"
-                         " && fusermount3 -u m", cwd=base)
+                         " && fusermount3 -u m", cwd=base, env=env)
         assert r.returncode == 0, r.stderr + r.stdout + open(os.path.join(base, "log")).read()
         theirs = json.loads(r.stdout)
         _wait_no_daemon(base)
         rm = os.path.join(base, "rm")
         for d in ("ru", "rw", "rm"):
             os.makedirs(os.path.join(base, d))
+        layers = layers.replace("top.tar", top).replace("bottom.tar", bottom)
         subprocess.run([sys.executable, "-m", "overlay", "mount", "-o",
-                        f"lowerdir={top}:{bottom},upperdir={base}/ru,workdir={base}/rw,"
+                        f"{layers},upperdir={base}/ru,workdir={base}/rw,"
                         f"blob_cache={base}/rcache", rm], check=True, env=overlay_env(), capture_output=True,
                        timeout=60)
         try:
