@@ -101,6 +101,7 @@ cdef int op_readdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
     cdef bytes name
     cdef list counted = []
     cdef _DirOffsets d
+    cdef Py_ssize_t dir_budget
     if size > READ_BUFFER - sizeof(fuse_out_header):
         size = READ_BUFFER - sizeof(fuse_out_header)
     with self.lock:
@@ -116,6 +117,10 @@ cdef int op_readdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
         count = len(entries)
         i = bisect_right(offsets, start)
         done = i >= count
+        # (a dir the kernel knows holds O_PATH fds here: past half of
+        # fd_high, a listing's dirs go as plain entries, no node id, as
+        # READDIR gives them; the kernel looks one up when it is used)
+        dir_budget = self.fd_high // 2 - self.kdirs
         while i < count:
             name, child, st = entries[i]
             namelen = len(name)
@@ -128,9 +133,11 @@ cdef int op_readdir(OverlayFS self, int fd, fuse_in_header *h, char *arg, size_t
                 dot = name == b"." or name == b".."
                 if dot:
                     self._fill_attr(&dp.entry_out.attr, child, st)
-                else:
+                elif not (<Node>child).is_dir or dir_budget > 0:
                     self._fill_entry(&dp.entry_out, child, st)
                     counted.append(child)
+                    if (<Node>child).is_dir:
+                        dir_budget -= 1
                 de = &dp.dirent
             else:
                 reclen = _align8(sizeof(fuse_dirent) + namelen)
