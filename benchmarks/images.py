@@ -260,6 +260,7 @@ def main(argv=None) -> int:
                        check=True, env=env)
         mounts.append(bm)
         big_size = os.path.getsize(os.path.join(bm, "data/big.bin"))
+        _run("sync")        # (before each of these: the writes before them not in their way)
         t = time.monotonic()
         with open(os.path.join(bm, "data/big.bin"), "rb") as f:
             while f.read(1 << 20):
@@ -270,12 +271,14 @@ def main(argv=None) -> int:
             f"http://{hosts['zstd:chunked']}/v2/bench/img/manifests/v1",
             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})).read())
         big_blob = chunked_man["layers"][-1]
+        _run("sync")
         t = time.monotonic()
         with urllib.request.urlopen(f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}") as r:
             while r.read(1 << 20):
                 pass
         t_big_d = time.monotonic() - t
         # (as curl -o fetches it: into a file, unchecked)
+        _run("sync")
         t = time.monotonic()
         with urllib.request.urlopen(f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}") as r, \
                 open(os.path.join(base, "big.blob"), "wb") as out:
@@ -285,6 +288,7 @@ def main(argv=None) -> int:
         os.unlink(os.path.join(base, "big.blob"))
         # (as a pull fetches it: into a file, checked against its digest)
         import hashlib
+        _run("sync")
         t = time.monotonic()
         h = hashlib.sha256()
         with urllib.request.urlopen(f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}") as r, \
