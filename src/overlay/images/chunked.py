@@ -67,6 +67,7 @@ def is_chunked(desc: dict) -> bool:
 
 _DECODER = None
 _ENTRY = None
+_DCTX = threading.local()      # (ChunkedLayer._chunk's decompressor, one a thread)
 
 
 def toc_entry():
@@ -260,8 +261,13 @@ class ChunkedLayer(BlobLayer):
         """One chunk's data from its bytes in the blob."""
         if self.zstd is None:
             return gunzip_chunk(raw, c[3], c[4])
+        # (one decompressor a thread, kept: making one for each chunk cost
+        # more than decompressing it, a big file's chunks being small)
+        dctx = getattr(_DCTX, "zstd", None)
+        if dctx is None:
+            dctx = _DCTX.zstd = self.zstd.ZstdDecompressor()
         try:
-            return self.zstd.ZstdDecompressor().decompress(raw, max_output_size=max(c[3], 1))
+            return dctx.decompress(raw, max_output_size=max(c[3], 1))
         except self.zstd.ZstdError as e:
             raise OSError(5, f"a chunk does not decompress: {e}") from None
 
