@@ -295,7 +295,7 @@ class BlobLayer:
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(os.path.join(d, "tree"))
         self.tree_fd = os.open(os.path.join(d, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._mark_root(self.tree_fd)
+        self._mark_made_dir(self.tree_fd)
         self.dir = d
         self.files, self.done, self._order = {}, set(), None
         # (each dir's members, by its path: a dir is known once it has a
@@ -495,7 +495,7 @@ class BlobLayer:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "tree"))
         fd = os.open(os.path.join(tmp, "tree"), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._mark_root(fd)
+        self._mark_made_dir(fd)
         return tmp, fd
 
     def _xattrs(self, ti: tarfile.TarInfo) -> list[tuple[str, bytes]]:
@@ -509,10 +509,11 @@ class BlobLayer:
         made otherwise is not used)."""
         return ("xattr" if self.unprivileged else "chown") + (",user" if self.userxattr else "")
 
-    def _mark_root(self, fd: int) -> None:
-        """An unprivileged skeleton's root carries OWNER_XATTR (root's,
-        0755 until the layer says otherwise): the core reads owners and
-        modes of the whole layer from it."""
+    def _mark_made_dir(self, fd: int) -> None:
+        """A dir no member describes (yet), in an unprivileged skeleton:
+        OWNER_XATTR says root's, 0755, as extraction makes it. The root
+        dir always carries one: the core reads owners and modes of the
+        whole layer from there."""
         if self.unprivileged:
             os.setxattr(f"/proc/self/fd/{fd}", OWNER_XATTR, b"0:0:%o" % (S.S_IFDIR | 0o755))
 
@@ -730,8 +731,7 @@ class BlobLayer:
             except FileNotFoundError:
                 os.mkdir(c, 0o755, dir_fd=fd)
                 nfd = sys_open_inside(fd, c.encode(), O_PATH | os.O_DIRECTORY)
-                if self.unprivileged:
-                    os.setxattr(f"/proc/self/fd/{nfd}", OWNER_XATTR, b"0:0:%o" % (S.S_IFDIR | 0o755))
+                self._mark_made_dir(nfd)
             if fd != root:
                 os.close(fd)
             fd = nfd
