@@ -279,14 +279,25 @@ class ChunkedLayer(BlobLayer):
         thread of pool (none of which holds the GIL for long), while the
         layers before this one are read; not where this layer's index is
         in the cache already (the mount then needs no table)."""
-        ann = self.remote.desc.get("annotations") or {}
         if self.fmt != FORMAT or os.path.exists(os.path.join(self.cache, "sha256", self._digest(), "index.json")):
             return
         try:
+            where = self._toc_position()
+        except BlobError:
+            return          # (_toc says what is wrong)
+        self._ahead = pool.submit(self._toc_body, *where)
+
+    def _toc_position(self) -> tuple[int, int, int, str | None]:
+        """Where a zstd:chunked table of contents lies, from the layer's
+        annotations: (offset, length, length decompressed, its checksum)."""
+        ann = self.remote.desc.get("annotations") or {}
+        try:
             off, length, ulen, kind = (int(x) for x in ann[TOC_POSITION].split(":"))
         except (KeyError, ValueError):
-            return          # (_toc says what is wrong)
-        self._ahead = pool.submit(self._toc_body, off, length, ulen, ann.get(TOC_CHECKSUM))
+            raise BlobError(f"{self.path}: bad {TOC_POSITION} annotation") from None
+        if kind != 1:
+            raise BlobError(f"{self.path}: table of contents of kind {kind} (1 is known)")
+        return off, length, ulen, ann.get(TOC_CHECKSUM)
 
     def _toc_body(self, off: int, length: int, ulen: int, want: str | None) -> bytes:
         """A zstd:chunked table of contents: fetched, checked against its
@@ -302,17 +313,8 @@ class ChunkedLayer(BlobLayer):
     def _toc(self) -> list:
         if self.fmt == ESTARGZ:
             return self._estargz_toc()
-        ann = self.remote.desc.get("annotations") or {}
-        try:
-            off, length, ulen, kind = (int(x) for x in ann[TOC_POSITION].split(":"))
-        except (KeyError, ValueError):
-            raise BlobError(f"{self.path}: bad {TOC_POSITION} annotation") from None
-        if kind != 1:
-            raise BlobError(f"{self.path}: table of contents of kind {kind} (1 is known)")
-        if self._ahead is not None:
-            body = self._ahead.result()
-        else:
-            body = self._toc_body(off, length, ulen, ann.get(TOC_CHECKSUM))
+        where = self._toc_position()
+        body = self._ahead.result() if self._ahead is not None else self._toc_body(*where)
         try:
             doc = toc_decoder().decode(body)
         except ValueError as e:
