@@ -118,7 +118,7 @@ def build_core(config):
         userxattr, redirect_dir, redirect_follow = True, False, False
     check_dirs_free(config)
     lowers, providers = prepare_blob_layers(config, userxattr)
-    if any(getattr(p, "unprivileged", False) for p in providers.values()):
+    if any(p.unprivileged for p in providers.values()):
         userxattr = True        # (a read-only mount too: the skeleton's opaque marks are user.*)
     try:
         core = _new_core(Overlay, config, lowers, userxattr, redirect_dir, redirect_follow)
