@@ -106,6 +106,28 @@ def _first_reads(mp: str, path: str, t0: float) -> tuple[float, float]:
 FIRSTS = 3      # mounts from nothing timed to the first file (the median shown)
 
 
+def _download(url: str, into: str | None = None, digest: str | None = None) -> float:
+    """Seconds to GET url whole (after a sync: writes before it not in its
+    way): read only, or into a new file (removed after), its sha256
+    checked against digest where given."""
+    import hashlib
+    import urllib.request
+    _run("sync")
+    t = time.monotonic()
+    h = hashlib.sha256() if digest else None
+    with urllib.request.urlopen(url) as r, open(into or os.devnull, "wb") as out:
+        while b := r.read(1 << 20):
+            if h is not None:
+                h.update(b)
+            if into:
+                out.write(b)
+    dt = time.monotonic() - t
+    if into:
+        os.unlink(into)
+    assert h is None or "sha256:" + h.hexdigest() == digest
+    return dt
+
+
 def cold() -> None:
     """Caches dropped, written data first (dirty pages, as a just extracted
     tree's or prefetch=all's, are not dropped: a tree read from them would
@@ -271,34 +293,11 @@ def main(argv=None) -> int:
             f"http://{hosts['zstd:chunked']}/v2/bench/img/manifests/v1",
             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})).read())
         big_blob = chunked_man["layers"][-1]
-        _run("sync")
-        t = time.monotonic()
-        with urllib.request.urlopen(f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}") as r:
-            while r.read(1 << 20):
-                pass
-        t_big_d = time.monotonic() - t
-        # (as curl -o fetches it: into a file, unchecked)
-        _run("sync")
-        t = time.monotonic()
-        with urllib.request.urlopen(f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}") as r, \
-                open(os.path.join(base, "big.blob"), "wb") as out:
-            while b := r.read(1 << 20):
-                out.write(b)
-        t_big_df = time.monotonic() - t
-        os.unlink(os.path.join(base, "big.blob"))
-        # (as a pull fetches it: into a file, checked against its digest)
-        import hashlib
-        _run("sync")
-        t = time.monotonic()
-        h = hashlib.sha256()
-        with urllib.request.urlopen(f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}") as r, \
-                open(os.path.join(base, "big.blob"), "wb") as out:
-            while b := r.read(1 << 20):
-                h.update(b)
-                out.write(b)
-        assert "sha256:" + h.hexdigest() == big_blob["digest"]
-        t_big_dv = time.monotonic() - t
-        os.unlink(os.path.join(base, "big.blob"))
+        url = f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}"
+        blob_file = os.path.join(base, "big.blob")
+        t_big_d = _download(url)                            # (read, nothing written)
+        t_big_df = _download(url, blob_file)                # (as curl -o fetches it: into a file)
+        t_big_dv = _download(url, blob_file, big_blob["digest"])   # (as a pull: checked too)
         rows = [
             ("first stat (s)", f"{t_stat_k:.2f}", f"{t_stat_o:.2f}"),
             (f"first small file read (s){', median of %d' % FIRSTS if FIRSTS > 1 else ''}",
