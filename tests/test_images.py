@@ -974,6 +974,176 @@ def test_read_ahead_of_a_lazily_made_tree_reads_no_gap(registry, reltmp):
         layer.close()
 
 
+def _big_and_small_layer(registry, reltmp, name):
+    """A zstd:chunked image pushed to the registry, its one layer holding
+    a big file (24 MiB of random bytes: past the read-ahead, fetched in
+    several ranges side by side) and small files in other dirs; (the
+    layer's tar, the image's reference)."""
+    base = os.path.join(reltmp, name)
+    os.makedirs(base)
+    tar = os.path.join(base, "layer.tar")
+    rnd = __import__("random").Random(5)
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        _member(tf, "a/small", data=b"small\n")
+        _member(tf, "b/big", data=rnd.randbytes(24 << 20))
+        _member(tf, "c/small", data=b"after\n")
+    layout = oci_layout(base, [tar])
+    host, _proc = registry
+    push(layout, f"{host}/test/{name}:v1", "zstd:chunked")
+    return base, tar, f"{host}/test/{name}:v1"
+
+
+def _chunked_layer(ref, base, remote_class=None, host=None):
+    """The image's one layer as a ChunkedLayer, prepared (through host
+    where given: the same registry by another address): (the layer, its
+    skeleton tree, inode numbers by path)."""
+    from overlay.images.chunked import ChunkedLayer, RemoteBlob
+    from overlay.images.registry import Ref, image_manifest
+    ref = Ref(ref if host is None else host + ref[ref.index("/"):])
+    reg, doc = image_manifest(ref, tls_verify=False)
+    remote = (remote_class or RemoteBlob)(reg, ref.repo, doc["layers"][0])
+    layer = ChunkedLayer(remote, os.path.join(base, "cache"))
+    tree = layer.prepare()
+    layer._built.wait(30)
+    return layer, tree, {layer.files[i][0]: i for i in layer.files}
+
+
+def _data_of(tar, name):
+    with tarfile.open(tar) as tf:
+        return tf.extractfile(name).read()
+
+
+def test_a_big_file_being_fetched_holds_up_no_other_file_of_its_layer(registry, reltmp):
+    """A layer's files are filled each by itself: while a big file's
+    ranges are on their way (held back here), a small file of the same
+    layer is fetched and read at once; a second open of the big file waits
+    for the first's fill, and both see its data."""
+    import threading
+    from overlay.images.chunked import RemoteBlob
+    base, tar, ref = _big_and_small_layer(registry, reltmp, "side")
+    gate, entered = threading.Event(), threading.Event()
+
+    class HeldBack(RemoteBlob):
+        def read_parts(self, start, end, sizes):
+            entered.set()
+            gate.wait(30)
+            yield from super().read_parts(start, end, sizes)
+
+    layer, tree, ino = _chunked_layer(ref, base, HeldBack)
+    errors = []
+
+    def fill_big():
+        try:
+            layer.ensure(ino["b/big"])
+        except Exception as e:     # noqa: BLE001 - seen by the test below
+            errors.append(e)
+    try:
+        first, second = threading.Thread(target=fill_big), threading.Thread(target=fill_big)
+        first.start()
+        assert entered.wait(30)
+        second.start()
+        small = threading.Thread(target=layer.ensure, args=(ino["c/small"],))
+        small.start()
+        small.join(10)
+        assert not small.is_alive(), "a small file waited for the big one's fetch"
+        with open(os.path.join(tree, "c/small"), "rb") as f:
+            assert f.read() == b"after\n"
+        assert first.is_alive() and second.is_alive()
+        gate.set()
+        first.join(30)
+        second.join(30)
+        assert errors == []
+        with open(os.path.join(tree, "b/big"), "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(_data_of(tar, "b/big")).digest()
+    finally:
+        gate.set()
+        layer.close()
+
+
+class _Link:
+    """A TCP relay in front of a port of 127.0.0.1 that cuts each
+    connection opened while cut_after is set once it has carried that
+    many bytes back: the network failing in the middle of a response."""
+
+    def __init__(self, port):
+        import socket
+        import threading
+        self.port_to = port
+        self.cut_after = None
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.srv.getsockname()[1]}"
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+        while True:
+            try:
+                c, _ = self.srv.accept()
+                u = socket.create_connection(("127.0.0.1", self.port_to))
+            except OSError:
+                return
+            self.socks += [c, u]
+            threading.Thread(target=self._pipe, args=(c, u, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, self.cut_after), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst, limit):
+        import socket
+        n = 0
+        try:
+            while b := src.recv(1 << 16):
+                if limit is not None and n + len(b) >= limit:
+                    dst.sendall(b[:limit - n])
+                    break
+                dst.sendall(b)
+                n += len(b)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.srv.close()
+        for s in self.socks:
+            s.close()
+
+
+def test_a_range_cut_half_way_gives_eio_and_the_next_open_reads_it(registry, reltmp):
+    """The connections carrying a big file's ranges cut after 1 MiB each:
+    its fill fails with EIO, the file is not taken as there and its
+    skeleton is holes again (nothing half written kept); once the network
+    is whole, the next fill reads it right."""
+    base, tar, ref = _big_and_small_layer(registry, reltmp, "cut")
+    host, _proc = registry
+    link = _Link(int(host.split(":")[1]))
+    layer = None
+    try:
+        layer, tree, ino = _chunked_layer(ref, base, host=link.host)
+        big = ino["b/big"]
+        link.cut_after = 1 << 20
+        layer.remote.reg.pool.clear()       # (new connections: through the cutting relay)
+        with pytest.raises(OSError) as e:
+            layer.ensure(big)
+        assert e.value.errno == 5
+        assert big not in layer.done
+        st = os.stat(os.path.join(tree, "b/big"))
+        assert st.st_blocks == 0 and st.st_size == 24 << 20
+        link.cut_after = None
+        layer.remote.reg.pool.clear()
+        layer.ensure(big)
+        with open(os.path.join(tree, "b/big"), "rb") as f:
+            assert f.read() == _data_of(tar, "b/big")
+    finally:
+        if layer is not None:
+            layer.close()
+        link.close()
+
+
 def test_damaged_chunks_in_the_registry_give_eio(images, registry, relmounts, reltmp):
     """A zstd:chunked blob damaged in the registry's store (the registry
     serves ranges unchecked): opening a big file whose chunks lie there

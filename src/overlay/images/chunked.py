@@ -32,6 +32,7 @@ log line); the next open of the file tries again.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import logging
 import os
@@ -51,7 +52,9 @@ FORMAT = "zstd:chunked"
 ESTARGZ = "estargz"
 ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 ESTARGZ_FOOTER = 51             # (the legacy stargz footer: 47)
-GROUP_BYTES = 8 << 20           # a range request covers chunks up to this much
+GROUP_BYTES = 8 << 20           # a range request held whole covers chunks up to this much
+STREAMED_GROUP_MOST = 64 << 20  # a range request read as it arrives: up to this much
+PART_BYTES = 1 << 20            # (read of it a few whole chunks at a time, about this much)
 FETCHES_IN_FLIGHT = 4           # range requests of one file at once
 
 _TYPES = {"dir": tarfile.DIRTYPE, "reg": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
@@ -205,16 +208,37 @@ def _covers(chunks: list, size: int) -> bool:
     return pos == size
 
 
-def _groups(chunks: list) -> list:
+def _groups(chunks: list, most: int = GROUP_BYTES) -> list:
     """The chunks of a file (in file order) cut into runs that lie one after
-    the other in the blob, each at most GROUP_BYTES: one range request each."""
+    the other in the blob, each at most most bytes there (or one chunk):
+    one range request each."""
     out = []
     for c in chunks:
-        if out and out[-1][-1][1] == c[0] and c[1] - out[-1][0][0] <= GROUP_BYTES:
+        if out and out[-1][-1][1] == c[0] and c[1] - out[-1][0][0] <= most:
             out[-1].append(c)
         else:
             out.append([c])
     return out
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def _write_at(fd: int, pieces: list, off: int) -> None:
+    """pieces written one after the other into fd from off, with as few
+    calls as can be (IOV_MAX pieces a call; a short write carried on)."""
+    for k in range(0, len(pieces), _IOV_MAX):
+        batch = pieces[k:k + _IOV_MAX]
+        want = sum(len(b) for b in batch)
+        done = os.pwritev(fd, batch, off)
+        if done < want:
+            rest = memoryview(b"".join(batch))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, off + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "a write that wrote nothing")
+                rest, done = rest[n:], done + n
+        off += want
 
 
 class RemoteBlob:
@@ -241,6 +265,26 @@ class RemoteBlob:
             self.fetched += len(data)
         return data
 
+    def read_parts(self, start: int, end: int, sizes):
+        """Bytes [start, end) with one range request, given back as they
+        arrive in parts of these sizes (see Registry.blob_range_parts)."""
+        parts = self.reg.blob_range_parts(self.repo, self.digest, start, end, sizes)
+        try:
+            while True:
+                t0 = time.monotonic()
+                try:
+                    data = next(parts, None)
+                finally:
+                    with self.lock:
+                        self.waited += time.monotonic() - t0
+                if data is None:
+                    return
+                with self.lock:
+                    self.fetched += len(data)
+                yield data
+        finally:
+            parts.close()
+
     def name(self) -> str:
         return f"{self.reg.host}/{self.repo}@{self.digest}"
 
@@ -256,6 +300,7 @@ class ChunkedLayer(BlobLayer):
         self._setup(remote.name(), cache, -1, remote.size, fmt, remote.digest)
         self.zstd = need("zstandard", "a zstd:chunked layer") if fmt == FORMAT else None
         self._ahead = None      # (fetch_ahead's future)
+        self.filling: dict[int, threading.Event] = {}      # ino -> set when its fill ends
 
     def _chunk(self, raw: bytes, c: list) -> bytes:
         """One chunk's data from its bytes in the blob."""
@@ -406,61 +451,98 @@ class ChunkedLayer(BlobLayer):
         return self._pieces(g, memoryview(self.remote.read(g[0][0], g[-1][1])), g[0][0])
 
     def _ensure(self, ino: int, budget: int = READAHEAD) -> None:
-        with self.lock:
-            if ino in self.done or self._in_place(ino):
-                return
-            rel, chunks, size, want = self.files[ino]
-            if self._span(ino) <= budget:
-                # a small file: one request for it and the small files
-                # after it in the blob (budget bytes at most)
-                start = min(c[0] for c in chunks)
-                batch = [ino]
-                for i in self._following(ino, budget - self._span(ino), self._span):
-                    # (the range read covers what lies between too: files
-                    # of dirs not made yet, of a tree made lazily, are not
-                    # in the order; stop where the range would pass budget)
-                    if max(c[1] for c in self.files[i][1]) - start > budget:
-                        break
-                    batch.append(i)
-                end = max(c[1] for i in batch for c in self.files[i][1])
-                data = self.remote.read(start, end)
+        # (one fill at a time for a file, not for the layer: a big file's
+        # long fetch holds up no open of the layer's other files; an open
+        # of a file being filled waits for that fill, and tries again if
+        # it failed)
+        while True:
+            with self.lock:
+                if ino in self.done:
+                    return
+                held = self.filling.get(ino)
+                if held is None:
+                    batch = self._batch(ino, budget)
+                    mine = threading.Event()
+                    for i in batch:
+                        self.filling[i] = mine
+                    break
+            held.wait()
+        try:
+            self._fetch(ino, batch, budget)
+        finally:
+            with self.lock:
                 for i in batch:
-                    if i != ino and self._in_place(i):
-                        continue
-                    r, ch, sz, w = self.files[i]
-                    try:
-                        pieces = (p for _c, p in self._pieces(sorted(ch, key=lambda c: c[2]), data, start))
-                        self._fill(i, r, sz, w, pieces)
-                    except OSError:
-                        if i == ino:
-                            raise
-                return
-            chunks = sorted(chunks, key=lambda c: c[2])
-            groups = _groups(chunks)
-            if all(c[5] for c in chunks) and _covers(chunks, size):
-                self._fill(ino, rel, size, want, None, lambda fd: self._write_chunks(fd, groups))
-                return
+                    del self.filling[i]
+            mine.set()
 
-            def group(g):
-                # (in a worker: the range fetched and its chunks
-                # decompressed, the GIL let go meanwhile; one piece of
-                # them: a write and a hash a group, not a chunk, or the
-                # threads queue for the GIL at every chunk)
-                return [b"".join([p for _c, p in self._group(g)])]
+    def _batch(self, ino: int, budget: int) -> list[int]:
+        """ino, and where it is small the small files after it in the blob
+        that no one is filling, in one range of budget bytes at most."""
+        if self._span(ino) > budget:
+            return [ino]
+        start = min(c[0] for c in self.files[ino][1])
+        batch = [ino]
+        for i in self._following(ino, budget - self._span(ino), self._span):
+            # (the range read covers what lies between too: files of dirs
+            # not made yet, of a tree made lazily, are not in the order;
+            # stop where the range would pass budget)
+            if max(c[1] for c in self.files[i][1]) - start > budget:
+                break
+            if i not in self.filling:
+                batch.append(i)
+        return batch
 
-            def pieces():
-                # up to FETCHES_IN_FLIGHT groups at once, in order
-                from concurrent.futures import ThreadPoolExecutor
-                with ThreadPoolExecutor(FETCHES_IN_FLIGHT) as pool:
-                    pending = [pool.submit(group, g) for g in groups[:FETCHES_IN_FLIGHT]]
-                    nxt = len(pending)
-                    while pending:
-                        out = pending.pop(0).result()
-                        if nxt < len(groups):
-                            pending.append(pool.submit(group, groups[nxt]))
-                            nxt += 1
-                        yield from out
-            self._fill(ino, rel, size, want, pieces())
+    def _fetch(self, ino: int, batch: list[int], budget: int) -> None:
+        """The data of the files of batch (see _batch) in place."""
+        if self._in_place(ino):
+            return
+        rel, chunks, size, want = self.files[ino]
+        if self._span(ino) <= budget:
+            # small files: one request
+            start = min(c[0] for c in chunks)
+            end = max(c[1] for i in batch for c in self.files[i][1])
+            data = self.remote.read(start, end)
+            for i in batch:
+                if i != ino and self._in_place(i):
+                    continue
+                r, ch, sz, w = self.files[i]
+                try:
+                    pieces = (p for _c, p in self._pieces(sorted(ch, key=lambda c: c[2]), data, start))
+                    self._fill(i, r, sz, w, pieces)
+                except OSError:
+                    if i == ino:
+                        raise
+            return
+        chunks = sorted(chunks, key=lambda c: c[2])
+        if all(c[5] for c in chunks) and _covers(chunks, size):
+            # (few long requests, each read as it arrives: a registry
+            # pays for each request; as many as fetched at once at least)
+            most = min(STREAMED_GROUP_MOST, max(GROUP_BYTES, self._span(ino) // FETCHES_IN_FLIGHT + 1))
+            groups = _groups(chunks, most)
+            self._fill(ino, rel, size, want, None, lambda fd: self._write_chunks(fd, groups))
+            return
+        groups = _groups(chunks)
+
+        def group(g):
+            # (in a worker: the range fetched and its chunks
+            # decompressed, the GIL let go meanwhile; one piece of
+            # them: a write and a hash a group, not a chunk, or the
+            # threads queue for the GIL at every chunk)
+            return [b"".join([p for _c, p in self._group(g)])]
+
+        def pieces():
+            # up to FETCHES_IN_FLIGHT groups at once, in order
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(FETCHES_IN_FLIGHT) as pool:
+                pending = [pool.submit(group, g) for g in groups[:FETCHES_IN_FLIGHT]]
+                nxt = len(pending)
+                while pending:
+                    out = pending.pop(0).result()
+                    if nxt < len(groups):
+                        pending.append(pool.submit(group, groups[nxt]))
+                        nxt += 1
+                    yield from out
+        self._fill(ino, rel, size, want, pieces())
 
     def _write_chunks(self, fd: int, groups: list) -> bool:
         """A big file whose chunks all have digests (the table's, itself
@@ -470,10 +552,20 @@ class ChunkedLayer(BlobLayer):
         from concurrent.futures import ThreadPoolExecutor
 
         def work(g):
-            for c, piece in self._group(g):
-                if len(piece) != c[3] or "sha256:" + hashlib.sha256(piece).hexdigest() != c[5]:
-                    return False
-                os.pwrite(fd, piece, c[2])
+            # (one request for the group, read PART_BYTES of whole chunks
+            # at a time: each checked and written while in the CPU's cache)
+            parts = _groups(g, PART_BYTES)
+            data = self.remote.read_parts(g[0][0], g[-1][1], [p[-1][1] - p[0][0] for p in parts])
+            try:
+                for p, raw in zip(parts, data):
+                    pieces = []
+                    for c, piece in self._pieces(p, memoryview(raw), p[0][0]):
+                        if len(piece) != c[3] or "sha256:" + hashlib.sha256(piece).hexdigest() != c[5]:
+                            return False
+                        pieces.append(piece)
+                    _write_at(fd, pieces, p[0][2])
+            finally:
+                data.close()
             return True
         with ThreadPoolExecutor(FETCHES_IN_FLIGHT) as pool:
             return all(pool.map(work, groups))

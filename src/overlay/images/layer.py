@@ -173,7 +173,8 @@ class BlobLayer:
         self.reader = None
         self._order = None          # inos of the files in the blob's order (see _following)
         self.fetched = 0            # bytes of data put in place by this process
-        self.seconds = 0.0          # spent doing it
+        self.seconds = 0.0          # spent doing it (by each thread that fills)
+        self.stats_lock = threading.Lock()      # (files of a layer filled side by side)
         self.digest = digest
         self.hold_fd = -1           # cache.hold: the layer is in use
         # lazy (image= from a registry, a table of contents at hand): the
@@ -813,7 +814,8 @@ class BlobLayer:
             self._ensure(ino, budget)
         finally:
             _FILLING.add(-1)
-            self.seconds += time.monotonic() - t0
+            with self.stats_lock:
+                self.seconds += time.monotonic() - t0
 
     def prefetch(self) -> None:
         """prefetch=all: every file's data in place, in the blob's order, a
@@ -881,28 +883,34 @@ class BlobLayer:
             # (a write drops security.capability, as the kernel's
             # file_remove_privs does: put back what the skeleton had)
             kept = {k: os.getxattr(fd, k) for k in os.listxattr(fd)}
-            if writer is not None:
-                ok = writer(fd)
-            else:
-                pos, digest = self._write_hashed(fd, pieces)
-                ok = pos == size and digest == want
-            if not ok:
+            try:
+                if writer is not None:
+                    ok = writer(fd)
+                else:
+                    pos, digest = self._write_hashed(fd, pieces)
+                    ok = pos == size and digest == want
+                if not ok:
+                    log.error("%s: the data of %r differ from the index's digest (blob changed or damaged)",
+                              self.path, rel)
+                    raise OSError(errno.EIO, f"{rel}: data differ from the layer's index")
+            except BaseException:
+                # (wrong data, or a network error half way: the file back
+                # to holes, not a half that the next open would hash)
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
+                raise
+            finally:
+                now = set(os.listxattr(fd))
+                for k, v in kept.items():
+                    if k not in now:
+                        os.setxattr(fd, k, v)
+                if os.fstat(fd).st_mode != st.st_mode:
+                    os.chmod(fd, S.S_IMODE(st.st_mode))
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-                log.error("%s: the data of %r differ from the index's digest (blob changed or damaged)",
-                          self.path, rel)
-                raise OSError(errno.EIO, f"{rel}: data differ from the layer's index")
-            now = set(os.listxattr(fd))
-            for k, v in kept.items():
-                if k not in now:
-                    os.setxattr(fd, k, v)
-            if os.fstat(fd).st_mode != st.st_mode:
-                os.chmod(fd, S.S_IMODE(st.st_mode))
-            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(fd)
-        self.fetched += size
+        with self.stats_lock:
+            self.fetched += size
         self.done.add(ino)
 
     @staticmethod

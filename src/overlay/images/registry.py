@@ -208,6 +208,37 @@ class Registry:
             raise OSError(5, f"{self.host}/{repo}: blob {digest}: {len(data)} bytes for a range of {end - start}")
         return data
 
+    def blob_range_parts(self, repo: str, digest: str, start: int, end: int, sizes):
+        """Bytes [start, end) of a blob from one range request, given back
+        as they arrive, in consecutive parts of these sizes (their sum:
+        end - start): a long range needs no buffer of its length, and the
+        registry no request per part. A generator; closing it early closes
+        the connection."""
+        r = self.request(f"/v2/{repo}/blobs/{digest}", {"Range": f"bytes={start}-{end - 1}"}, stream=True)
+        done = False
+        try:
+            if r.status != 206:     # (a registry that ignores ranges: from the blob's start)
+                skip = start
+                while skip > 0:
+                    skip -= len(self._part(r, min(skip, 1 << 20), repo, digest))
+            for n in sizes:
+                yield self._part(r, n, repo, digest)
+            done = True
+        finally:
+            if done and r.status == 206:
+                r.release_conn()
+            else:
+                r.close()       # (unread data left: the connection is not reused)
+
+    def _part(self, r, n: int, repo: str, digest: str) -> bytes:
+        try:
+            data = r.read(n, decode_content=False)     # (blobs are sent as they are)
+        except self.urllib3.exceptions.HTTPError as e:
+            raise OSError(5, f"{self.host}/{repo}: blob {digest}: {type(e).__name__}: {e}") from None
+        if len(data) != n:
+            raise OSError(5, f"{self.host}/{repo}: blob {digest}: the range ended {n - len(data)} bytes early")
+        return data
+
     def download(self, repo: str, digest: str, dest: str) -> None:
         """The whole blob into dest, checked against its digest."""
         tmp = f"{dest}.part-{os.getpid()}"
