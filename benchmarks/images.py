@@ -14,14 +14,21 @@ side by side:
   ``stat`` of a file succeeds, and until one small file is read;
 * ours, ``image=`` (zstd:chunked from the registry): the same two, with the
   bytes fetched;
-* reading every file afterwards (each side), and the big file alone.
+* reading every file afterwards (each side);
+* the big file alone, read whole on fresh mounts, against its blob
+  downloaded (read only, into a file, into a file with its digest checked),
+  medians of several runs: from the registry on loopback, then from one in
+  a network namespace across a veth pair shaped with ``tc`` to ``--link``
+  (1gbit; ``none`` to skip), as a registry across a network is.
 
-Prints a table; writes nothing else. Needs root, skopeo, docker-registry.
+Prints tables; writes nothing else. Needs root, skopeo, docker-registry
+(and ip, tc for --link).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -128,6 +135,108 @@ def _download(url: str, into: str | None = None, digest: str | None = None) -> f
     return dt
 
 
+BIG_RUNS = 5       # big-file runs from the registry on loopback (medians shown)
+LINK_RUNS = 3      # ... across the shaped link
+
+
+def big_file(host: str, base: str, env: dict, py: str, runs: int) -> dict:
+    """The image's big file read whole on a fresh mount (a cache of its
+    own, removed after), then its blob downloaded three ways, runs times
+    in turn: {"file": its size, "blob": the blob's size, "runs": [(ours,
+    download read, into a file, into a file checked)]}."""
+    import urllib.request
+    man = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"http://{host}/v2/bench/img/manifests/v1",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})).read())
+    blob = man["layers"][-1]
+    url = f"http://{host}/v2/bench/img/blobs/{blob['digest']}"
+    blob_file = os.path.join(base, "big.blob")
+    out = {"blob": blob["size"], "runs": []}
+    for k in range(runs):
+        u, w, m, cache = _dirs(base, f"bu{k}", f"bw{k}", f"bm{k}", f"bcache{k}")
+        subprocess.run([py, "-m", "overlay", "mount", "-o",
+                        f"image={host}/bench/img:v1,tls_verify=false,upperdir={u},workdir={w},blob_cache={cache}", m],
+                       check=True, env=env)
+        try:
+            out["file"] = os.path.getsize(os.path.join(m, "data/big.bin"))
+            _run("sync")        # (before each: the writes before it not in its way)
+            t = time.monotonic()
+            with open(os.path.join(m, "data/big.bin"), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+            t_ours = time.monotonic() - t
+        finally:
+            subprocess.run(["umount", m], check=True)
+        for d in (u, w, m, cache):
+            shutil.rmtree(d)
+        out["runs"].append((t_ours,
+                            _download(url),                             # (read, nothing written)
+                            _download(url, blob_file),                  # (as curl -o: into a file)
+                            _download(url, blob_file, blob["digest"])))  # (as a pull: checked too)
+    return out
+
+
+@contextlib.contextmanager
+def linked_registry(store: str, rate: str):
+    """A docker-registry serving store (read only) from a network namespace
+    of its own, reached over a veth pair shaped to rate each way (tc tbf):
+    a registry across a link, not loopback; yields its host:port. The
+    namespace (and with it the pair) is removed after."""
+    import urllib.request
+    tag = f"ovlb{os.getpid() % 10**7}"
+    ns, here, there = tag, tag + "a", tag + "b"
+    conf = os.path.join(os.path.dirname(store), "registry-link.yml")
+    with open(conf, "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+                f"    rootdirectory: {store}\nhttp:\n  addr: 10.231.0.2:5000\n")
+    proc = None
+    _run("ip", "netns", "add", ns)
+    try:
+        _run("ip", "link", "add", here, "type", "veth", "peer", "name", there)
+        _run("ip", "link", "set", there, "netns", ns)
+        _run("ip", "addr", "add", "10.231.0.1/30", "dev", here)
+        _run("ip", "link", "set", here, "up")
+        inside = ("ip", "netns", "exec", ns)
+        _run(*inside, "ip", "addr", "add", "10.231.0.2/30", "dev", there)
+        _run(*inside, "ip", "link", "set", there, "up")
+        _run("tc", "qdisc", "add", "dev", here, "root", "tbf", "rate", rate, "burst", "2mb", "latency", "20ms")
+        _run(*inside, "tc", "qdisc", "add", "dev", there, "root", "tbf", "rate", rate, "burst", "2mb",
+             "latency", "20ms")
+        proc = subprocess.Popen([*inside, shutil.which("docker-registry"), "serve", conf],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen("http://10.231.0.2:5000/v2/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("docker-registry did not start in its network namespace")
+        yield "10.231.0.2:5000"
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "link", "del", here], check=False, capture_output=True)
+
+
+def print_big(big: dict) -> None:
+    """The big-file table: medians of the runs, and the throughput of ours
+    against a download of the blob into a file (its time over ours)."""
+    import statistics
+    print("The big file read whole on a fresh mount against its blob downloaded (s), medians:")
+    print()
+    print("| registry | runs | ours, image= | download, read only | into a file | into a file, checked "
+          "| ours' throughput / into a file's | / checked's |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for where, b in big.items():
+        o, r, f, c = (statistics.median(x) for x in zip(*b["runs"]))
+        print(f"| {where} ({b['file'] >> 20} MiB file, {b['blob'] >> 20} MiB blob) | {len(b['runs'])} "
+              f"| {o:.2f} | {r:.2f} | {f:.2f} | {c:.2f} | {f / o:.2f}x | {c / o:.2f}x |")
+    print()
+
+
 def cold() -> None:
     """Caches dropped, written data first (dirty pages, as a just extracted
     tree's or prefetch=all's, are not dropped: a tree read from them would
@@ -140,6 +249,9 @@ def main(argv=None) -> int:
     p.add_argument("--mib", type=int, default=1024)
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--scratch", default=None)
+    p.add_argument("--link", default="1gbit",
+                   help="the big file also read from a registry across a veth link shaped to this rate "
+                        "(tc's units: 1gbit, 500mbit), or none")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("needs root")
@@ -273,31 +385,13 @@ def main(argv=None) -> int:
         cold()
         t_all_p = read_all(pm)
 
-        # the big file alone, on a fresh mount, against a plain download of
-        # the blob that holds it (one GET, nothing written)
-        bu, bw, bm = _dirs(base, "bu", "bw", "bm")
-        subprocess.run([py, "-m", "overlay", "mount", "-o",
-                        f"image={hosts['zstd:chunked']}/bench/img:v1,tls_verify=false,"
-                        f"upperdir={bu},workdir={bw},blob_cache={os.path.join(base, 'cache-big')}", bm],
-                       check=True, env=env)
-        mounts.append(bm)
-        big_size = os.path.getsize(os.path.join(bm, "data/big.bin"))
-        _run("sync")        # (before each of these: the writes before them not in their way)
-        t = time.monotonic()
-        with open(os.path.join(bm, "data/big.bin"), "rb") as f:
-            while f.read(1 << 20):
-                pass
-        t_big_o = time.monotonic() - t
-        import urllib.request
-        chunked_man = json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"http://{hosts['zstd:chunked']}/v2/bench/img/manifests/v1",
-            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})).read())
-        big_blob = chunked_man["layers"][-1]
-        url = f"http://{hosts['zstd:chunked']}/v2/bench/img/blobs/{big_blob['digest']}"
-        blob_file = os.path.join(base, "big.blob")
-        t_big_d = _download(url)                            # (read, nothing written)
-        t_big_df = _download(url, blob_file)                # (as curl -o fetches it: into a file)
-        t_big_dv = _download(url, blob_file, big_blob["digest"])   # (as a pull: checked too)
+        # the big file alone, on fresh mounts, against plain downloads of
+        # the blob that holds it: from the registry on loopback, then
+        # across a link of a given speed
+        big = {"loopback": big_file(hosts["zstd:chunked"], base, env, py, BIG_RUNS)}
+        if args.link != "none":
+            with linked_registry(os.path.join(base, "registry-zstd-chunked"), args.link) as lhost:
+                big[f"a {args.link} link"] = big_file(lhost, base, env, py, LINK_RUNS)
         rows = [
             ("first stat (s)", f"{t_stat_k:.2f}", f"{t_stat_o:.2f}"),
             (f"first small file read (s){', median of %d' % FIRSTS if FIRSTS > 1 else ''}",
@@ -308,9 +402,6 @@ def main(argv=None) -> int:
             ("bytes fetched in all", f"{pulled_bytes / 1e6:.0f} MB", f"{fetched_all / 1e6:.0f} MB"),
             ("prefetch=all: every file local (s)", f"{t_read_k:.2f}", f"{t_local_p:.2f}"),
             ("prefetch=all: then every file read (s)", f"{t_all_k:.2f}", f"{t_all_p:.2f}"),
-            (f"big file ({big_size >> 20} MiB) read whole, fresh (s)",
-             f"download of its blob ({big_blob['size'] >> 20} MiB): {t_big_d:.2f} read, "
-             f"{t_big_df:.2f} into a file, {t_big_dv:.2f} into a file, checked", f"{t_big_o:.2f}"),
         ]
         print(f"image: {len(layers)} layers, {size / 1e6:.0f} MB uncompressed")
         print("| | pull + extract + kernel overlay | ours, image= (zstd:chunked) |")
@@ -318,6 +409,7 @@ def main(argv=None) -> int:
         for r in rows:
             print("| " + " | ".join(r) + " |")
         print()
+        print_big(big)
         print("Every file read once the first was (s), caches dropped before each:")
         print()
         print("| kernel overlay on the extracted dirs | fuse-overlayfs on them | ours on them "
