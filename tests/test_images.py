@@ -246,6 +246,48 @@ def test_index_reused_and_rebuilt_when_it_does_not_match(gzip_mounted, relmounts
         assert f.read() == b"\x7fELF"
 
 
+def test_index_of_names_not_utf8_written_and_reused(reltmp, relmounts):
+    """A layer whose names are not all UTF-8 (a byte of latin-1 in a GNU
+    tar; msgspec refuses such a name, json writes it escaped) and one whose
+    names are: each gets an index that a second prepare reuses as it is
+    (not rebuilt), and the file's data come out right from it, and through
+    a mount."""
+    mountutil.require_ours()
+    from overlay.images.layer import BlobLayer
+    for kind, name in (("latin1", "caf\udce9/men\udcfa"), ("utf8", "caf\u00e9/men\u00fa")):
+        base = os.path.join(reltmp, kind)
+        os.makedirs(base)
+        tar = os.path.join(base, "layer.tar")
+        with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+            _member(tf, name, data=b"plat du jour\n")
+        cache = os.path.join(base, "cache")
+        layer = BlobLayer(tar, cache)
+        try:
+            tree = layer.prepare()
+            layer._built.wait(30)
+        finally:
+            layer.close()
+        idx = os.path.join(os.path.dirname(tree), "index.json")
+        assert os.path.exists(idx)
+        before = os.stat(idx).st_ino
+        again = BlobLayer(tar, cache)
+        try:
+            assert again.prepare() == tree
+            assert os.stat(idx).st_ino == before, "the index was written again"
+            ino = os.lstat(os.path.join(tree, name)).st_ino
+            assert again.files[ino][0] == name
+            again.ensure(ino)
+            with open(os.path.join(tree, name), "rb") as f:
+                assert f.read() == b"plat du jour\n"
+        finally:
+            again.close()
+        u, w, m = mkdirs(base, "u", "w", "m")
+        relmounts.ours([tar], u, w, m, (f"blob_cache={cache}",))
+        assert os.listdir(os.fsencode(m)) == [os.fsencode(name.split("/")[0])]
+        with open(os.path.join(m, name), "rb") as f:
+            assert f.read() == b"plat du jour\n"
+
+
 def test_damaged_blob_data_give_eio_never_wrong_bytes(images, relmounts):
     mountutil.require_ours()
     base, tar, low = images

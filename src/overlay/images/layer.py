@@ -384,7 +384,7 @@ class BlobLayer:
             self._dtimes[child] = ns
             if child:
                 try:
-                    fd = sys_open_inside(self.tree_fd, child.encode(), O_PATH | os.O_DIRECTORY)
+                    fd = sys_open_inside(self.tree_fd, os.fsencode(child), O_PATH | os.O_DIRECTORY)
                 except OSError:
                     continue
                 try:
@@ -396,7 +396,7 @@ class BlobLayer:
         """Dir rel's time back to the layer's (making entries in it changed it)."""
         if rel in self._dtimes:
             ns = self._dtimes[rel]
-            fd = sys_open_inside(self.tree_fd, rel.encode() or b".", O_PATH | os.O_DIRECTORY)
+            fd = sys_open_inside(self.tree_fd, os.fsencode(rel) or b".", O_PATH | os.O_DIRECTORY)
             try:
                 os.utime(f"/proc/self/fd/{fd}", ns=(ns, ns))
             finally:
@@ -560,7 +560,7 @@ class BlobLayer:
     def _dir_times(root: int, dirs: dict) -> None:
         """Dirs' times last (their entries changed them), deepest first."""
         for rel, ns in sorted(dirs.items(), key=lambda kv: -kv[0].count("/")):
-            fd = sys_open_inside(root, rel.encode() or b".", O_PATH | os.O_DIRECTORY)
+            fd = sys_open_inside(root, os.fsencode(rel) or b".", O_PATH | os.O_DIRECTORY)
             try:
                 os.utime(f"/proc/self/fd/{fd}", ns=(ns, ns))
             finally:
@@ -664,7 +664,7 @@ class BlobLayer:
                         if not S.S_ISDIR(st.st_mode):
                             self._replace(pfd, base)
                             os.mkdir(base, 0o700, dir_fd=pfd)
-                    fd = sys_open_inside(pfd, base.encode(), O_PATH | os.O_DIRECTORY)
+                    fd = sys_open_inside(pfd, os.fsencode(base), O_PATH | os.O_DIRECTORY)
                     try:
                         self._meta_fd(fd, ti)
                     finally:
@@ -702,7 +702,7 @@ class BlobLayer:
                     if not trel:
                         raise OSError(errno.EXDEV, "hard link target outside the layer")
                     tparent, _, tbase = trel.rpartition("/")
-                    tfd = sys_open_inside(root, tparent.encode() or b".", O_PATH | os.O_DIRECTORY)
+                    tfd = sys_open_inside(root, os.fsencode(tparent) or b".", O_PATH | os.O_DIRECTORY)
                     try:
                         os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
                     finally:
@@ -722,7 +722,7 @@ class BlobLayer:
                     kind = S.S_IFCHR if ti.ischr() else S.S_IFBLK if ti.isblk() else S.S_IFIFO
                     dev = os.makedev(ti.devmajor, ti.devminor) if kind != S.S_IFIFO else 0
                     os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
-                    fd = sys_open_inside(pfd, base.encode(), O_PATH)
+                    fd = sys_open_inside(pfd, os.fsencode(base), O_PATH)
                     try:
                         self._meta_fd(fd, ti)
                     finally:
@@ -741,17 +741,17 @@ class BlobLayer:
         if not parent:
             return root
         try:
-            return sys_open_inside(root, parent.encode(), O_PATH | os.O_DIRECTORY)
+            return sys_open_inside(root, os.fsencode(parent), O_PATH | os.O_DIRECTORY)
         except FileNotFoundError:
             pass
         fd = root
         done = []
         for c in parent.split("/"):
             try:
-                nfd = sys_open_inside(fd, c.encode(), O_PATH | os.O_DIRECTORY)
+                nfd = sys_open_inside(fd, os.fsencode(c), O_PATH | os.O_DIRECTORY)
             except FileNotFoundError:
                 os.mkdir(c, 0o755, dir_fd=fd)
-                nfd = sys_open_inside(fd, c.encode(), O_PATH | os.O_DIRECTORY)
+                nfd = sys_open_inside(fd, os.fsencode(c), O_PATH | os.O_DIRECTORY)
                 self._mark_made_dir(nfd)
             if fd != root:
                 os.close(fd)
@@ -766,7 +766,7 @@ class BlobLayer:
         except FileNotFoundError:
             return
         if S.S_ISDIR(st.st_mode):
-            fd = sys_open_inside(pfd, name.encode(), os.O_RDONLY | os.O_DIRECTORY)
+            fd = sys_open_inside(pfd, os.fsencode(name), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 for e in os.listdir(fd):
                     raise OSError(errno.ENOTEMPTY, f"a non-empty dir {name!r} replaced ({e!r} in it)")
@@ -895,7 +895,7 @@ class BlobLayer:
         or damaged since) are never left in place, and the read that
         needed them fails with EIO. writer(fd) -> whether what it wrote is
         right, instead (chunks written and checked each by itself)."""
-        fd = sys_open_inside(self.tree_fd, rel.encode(), os.O_WRONLY | os.O_CLOEXEC)
+        fd = sys_open_inside(self.tree_fd, os.fsencode(rel), os.O_WRONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if st.st_ino != ino:
@@ -952,7 +952,7 @@ class BlobLayer:
         can never make half-written data count as done."""
         rel, _where, size, want = self.files[ino]
         try:
-            fd = sys_open_inside(self.tree_fd, rel.encode(), os.O_RDONLY | os.O_CLOEXEC)
+            fd = sys_open_inside(self.tree_fd, os.fsencode(rel), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
