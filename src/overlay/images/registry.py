@@ -198,16 +198,6 @@ class Registry:
         doc = json.loads(data)
         return doc.get("mediaType") or r.headers.get("Content-Type", ""), doc, digest
 
-    def blob_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of a blob (one range request)."""
-        r = self.request(f"/v2/{repo}/blobs/{digest}", {"Range": f"bytes={start}-{end - 1}"})
-        data = r.data
-        if r.status != 206 and len(data) != end - start:
-            data = data[start:end]      # (a registry that ignores ranges)
-        if len(data) != end - start:
-            raise OSError(5, f"{self.host}/{repo}: blob {digest}: {len(data)} bytes for a range of {end - start}")
-        return data
-
     def blob_range_parts(self, repo: str, digest: str, start: int, end: int, sizes):
         """Bytes [start, end) of a blob from one range request, given back
         as they arrive, in consecutive parts of these sizes (their sum:
