@@ -189,7 +189,7 @@ def linked_registry(store: str, rate: str):
     of its own, reached over a veth pair shaped to rate each way (tc tbf):
     a registry across a link, not loopback; yields its host:port. The
     namespace (and with it the pair) is removed after."""
-    import urllib.request
+    from test_images import _start_registry  # noqa: PLC0415 - the tests' helper (tests/ on sys.path)
     tag = f"ovlb{os.getpid() % 10**7}"
     ns, here, there = tag, tag + "a", tag + "b"
     conf = os.path.join(os.path.dirname(store), "registry-link.yml")
@@ -209,16 +209,7 @@ def linked_registry(store: str, rate: str):
         _run("tc", "qdisc", "add", "dev", here, "root", "tbf", "rate", rate, "burst", "2mb", "latency", "20ms")
         _run(*inside, "tc", "qdisc", "add", "dev", there, "root", "tbf", "rate", rate, "burst", "2mb",
              "latency", "20ms")
-        proc = subprocess.Popen([*inside, shutil.which("docker-registry"), "serve", conf],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                urllib.request.urlopen("http://10.231.0.2:5000/v2/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("docker-registry did not start in its network namespace")
+        proc = _start_registry(conf, inside)
         yield "10.231.0.2:5000"
     finally:
         if proc is not None:
